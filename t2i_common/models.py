@@ -1,0 +1,394 @@
+"""Model loading: Stable-Diffusion-format T2I checkpoints and CLIP embedders.
+
+``load_t2i`` takes a hub id (SD 1.x / 2.x), a local folder, or an alias (``toy``, ``sd2.1-base``,
+``sd1.5``) and returns a :class:`T2IModel` exposing what the methods need: prompt embeddings
+(each distinct prompt encoded once), VAE encode/decode, eps prediction, the training schedule
+(``alphas_cumprod``) and the maps between discrete timesteps and logSNR.  The toy checkpoint in
+``data/toy-sd`` is loaded by exactly this code.
+
+Nothing touches the network unless a hub id is asked for; a name that cannot be resolved offline
+raises :class:`WeightsNotAvailable` saying how to point at a local folder.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import paths
+
+T2I_ALIASES = {
+    "toy": str(paths.DEFAULT_T2I),
+    "sd2.1-base": "stabilityai/stable-diffusion-2-1-base",
+    "sd2.1": "stabilityai/stable-diffusion-2-1",
+    "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+CLIP_ALIASES = {
+    "toy-clip": (str(paths.DEFAULT_CLIP), None),
+    "clip-vit-b-32": ("ViT-B-32", "openai"),
+    "openclip-vit-h-14": ("ViT-H-14", "laion2b_s32b_b79k"),
+}
+
+
+class WeightsNotAvailable(FileNotFoundError):
+    """Raised when a model name cannot be resolved to weights on this machine."""
+
+
+def _offline_error(name, what, err=None):
+    msg = (f"{what} weights for {name!r} are not available offline"
+           f"{' (' + type(err).__name__ + ')' if err else ''}. Download them on a machine with "
+           f"internet (e.g. `huggingface-cli download {name} --local-dir /path/to/folder`) and pass "
+           f"that local folder instead of the name, e.g. load_t2i('/path/to/folder').")
+    return WeightsNotAvailable(msg)
+
+
+def resolve_t2i(name_or_path) -> tuple[str, bool]:
+    """Map an alias / path / hub id to (location, is_local). Unknown plain names are errors."""
+    s = str(name_or_path)
+    s = T2I_ALIASES.get(s, s)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"{p} is not a Stable-Diffusion-format folder: it has no model_index.json. "
+                f"Point at the folder written by `StableDiffusionPipeline.save_pretrained` (it holds "
+                f"model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
+        return str(p), True
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        return s, False  # a hub id
+    raise WeightsNotAvailable(
+        f"unknown model {name_or_path!r}: not a local folder, not a hub id (owner/name), not an "
+        f"alias ({', '.join(sorted(T2I_ALIASES))}). Pass the path of a local Stable-Diffusion-format "
+        f"folder (with model_index.json).")
+
+
+class T2IModel:
+    """A loaded SD-format text-to-image model (components + schedule), no hidden global state.
+
+    Attributes: tokenizer, text_encoder, vae, unet, scheduler, device, dtype, name, resolution
+    (image side in pixels), latent_shape (C, h, w), alphas_cumprod (float64, CPU), logsnr_table
+    (logit(alphas_cumprod), float64).
+    """
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, *, name="model",
+                 device="cpu", dtype=torch.float32):
+        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
+        self.scheduler, self.name = scheduler, str(name)
+        self.device, self.dtype = torch.device(device), dtype
+        for m in (text_encoder, vae, unet):
+            m.to(self.device)
+            if m.dtype != dtype:
+                m.to(dtype=dtype)
+            m.eval().requires_grad_(False)
+        try:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+            unet.set_attn_processor(AttnProcessor2_0())  # SDPA attention
+        except Exception:  # pragma: no cover - older diffusers without SDPA processor
+            pass
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
+        self.resolution = int(unet.config.sample_size) * self.vae_scale_factor
+        self.latent_shape = (int(unet.config.in_channels), int(unet.config.sample_size),
+                             int(unet.config.sample_size))
+        ac = scheduler.alphas_cumprod
+        self.alphas_cumprod = torch.as_tensor(ac, dtype=torch.float64).cpu()
+        self.logsnr_table = torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # ---- schedule -----------------------------------------------------------------------------
+    def t_to_logsnr(self, t) -> torch.Tensor:
+        """logSNR(t) = log(abar_t / (1 - abar_t)) of the discrete training schedule (float64)."""
+        return self.logsnr_table[torch.as_tensor(t, dtype=torch.long).cpu()]
+
+    def logsnr_to_t(self, a) -> torch.Tensor:
+        """Nearest discrete timestep: argmin_t |a - logSNR(t)|; values outside the trained range
+        clamp to the first/last timestep (SD 2.1: logSNR in about [-5.36, 7.07])."""
+        a = torch.as_tensor(a, dtype=torch.float64).cpu()
+        table = self.logsnr_table  # decreasing in t
+        return (a.reshape(-1, 1) - table.reshape(1, -1)).abs().argmin(dim=1).reshape(a.shape)
+
+    @property
+    def logsnr_range(self) -> tuple[float, float]:
+        return float(self.logsnr_table.min()), float(self.logsnr_table.max())
+
+    # ---- text ---------------------------------------------------------------------------------
+    def tokenize(self, prompts):
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                              max_length=self.tokenizer.model_max_length, return_tensors="pt")
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts, batch_size: int = 256) -> torch.Tensor:
+        """Text-encoder hidden states [N, L, D] for ``prompts``; each distinct prompt (the empty
+        prompt included) is encoded once per model and cached."""
+        prompts = [str(p) for p in prompts]
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            ids = self.tokenize(chunk).input_ids.to(self.device)
+            hid = self.text_encoder(ids)[0]
+            for p, h in zip(chunk, hid):
+                self._prompt_cache[p] = h
+        if not prompts:
+            raise ValueError("encode_prompts: no prompts given")
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    # ---- images -------------------------------------------------------------------------------
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL images / uint8 arrays / paths -> [B, 3, R, R] in [-1, 1] (bicubic resize to the model
+        resolution, aspect not kept, as in DiffusionITM's preprocessing)."""
+        from .imageio import to_pil
+
+        out = []
+        for im in images:
+            pil = to_pil(im).convert("RGB")
+            if pil.size != (self.resolution, self.resolution):
+                from PIL import Image
+                pil = pil.resize((self.resolution, self.resolution), Image.BICUBIC)
+            arr = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
+            out.append(torch.from_numpy(arr).permute(2, 0, 1))
+        if not out:
+            raise ValueError("preprocess: no images given")
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def encode_images(self, x: torch.Tensor, mode: str = "mean", generator=None,
+                      batch_size: int = 64) -> torch.Tensor:
+        """VAE latents (times the scaling factor) of images in [-1, 1].
+
+        mode="mean" uses the posterior mean (deterministic, this package's default);
+        mode="sample" draws from the posterior with ``generator`` (parity with the originals).
+        """
+        if mode not in ("mean", "sample"):
+            raise ValueError(f"encode_images: mode must be 'mean' or 'sample', got {mode!r}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"encode_images: expected images [B, 3, H, W], got {tuple(x.shape)}")
+        outs = []
+        for i in range(0, len(x), batch_size):
+            post = self.vae.encode(x[i:i + batch_size].to(self.device, self.dtype)).latent_dist
+            if mode == "mean":
+                z = post.mean
+            else:
+                noise = torch.randn(post.mean.shape, generator=generator, dtype=torch.float32)
+                z = post.mean + post.std * noise.to(post.mean.device, post.mean.dtype)
+            outs.append(z * self.scaling_factor)
+        return torch.cat(outs)
+
+    @torch.inference_mode()
+    def decode_latents(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Images in [-1, 1] from latents (undoing the scaling factor)."""
+        outs = [self.vae.decode(z[i:i + batch_size].to(self.device, self.dtype)
+                                / self.scaling_factor).sample for i in range(0, len(z), batch_size)]
+        return torch.cat(outs).clamp(-1, 1)
+
+    # ---- denoiser -----------------------------------------------------------------------------
+    def eps(self, z_t: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
+        """eps_theta(z_t, t, c) for a batch (t a scalar or [B] tensor; emb [B, L, D])."""
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(z_t.shape[0])
+        return self.unet(z_t.to(self.device, self.dtype), t,
+                         encoder_hidden_states=emb.to(self.device, self.dtype)).sample
+
+    @torch.inference_mode()
+    def generate(self, prompts, num_steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
+                 batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Sample images with DDIM and classifier-free guidance (null = empty prompt).
+
+        Returns uint8 [B, R, R, 3].  Noise for prompt i comes from a CPU generator seeded with
+        (seed, i), so a prompt's sample does not depend on the batch it is in.
+        """
+        from diffusers import DDIMScheduler
+        from tqdm.auto import tqdm
+
+        sched = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False,
+                                          set_alpha_to_one=False)
+        sched.set_timesteps(num_steps)
+        prompts = list(prompts)
+        out = []
+        null = self.encode_prompts([""])
+        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate"):
+            chunk = prompts[i:i + batch_size]
+            z = torch.stack([torch.randn(self.latent_shape,
+                                         generator=torch.Generator().manual_seed(seed * 100003 + i + j))
+                             for j in range(len(chunk))]).to(self.device, self.dtype)
+            cond = self.encode_prompts(chunk)
+            emb = torch.cat([null.expand(len(chunk), -1, -1), cond])
+            for t in sched.timesteps:
+                e = self.eps(torch.cat([z, z]), t, emb)
+                e_null, e_cond = e.chunk(2)
+                e = e_null + guidance_scale * (e_cond - e_null)
+                z = sched.step(e, t, z).prev_sample
+            img = self.decode_latents(z)
+            out.append(((img.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte()
+                       .permute(0, 2, 3, 1).numpy())
+        return np.concatenate(out)
+
+
+def load_t2i(name_or_path=None, device="cpu", dtype=torch.float32,
+             allow_download: bool | None = None) -> T2IModel:
+    """Load a Stable-Diffusion-format checkpoint (local folder, hub id or alias; default: the toy).
+
+    Components are loaded one by one (tokenizer, text_encoder, vae, unet, scheduler), so SD 1.x/2.x
+    and the toy checkpoint take the same path.  fp32 is the default; pass torch.float16/bfloat16
+    to opt in to half precision.  For a hub id the local HF cache is tried first; a download is
+    attempted only if ``allow_download`` (default: unless HF_HUB_OFFLINE is set).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    loc, local = resolve_t2i(name_or_path or paths.DEFAULT_T2I)
+    if local and loc == str(paths.DEFAULT_T2I) and not Path(loc).exists():
+        raise WeightsNotAvailable(f"the toy checkpoint {loc} is missing; run notebooks/01_toy_world "
+                                  f"with retrain=True or restore data/toy-sd from git")
+    if allow_download is None:
+        allow_download = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
+
+    def _load(local_only):
+        kw = dict(local_files_only=local_only)
+        tok = CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw)
+        te = CLIPTextModel.from_pretrained(loc, subfolder="text_encoder", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(loc, subfolder="vae", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(loc, subfolder="unet", torch_dtype=dtype, **kw)
+        sch = DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw)
+        return tok, te, vae, unet, sch
+
+    try:
+        parts = _load(True)
+    except Exception as err:  # not in the local cache / not a complete folder
+        if local:
+            raise FileNotFoundError(f"could not load the SD-format folder {loc}: {err}. Check that "
+                                    f"it holds tokenizer/, text_encoder/, vae/, unet/, scheduler/.") from err
+        if not allow_download:
+            raise _offline_error(loc, "Stable Diffusion", err) from err
+        try:
+            parts = _load(False)
+        except Exception as err2:
+            raise _offline_error(loc, "Stable Diffusion", err2) from err2
+    return T2IModel(*parts, name=loc, device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP
+# ------------------------------------------------------------------------------------------------
+class CLIPEmbedder:
+    """Batched, L2-normalised CLIP image and text embeddings behind one interface.
+
+    ``backend`` is "open_clip" or "hf"; ``preprocess`` maps a PIL image to a [3, S, S] tensor;
+    ``tokenize`` maps a list of strings to model inputs (truncated to the context length, 77 for
+    OpenAI CLIP).
+    """
+
+    def __init__(self, model, preprocess, tokenize, backend, name, device="cpu",
+                 dtype=torch.float32):
+        self.model, self.preprocess, self.tokenize = model, preprocess, tokenize
+        self.backend, self.name, self.device, self.dtype = backend, name, torch.device(device), dtype
+        self.model.to(self.device, dtype=dtype).eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def encode_images(self, images, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        from .imageio import to_pil
+        images = list(images)
+        if not images:
+            raise ValueError("encode_images: no images given")
+        outs = []
+        for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="CLIP images"):
+            x = torch.stack([self.preprocess(to_pil(im).convert("RGB"))
+                             for im in images[i:i + batch_size]]).to(self.device, self.dtype)
+            if self.backend == "open_clip":
+                f = self.model.encode_image(x)
+            else:
+                f = self.model.get_image_features(pixel_values=x)
+                f = getattr(f, "pooler_output", f)
+            outs.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
+        return torch.cat(outs)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        from tqdm.auto import tqdm
+        texts = [str(t) for t in texts]
+        if not texts:
+            raise ValueError("encode_texts: no texts given")
+        outs = []
+        for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="CLIP texts"):
+            tok = self.tokenize(texts[i:i + batch_size])
+            if self.backend == "open_clip":
+                f = self.model.encode_text(tok.to(self.device))
+            else:
+                f = self.model.get_text_features(**{k: v.to(self.device) for k, v in tok.items()})
+                f = getattr(f, "pooler_output", f)
+            outs.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
+        return torch.cat(outs)
+
+
+def _hf_clip(loc, device, dtype, local_only):
+    from transformers import CLIPModel, CLIPTokenizer
+    from torchvision import transforms as T
+
+    model = CLIPModel.from_pretrained(loc, torch_dtype=dtype, local_files_only=local_only)
+    tok = CLIPTokenizer.from_pretrained(loc, local_files_only=local_only)
+    size = model.config.vision_config.image_size
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    cfg = Path(loc) / "preprocessor_config.json"
+    if cfg.exists():
+        import json
+        c = json.loads(cfg.read_text())
+        mean, std = c.get("image_mean", mean), c.get("image_std", std)
+    pre = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                     T.ToTensor(), T.Normalize(mean, std)])
+    maxlen = min(tok.model_max_length, model.config.text_config.max_position_embeddings)
+
+    def tokenize(texts):
+        return tok(texts, padding="max_length", truncation=True, max_length=maxlen,
+                   return_tensors="pt")
+    return CLIPEmbedder(model, pre, tokenize, "hf", str(loc), device, dtype)
+
+
+def load_clip(name=None, pretrained: str | None = None, device="cpu", dtype=torch.float32,
+              allow_download: bool | None = None) -> CLIPEmbedder:
+    """Load CLIP: an open_clip architecture with a pretrained tag (``ViT-B-32``/``openai``,
+    ``ViT-H-14``/``laion2b_s32b_b79k``, or a local checkpoint file as tag), a Hugging Face CLIP id,
+    a local folder in transformers' CLIPModel format (the toy CLIP), or an alias
+    (toy-clip, clip-vit-b-32, openclip-vit-h-14).  Default: the toy CLIP."""
+    name = str(name or paths.DEFAULT_CLIP)
+    if name in CLIP_ALIASES and pretrained is None:
+        name, pretrained = CLIP_ALIASES[name]
+    if allow_download is None:
+        allow_download = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} is not a CLIP model folder: it has no config.json. Pass a "
+                                    f"folder written by transformers' CLIPModel.save_pretrained or an "
+                                    f"open_clip name with a pretrained tag.")
+        return _hf_clip(str(p), device, dtype, True)
+    import open_clip
+    if name in open_clip.list_models():
+        if pretrained is None:
+            raise ValueError(f"load_clip: open_clip model {name!r} needs a pretrained tag, one of "
+                             f"{open_clip.list_pretrained_tags_by_model(name)} or a checkpoint path")
+        if not Path(str(pretrained)).exists() and not allow_download:
+            raise _offline_error(f"{name}/{pretrained}", "CLIP")
+        try:
+            model, _, pre = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        except Exception as err:
+            raise _offline_error(f"{name}/{pretrained}", "CLIP", err) from err
+        tok = open_clip.get_tokenizer(name)
+        return CLIPEmbedder(model, pre, tok, "open_clip", f"{name}/{pretrained}", device, dtype)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        try:
+            return _hf_clip(name, device, dtype, True)
+        except Exception as err:
+            if not allow_download:
+                raise _offline_error(name, "CLIP", err) from err
+            try:
+                return _hf_clip(name, device, dtype, False)
+            except Exception as err2:
+                raise _offline_error(name, "CLIP", err2) from err2
+    raise WeightsNotAvailable(
+        f"unknown CLIP model {name!r}: not a local folder, not an open_clip architecture, not a hub "
+        f"id, not an alias ({', '.join(sorted(CLIP_ALIASES))}). Pass a local CLIPModel folder.")

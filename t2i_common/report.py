@@ -1,0 +1,79 @@
+"""Tables, figures and recorded headline numbers written by the notebooks."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from . import paths
+
+
+def outdir(notebook_name: str, root=None) -> Path:
+    """``figures/<notebook_name>/`` (created)."""
+    d = Path(root or paths.FIGURES) / notebook_name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def save_table(df, out: Path, name: str, floatfmt: str = ".4g") -> Path:
+    """Write ``name.csv`` and ``name.md`` (GitHub markdown) of a pandas DataFrame."""
+    out = Path(out)
+    df.to_csv(out / f"{name}.csv", index=True)
+    try:
+        md = df.to_markdown(floatfmt=floatfmt)
+    except ImportError:  # tabulate missing: plain pipe table
+        cols = [str(df.index.name or "")] + [str(c) for c in df.columns]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for idx, row in df.iterrows():
+            vals = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
+            lines.append("| " + " | ".join([str(idx)] + vals) + " |")
+        md = "\n".join(lines)
+    (out / f"{name}.md").write_text(md + "\n")
+    return out / f"{name}.csv"
+
+
+def save_figure(fig, out: Path, name: str, dpi: int = 120) -> Path:
+    p = Path(out) / f"{name}.png"
+    fig.savefig(p, dpi=dpi, bbox_inches="tight")
+    return p
+
+
+def _clean(v):
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        v = v.item()
+    if hasattr(v, "tolist"):
+        return _clean(v.tolist())
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def save_results(out: Path, results: dict) -> Path:
+    """Merge ``results`` into ``out/results.json`` (machine-readable headline numbers)."""
+    p = Path(out) / "results.json"
+    old = json.loads(p.read_text()) if p.exists() else {}
+    old.update(_clean(results))
+    p.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    return p
+
+
+def load_results(notebook_name: str) -> dict:
+    p = Path(paths.FIGURES) / notebook_name / "results.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found; run `python -m t2i_common.runner {notebook_name}` first")
+    return json.loads(p.read_text())
+
+
+def setup_matplotlib():
+    """A consistent style for every notebook figure (scripts outside Jupyter get the Agg backend)."""
+    import sys
+
+    import matplotlib
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")
+    import seaborn as sns
+    sns.set_theme(style="whitegrid", context="notebook")
