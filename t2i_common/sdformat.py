@@ -131,7 +131,7 @@ def build_scheduler(cfg: TinySDConfig | None = None):
 
     return DDPMScheduler(num_train_timesteps=(cfg or TinySDConfig()).train_timesteps,
                          beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
 
 def text_encoder_from_clip(clip_model):
