@@ -1,0 +1,35 @@
+# One-command set-up + run.  `make figures` regenerates every table and figure on the toy world;
+# `make test` runs the unit tests and the notebook regression tests.  Both create .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export MPLBACKEND ?= Agg
+
+.PHONY: setup figures test unit nbval bench clean-cache
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+figures: setup
+	$(BIN)/python -m t2i_common.runner
+
+unit: setup
+	$(BIN)/python -m pytest tests
+
+nbval: setup
+	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --sanitize-with tests/nbval_sanitize.cfg notebooks
+
+test: unit nbval
+
+bench: setup
+	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+clean-cache:
+	rm -rf cache runs data/generated
