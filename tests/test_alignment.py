@@ -1,0 +1,276 @@
+"""Alignment Difficulty: exact values against an O(n^2) reference, closed forms, the sampled
+estimator's interval, the pickle -> embedding-cache pipeline (round trip, resume) and bad inputs."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from t2i_common import alignment as al
+
+
+def _unit(n, d, seed):
+    x = np.random.default_rng(seed).normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reference_ad(u, v, alpha):
+    """Direct double loop in float64, following the paper's definitions literally."""
+    n = len(u)
+    fea = 0.0
+    for k in range(n):
+        s = float(np.dot(u[k], v[k]))
+        fea += 1.0 - min(max((s - 0.2) * 4.0, 0.0), 1.0)
+    stru = 0.0
+    for i in range(n):
+        for j in range(i + 1, n):
+            stru += abs(float(np.dot(u[i], u[j])) - float(np.dot(v[i], v[j])))
+    fea, stru = fea / n, 2.0 * stru / n ** 2
+    return fea, stru, alpha * fea + (1 - alpha) * stru
+
+
+@pytest.mark.parametrize("block_size", [7, 64, 4096])
+def test_ad_matches_double_loop_reference(block_size):
+    n, d = 150, 16
+    u = _unit(n, d, 0)
+    # correlated text embeddings so that similarities spread over the LAION window 0.2..0.45
+    v = 0.3 * u + _unit(n, d, 1)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    sims = (u * v).sum(1)
+    assert sims.min() < 0.2 < 0.45 < sims.max()  # all three branches of the clip are exercised
+    ref = _reference_ad(u, v, 0.7)
+    got = al.alignment_difficulty(torch.tensor(u, dtype=torch.float32),
+                                  torch.tensor(v, dtype=torch.float32), alpha=0.7,
+                                  block_size=block_size)
+    assert got["feature_ad"] == pytest.approx(ref[0], abs=1e-6)
+    assert got["structure_ad"] == pytest.approx(ref[1], abs=1e-6)
+    assert got["ad"] == pytest.approx(ref[2], abs=1e-6)
+    assert got["n"] == n and got["alpha"] == 0.7
+
+
+def test_structure_float64_inputs_exact():
+    u, v = _unit(40, 8, 2), _unit(40, 8, 3)
+    ref = _reference_ad(u, v, 0.8)[1]
+    assert al.structure_ad(torch.tensor(u), torch.tensor(v), block_size=9) == pytest.approx(ref, abs=1e-12)
+
+
+def test_closed_forms():
+    u = _unit(50, 12, 4)
+    assert al.structure_ad(u, u) == pytest.approx(0.0, abs=1e-7)
+    # identical graphs but different features: AD = alpha * D_fea exactly
+    q, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(12, 12)))
+    v = u @ q  # a rotation keeps every inner product <v_i, v_j> = <u_i, u_j>
+    r = al.alignment_difficulty(u, v, alpha=0.8)
+    assert r["structure_ad"] == pytest.approx(0.0, abs=1e-6)
+    assert r["ad"] == pytest.approx(0.8 * r["feature_ad"], abs=1e-7)
+    # LAION scaling: s = 0.2 -> s~ = 0 -> 1 - s~ = 1; s = 0.45 -> 0; s = 0.325 -> 0.5
+    assert al.laion_scale(torch.tensor([0.1, 0.2, 0.325, 0.45, 0.9])).tolist() == \
+        pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+    for s, want in ((0.2, 1.0), (0.45, 0.0), (0.325, 0.5)):
+        a = np.zeros((3, 4))
+        a[:, 0] = 1.0
+        b = np.zeros((3, 4))
+        b[:, 0], b[:, 1] = s, np.sqrt(1 - s * s)  # <a_k, b_k> = s for every pair
+        assert al.feature_ad(a, b) == pytest.approx(want, abs=1e-6)
+    # two orthogonal image embeddings, identical text embeddings: one pair with |0 - 1| = 1
+    u2 = np.eye(2)
+    v2 = np.array([[1.0, 0.0], [1.0, 0.0]])
+    assert al.structure_ad(u2, v2) == pytest.approx(2 * 1 / 4)
+    assert al.structure_ad(u2[:1], v2[:1]) == 0.0  # one pair: no structure
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_alpha_outside_unit_interval_rejected(alpha):
+    u = _unit(5, 4, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        al.alignment_difficulty(u, u, alpha=alpha)
+
+
+def test_alpha_endpoints():
+    u, v = _unit(30, 6, 6), _unit(30, 6, 7)
+    r0, r1 = al.alignment_difficulty(u, v, alpha=0.0), al.alignment_difficulty(u, v, alpha=1.0)
+    assert r0["ad"] == pytest.approx(r0["structure_ad"]) and r1["ad"] == pytest.approx(r1["feature_ad"])
+
+
+def test_mismatched_and_unnormalised_embeddings():
+    u = _unit(10, 8, 0)
+    with pytest.raises(ValueError, match=r"\(10, 8\).*\(9, 8\)"):
+        al.alignment_difficulty(u, _unit(9, 8, 1))
+    with pytest.raises(ValueError, match=r"\(10, 8\).*\(10, 4\)"):
+        al.structure_ad(u, _unit(10, 4, 1))
+    with pytest.raises(ValueError, match="not L2-normalised"):
+        al.feature_ad(3 * u, u)
+    assert al.feature_ad(3 * u, u, normalize=True) == pytest.approx(al.feature_ad(u, u))
+    with pytest.raises(ValueError, match="matrix"):
+        al.structure_ad(u[0], u[0])
+    with pytest.raises(ValueError, match="n = 0"):
+        al.structure_ad(u[:0], u[:0])
+
+
+def test_sampled_estimator_ci_covers_exact_and_is_unbiased():
+    u = _unit(300, 8, 8)
+    v = 0.5 * u + _unit(300, 8, 9)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    exact = al.structure_ad(u, v)
+    est = al.structure_ad_sampled(u, v, num_pairs=20_000, seed=0)
+    assert est.ci_low < exact < est.ci_high
+    assert est.stderr > 0 and est.ci_high - est.ci_low < 0.1 * exact
+    # same seed -> same numbers; the interval's coverage over many seeds is near 95 %
+    assert al.structure_ad_sampled(u, v, num_pairs=20_000, seed=0).estimate == est.estimate
+    runs = [al.structure_ad_sampled(u, v, num_pairs=2_000, seed=s) for s in range(200)]
+    cover = np.mean([r.ci_low < exact < r.ci_high for r in runs])
+    assert 0.88 <= cover <= 0.99
+    # unbiased: the mean of 200 independent estimates is within 4 standard errors of the truth
+    mean_est = np.mean([r.estimate for r in runs])
+    assert abs(mean_est - exact) < 4 * runs[0].stderr / np.sqrt(200)
+    r = al.alignment_difficulty(u, v, structure="sampled", num_pairs=20_000, seed=0)
+    assert r["structure_ad"] == est.estimate and r["structure_ad_ci"] == [est.ci_low, est.ci_high]
+    with pytest.raises(ValueError, match="n >= 2"):
+        al.structure_ad_sampled(u[:1], v[:1])
+
+
+# ------------------------------------------------------------------------------------------------
+# pickles -> embeddings -> cache
+# ------------------------------------------------------------------------------------------------
+class CountingCLIP:
+    """Wraps a CLIP embedder and counts how many images / texts it was asked to embed."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.images, self.texts = inner, inner.name, 0, 0
+
+    def encode_images(self, images, **kw):
+        self.images += len(images)
+        return self.inner.encode_images(images, **kw)
+
+    def encode_texts(self, texts, **kw):
+        self.texts += len(texts)
+        return self.inner.encode_texts(texts, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_sd_dir):
+    from t2i_common.models import load_clip
+    return load_clip(tiny_sd_dir / "clip")
+
+
+def _write_pairs(folder, n, seed=0):
+    from t2i_common.formats import write_implosion_pickles
+    rng = np.random.default_rng(seed)
+    words = ["red circle", "blue square", "a photo of a triangle", "green diamond"]
+    pairs = [(rng.integers(0, 256, (20 + i % 3, 24, 3), dtype=np.uint8), words[i % 4]) for i in range(n)]
+    pairs[1] = (pairs[1][0][..., 0], pairs[1][1])  # one grayscale image (H, W)
+    write_implosion_pickles(pairs, folder)
+    return pairs
+
+
+def test_embed_pairs_matches_direct_clip_and_cache_round_trip(tmp_path, tiny_clip):
+    from t2i_common.formats import read_embedding_cache
+    pairs = _write_pairs(tmp_path / "data", 7)
+    cache = tmp_path / "emb.pickle"
+    emb = al.embed_pairs(str(tmp_path / "data" / "*.pickle"), tiny_clip, cache, batch_size=3,
+                         resize=64, progress=False)
+    assert len(emb) == 7 and emb.num_new == 7 and emb.img_emb.shape == (7, 32)
+    # same numbers as embedding the preprocessed images / texts directly
+    direct_i = tiny_clip.encode_images([al.original_preprocess(im, 64) for im, _ in pairs])
+    direct_t = tiny_clip.encode_texts([t for _, t in pairs])
+    assert torch.allclose(emb.img_emb, direct_i, atol=1e-5)
+    assert torch.allclose(emb.txt_emb, direct_t, atol=1e-5)
+    # the cache is the original's format: {filepath: {'img_emb': (d,), 'txt_emb': (d,)}}
+    with open(cache, "rb") as f:
+        raw = pickle.load(f)
+    assert sorted(raw) == emb.paths and set(raw[emb.paths[0]]) == {"img_emb", "txt_emb"}
+    assert raw[emb.paths[3]]["img_emb"].shape == (32,)
+    back = read_embedding_cache(cache)
+    assert np.allclose(back[emb.paths[4]]["txt_emb"], emb.txt_emb[4].numpy())
+    # AD through the original's interface equals AD of the embeddings; json saved next to the cache
+    res = al.compute_ad(str(tmp_path / "data" / "*.pickle"), cache, alpha=0.6, clip=tiny_clip,
+                        resize=64, progress=False, verbose=False)
+    ref = _reference_ad(emb.img_emb.double().numpy(), emb.txt_emb.double().numpy(), 0.6)
+    assert res["ad"] == pytest.approx(ref[2], abs=1e-6)
+    saved = json.loads((tmp_path / "emb.ad.json").read_text())
+    assert saved["ad"] == pytest.approx(res["ad"]) and saved["structure_ad"] == pytest.approx(ref[1], abs=1e-6)
+    assert al.compute_ad_from_embeddings(cache, alpha=0.6, verbose=False)["ad"] == pytest.approx(res["ad"])
+
+
+def test_preprocess_is_deterministic_centre_crop():
+    img = np.zeros((10, 20, 3), np.uint8)
+    img[:, 5:15] = 255  # a white band in the centre of a wide image
+    out = np.asarray(al.original_preprocess(img, resize=10))
+    assert out.shape == (10, 10, 3) and (out[:, 2:8] == 255).all()  # centre crop keeps the band
+    assert np.array_equal(out, np.asarray(al.original_preprocess(img, resize=10)))
+    g = np.asarray(al.original_preprocess(np.full((6, 6), 7, np.uint8), resize=None))
+    assert g.shape == (6, 6, 3) and (g == 7).all()
+
+
+def test_embed_pairs_resumes_without_re_embedding(tmp_path, tiny_clip):
+    _write_pairs(tmp_path / "data", 10)
+    glob = str(tmp_path / "data" / "*.pickle")
+    full = al.embed_pairs(glob, tiny_clip, tmp_path / "full.pickle", batch_size=4, resize=32,
+                          progress=False)
+    # a cache holding the first half only, as an interrupted run leaves it
+    import shutil
+    from t2i_common.formats import read_embedding_cache, write_embedding_cache
+    half = {k: v for k, v in list(read_embedding_cache(tmp_path / "full.pickle").items())[:5]}
+    write_embedding_cache(half, tmp_path / "half.pickle")
+    shutil.copy(tmp_path / "full.pickle.meta.json", tmp_path / "half.pickle.meta.json")
+    counter = CountingCLIP(tiny_clip)
+    res = al.embed_pairs(glob, counter, tmp_path / "half.pickle", batch_size=4, resize=32,
+                         progress=False)
+    assert counter.images == 5 and counter.texts == 5 and res.num_new == 5
+    assert torch.allclose(res.img_emb, full.img_emb, atol=1e-6)
+    assert len(read_embedding_cache(tmp_path / "half.pickle")) == 10
+    # a finished cache: nothing is embedded again
+    again = CountingCLIP(tiny_clip)
+    al.embed_pairs(glob, again, tmp_path / "half.pickle", batch_size=4, resize=32, progress=False)
+    assert again.images == 0 and again.texts == 0
+
+
+def test_cache_saved_every_k_batches_and_on_error(tmp_path, tiny_clip):
+    from t2i_common.formats import read_embedding_cache
+    _write_pairs(tmp_path / "data", 9)
+    # a broken pickle at the end: the run stops naming it, the pairs embedded before are kept
+    with open(tmp_path / "data" / "000099.pickle", "wb") as f:
+        pickle.dump({"img": np.zeros((4, 4, 3), np.uint8)}, f)  # no 'text'
+    with pytest.raises(ValueError, match=r"000099\.pickle.*'text'"):
+        al.embed_pairs(str(tmp_path / "data" / "*.pickle"), tiny_clip, tmp_path / "e.pickle",
+                       batch_size=3, save_every=2, resize=32, progress=False)
+    assert len(read_embedding_cache(tmp_path / "e.pickle")) == 9
+
+
+def test_bad_inputs(tmp_path, tiny_clip):
+    with pytest.raises(FileNotFoundError, match="no pickle files match"):
+        al.embed_pairs(str(tmp_path / "nothing" / "*.pickle"), tiny_clip, progress=False)
+    (tmp_path / "d").mkdir()
+    for name, obj, field in (("noimg", {"text": "a red circle"}, "img"),
+                             ("notext", {"img": np.zeros((4, 4, 3), np.uint8)}, "text"),
+                             ("shape", {"img": np.zeros((4, 4, 5), np.uint8), "text": "x"}, "shape")):
+        with open(tmp_path / "d" / f"{name}.pickle", "wb") as f:
+            pickle.dump(obj, f)
+        with pytest.raises(ValueError, match=rf"{name}\.pickle.*{field}"):
+            al.embed_pairs(str(tmp_path / "d" / f"{name}.pickle"), tiny_clip, progress=False)
+    with pytest.raises(ValueError, match="alpha"):
+        al.compute_ad(str(tmp_path / "d" / "*.pickle"), tmp_path / "e.pickle", alpha=2.0,
+                      clip=tiny_clip)
+    # a cache made with another CLIP / preprocessing is not silently mixed
+    _write_pairs(tmp_path / "ok", 3)
+    al.embed_pairs(str(tmp_path / "ok" / "*.pickle"), tiny_clip, tmp_path / "c.pickle", resize=32,
+                   progress=False)
+    with pytest.raises(ValueError, match="was made with"):
+        al.embed_pairs(str(tmp_path / "ok" / "*.pickle"), tiny_clip, tmp_path / "c.pickle",
+                       resize=64, progress=False)
+
+
+def test_cli(tmp_path, tiny_sd_dir, capsys):
+    _write_pairs(tmp_path / "data", 4)
+    res = al.main(["--data_dir", str(tmp_path / "data" / "*.pickle"), "--emb_path",
+                   str(tmp_path / "emb.pickle"), "--alpha", "0.5", "--clip", str(tiny_sd_dir / "clip"),
+                   "--resize", "32"])
+    out = capsys.readouterr().out
+    assert f"AD (alpha = 0.5) = {res['ad']:.6f}" in out
+    assert json.loads((tmp_path / "emb.ad.json").read_text())["n"] == 4
+    # the original's single-dash flags work too
+    res2 = al.main(["-data_glob_path", str(tmp_path / "data" / "*.pickle"), "-save_emb_path",
+                    str(tmp_path / "emb.pickle"), "-alpha", "0.5", "--clip", str(tiny_sd_dir / "clip"),
+                    "--resize", "32"])
+    assert res2["ad"] == res["ad"]
