@@ -270,7 +270,8 @@ def random_scene(rng: np.random.Generator, kind: str, exclude_combinations: Iter
                  same_size: bool = False, max_tries: int = 200) -> Scene:
     """Draw a random scene of ``kind`` ("single" | "pair" | "triple").
 
-    Multi-object scenes have distinct colours and distinct shapes; no object has a
+    Multi-object scenes have distinct colours and distinct shapes, a triple scene
+    at most two large objects (three 14 px boxes with 2 px gaps rarely fit); no object has a
     (colour, shape) pair from ``exclude_combinations``.  ``colours``/``shapes``/
     ``sizes``/``relation`` fix those attributes (one entry per object); a pair
     scene always has a relation ``(0, rel, 1)``; ``same_size`` forces equal sizes.
@@ -284,6 +285,8 @@ def random_scene(rng: np.random.Generator, kind: str, exclude_combinations: Iter
     for name, fixed, allowed in (("colours", colours, COLOURS), ("shapes", shapes, SHAPES), ("sizes", sizes, SIZES)):
         if fixed is not None and (len(fixed) != n or any(v not in allowed for v in fixed)):
             raise ValueError(f"{name}={fixed!r} must list {n} values from {tuple(allowed)} for kind {kind!r}")
+    if kind == "triple" and sizes is not None and list(sizes).count("large") == 3:
+        raise ValueError("sizes=['large'] * 3: at most two large objects fit a triple scene (32 px image)")
     if relation is not None and relation not in RELATIONS:
         raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
     colour_names, size_names = list(COLOURS), list(SIZES)
@@ -296,7 +299,7 @@ def random_scene(rng: np.random.Generator, kind: str, exclude_combinations: Iter
             zs = [size_names[int(rng.integers(2))]] * n
         else:
             zs = [size_names[k] for k in rng.integers(2, size=n)]
-        if any((c, s) in excluded for c, s in zip(cs, ss)):
+        if any((c, s) in excluded for c, s in zip(cs, ss)) or (n == 3 and zs.count("large") == 3):
             continue
         sides = [SIZES[z] for z in zs]
         rel = None
@@ -304,7 +307,7 @@ def random_scene(rng: np.random.Generator, kind: str, exclude_combinations: Iter
             rel = relation or RELATIONS[int(rng.integers(len(RELATIONS)))]
             corners = _place_related(rng, sides[0], sides[1], rel)
         else:
-            corners = _place_free(rng, sides)
+            corners = _place_free(rng, sides, tries=256 if n == 1 else 2048)
         if corners is None:
             continue
         objs = tuple(make_obj(s, c, z, x, y) for s, c, z, (x, y) in zip(ss, cs, zs, corners))
@@ -686,26 +689,83 @@ def _nearest_colour(pixels: np.ndarray) -> np.ndarray:
     return d.argmin(1)
 
 
-def classify_shape(mask: np.ndarray) -> str:
-    """Shape of a component: the template (drawn into the component's bbox) of largest IoU.
+def shape_features(weights: np.ndarray) -> tuple[float, float, float]:
+    """Blur-invariant shape descriptors of a non-negative weight map (object coverage per pixel).
 
-    Equivalent to the fill-fraction + row-profile rule (square fills ~1.0 of its
-    box, circle ~0.79, triangle and diamond ~0.5 with increasing vs. peaked row
-    widths) but robust to ragged generated outlines.  Holes are filled first.
+    Treating the normalised weights as a distribution of pixel positions with
+    total mass A (the area), returns ``(skew, quad, A)`` with
+    skew = kappa_03 / A^1.5 (third cumulant of y: a triangle with its apex up is
+    negative, every 4-fold symmetric shape ~0) and
+    quad = (kappa_40 + kappa_04 - 6 kappa_22) / A^2 (the cos 4theta part of the
+    fourth cumulants: square -1/60, diamond +1/60, circle ~0).  A Gaussian blur of
+    the image adds only to the second cumulants, so these are unchanged by blur;
+    that is why the checker uses them instead of a thresholded outline.
     """
-    mask = ndimage.binary_fill_holes(np.asarray(mask, bool))
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        raise ValueError("classify_shape got an empty mask")
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    local = mask[y0:y1, x0:x1]
-    best, best_iou = SHAPES[0], -1.0
-    for s in SHAPES:
-        t = shape_mask(s, (0, 0, x1 - x0, y1 - y0), y1 - y0, x1 - x0)
-        iou = (t & local).sum() / (t | local).sum()
-        if iou > best_iou:
-            best, best_iou = s, iou
-    return best
+    w = np.asarray(weights, float)
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("shape_features got an empty weight map")
+    ys, xs = np.mgrid[0:w.shape[0], 0:w.shape[1]] + 0.5
+    p = w / total
+    x = xs - (p * xs).sum()
+    y = ys - (p * ys).sum()
+    m = lambda f: float((p * f).sum())  # noqa: E731
+    k40 = m(x**4) - 3 * m(x**2) ** 2
+    k04 = m(y**4) - 3 * m(y**2) ** 2
+    k22 = m(x**2 * y**2) - m(x**2) * m(y**2) - 2 * m(x * y) ** 2
+    return m(y**3) / total**1.5, (k40 + k04 - 6 * k22) / total**2, float(total)
+
+
+_PROTOTYPES: dict[str, tuple[float, float, float]] = {}
+
+
+def shape_prototypes() -> dict[str, tuple[float, float, float]]:
+    """Per shape: (skew, quad, fill fraction) of the exactly rendered shape, averaged over SIZES."""
+    if not _PROTOTYPES:
+        for s in SHAPES:
+            rows = []
+            for side in SIZES.values():
+                m = shape_mask(s, (0, 0, side, side), side, side)
+                skew, quad, area = shape_features(m)
+                rows.append((skew, quad, area / side**2))
+            _PROTOTYPES[s] = tuple(float(v) for v in np.mean(rows, axis=0))
+    return _PROTOTYPES
+
+
+def classify_shape(weights: np.ndarray) -> str:
+    """Shape whose prototype (``shape_prototypes``) is nearest in (skew, quad) to a weight map/mask.
+
+    This is the filled-fraction / symmetry rule in moment form: ``quad`` separates
+    square (full box), circle and diamond (same 4-fold symmetry, rotated by 45
+    degrees); ``skew`` separates the triangle (row widths grow downwards) from the
+    diamond (widest in the middle).
+    """
+    skew, quad, _ = shape_features(weights)
+    protos = shape_prototypes()
+    return min(protos, key=lambda s: (skew - protos[s][0]) ** 2 + (quad - protos[s][1]) ** 2)
+
+
+#: pixels around a component (px) whose coverage still counts (blurred edges)
+WINDOW_PAD = 2
+#: coverage below this (noise floor of a sigma-10 image is ~0.07) is set to 0
+COVERAGE_FLOOR = 0.1
+
+
+def _coverage(img: np.ndarray, mask: np.ndarray, colour: str, exclude: np.ndarray | None) -> np.ndarray:
+    """Per-pixel coverage alpha of ``colour`` over the background, near ``mask`` (0 elsewhere).
+
+    alpha = <pixel - gray, colour - gray> / |colour - gray|^2 (1 inside a flat
+    object, a blurred edge gives the blurred mask); rescaled so that the object's
+    interior (75th percentile inside ``mask``) is 1, which makes dimmer generated
+    colours count fully.
+    """
+    c = np.array(COLOURS[colour], float) - np.array(BACKGROUND, float)
+    alpha = ((img - np.array(BACKGROUND, float)) @ c) / (c @ c)
+    alpha /= max(float(np.percentile(alpha[mask], 75)), 0.3)
+    window = ndimage.binary_dilation(mask, iterations=WINDOW_PAD) | mask
+    if exclude is not None:
+        window &= ~(ndimage.binary_dilation(exclude, iterations=1) & ~mask)
+    return np.where(window & (alpha >= COVERAGE_FLOOR), alpha, 0.0)
 
 
 def detect_objects(image, tolerance: float = CHECK_TOLERANCE, min_area: int = MIN_AREA) -> list[dict]:
@@ -713,8 +773,10 @@ def detect_objects(image, tolerance: float = CHECK_TOLERANCE, min_area: int = MI
 
     Object pixels are those farther than ``tolerance`` from the background gray;
     they are grouped into 4-connected components (``scipy.ndimage.label``) of at
-    least ``min_area`` pixels; a component's colour is the majority nearest palette
-    colour of its pixels.
+    least ``min_area`` pixels.  A component's colour is the majority nearest
+    palette colour of its pixels; its shape, area (blur-invariant coverage sum),
+    size (side sqrt(area / fill fraction of the shape) >= LARGE_THRESHOLD: large)
+    and centroid come from its coverage map (``_coverage``).
     """
     img = _as_image(image)
     fg = np.sqrt(((img - np.array(BACKGROUND, float)) ** 2).sum(-1)) > tolerance
@@ -722,19 +784,23 @@ def detect_objects(image, tolerance: float = CHECK_TOLERANCE, min_area: int = MI
     out = []
     for lab in range(1, n + 1):
         m = labels == lab
-        area = int(m.sum())
-        if area < min_area:
+        if m.sum() < min_area:
             continue
         votes = np.bincount(_nearest_colour(img[m]), minlength=len(_PALETTE))
-        ys, xs = np.nonzero(m)
-        side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        colour = _COLOUR_NAMES[int(votes.argmax())]
+        cov = _coverage(img, m, colour, fg & ~m)
+        shape = classify_shape(cov)
+        area = float(cov.sum())
+        ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]] + 0.5
+        side = np.sqrt(area / shape_prototypes()[shape][2])
+        my, mx = np.nonzero(m)
         out.append({
-            "colour": _COLOUR_NAMES[int(votes.argmax())],
-            "shape": classify_shape(m),
+            "colour": colour,
+            "shape": shape,
             "size": "large" if side >= LARGE_THRESHOLD else "small",
-            "centroid": (float(xs.mean() + 0.5), float(ys.mean() + 0.5)),
+            "centroid": (float((cov * xs).sum() / area), float((cov * ys).sum() / area)),
             "area": area,
-            "bbox": (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+            "bbox": (int(mx.min()), int(my.min()), int(mx.max()) + 1, int(my.max()) + 1),
             "mask": m,
         })
     out.sort(key=lambda d: -d["area"])
@@ -756,7 +822,8 @@ def classify_object(image, mask: np.ndarray | None = None) -> tuple[str, str]:
     if mask.shape != img.shape[:2] or not mask.any():
         raise ValueError(f"mask must be a non-empty bool array of shape {img.shape[:2]}, got {mask.shape}")
     votes = np.bincount(_nearest_colour(img[mask]), minlength=len(_PALETTE))
-    return _COLOUR_NAMES[int(votes.argmax())], classify_shape(mask)
+    colour = _COLOUR_NAMES[int(votes.argmax())]
+    return colour, classify_shape(_coverage(img, mask, colour, None))
 
 
 def parse_prompt(prompt: str) -> tuple[list[dict], tuple[int, str, int] | None]:

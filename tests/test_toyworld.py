@@ -323,3 +323,44 @@ def test_bad_input_errors():
     with pytest.raises(ValueError):
         tw.to_pil(np.zeros((4, 4), np.uint8))
     assert tw.to_pil(tw.make_sample(0, 0).image).size == (32, 32)
+
+
+def test_shape_features_closed_form_and_blur_invariant():
+    from scipy import ndimage
+    # continuous values: square -1/60, diamond +1/60, circle 0, 4-fold shapes have no skew
+    sq = tw.shape_features(tw.shape_mask("square", (4, 4, 28, 28)))
+    di = tw.shape_features(tw.shape_mask("diamond", (4, 4, 28, 28)))
+    ci = tw.shape_features(tw.shape_mask("circle", (4, 4, 28, 28)))
+    tr = tw.shape_features(tw.shape_mask("triangle", (4, 4, 28, 28)))
+    assert abs(sq[1] + 1 / 60) < 1e-3 and abs(di[1] - 1 / 60) < 1.5e-3 and abs(ci[1]) < 1.5e-3
+    assert abs(sq[0]) < 1e-9 and abs(di[0]) < 1e-9 and abs(ci[0]) < 1e-9 and tr[0] < -0.015
+    assert sq[2] == 24 * 24
+    # Gaussian blur leaves cumulants of order >= 3 (and the mass) unchanged
+    for s in tw.SHAPES:
+        m = tw.shape_mask(s, (6, 6, 26, 26)).astype(float)
+        a, b = tw.shape_features(m), tw.shape_features(ndimage.gaussian_filter(m, 1.0))
+        assert np.allclose(a, b, rtol=1e-3, atol=2e-4), (s, a, b)
+
+
+def test_checker_blurred_noisy_generated_like():
+    from scipy import ndimage
+    images, truth, samples = _single_images(200, seed=12)
+    rng = np.random.default_rng(1)
+    ok = 0
+    for im, (c, s), smp in zip(images, truth, samples):
+        blurred = ndimage.gaussian_filter(im.astype(float), (0.7, 0.7, 0))
+        noisy = np.clip(blurred + rng.normal(0, 10, im.shape), 0, 255).astype(np.uint8)
+        r = tw.check_prompt(noisy, f"a {smp.scene.objects[0].size} {c} {s}")
+        ok += r["both"] and r["size_ok"]
+    assert ok / len(images) >= 0.97
+
+
+def test_triple_scenes_fit():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        sc = tw.random_scene(rng, "triple")
+        assert [o.size for o in sc.objects].count("large") <= 2
+    sc = tw.random_scene(rng, "triple", sizes=["large", "large", "small"])
+    assert [o.size for o in sc.objects] == ["large", "large", "small"]
+    with pytest.raises(ValueError, match="at most two large"):
+        tw.random_scene(rng, "triple", sizes=["large"] * 3)
