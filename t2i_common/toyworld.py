@@ -586,7 +586,8 @@ def omit_word(caption: str, word: str, placeholder: str = "") -> str:
     tokens = caption.split()
     if word not in tokens:
         raise ValueError(f"word {word!r} does not occur in caption {caption!r}")
-    return " ".join(placeholder if t == word else t for t in tokens if t != word or placeholder)
+    kept = [placeholder if t == word else t for t in tokens]
+    return " ".join(t for t in kept if t)
 
 
 def swap_word(caption: str, word: str, new: str) -> str:
