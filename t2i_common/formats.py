@@ -225,11 +225,31 @@ def _check_exists(refs: Iterable[ImageRef]) -> None:
 # ---------------------------------------------------------------------------
 # the common item type
 # ---------------------------------------------------------------------------
+class LazyImages(Sequence):
+    """Read-only list of images that loads each one (RGB PIL) when indexed or iterated;
+    ``len()`` does not touch the files."""
+
+    def __init__(self, refs: Sequence[Any]):
+        self._refs = refs
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [to_pil(r) for r in self._refs[i]]
+        return to_pil(self._refs[i])
+
+    def __repr__(self) -> str:
+        return f"LazyImages({len(self._refs)} images)"
+
+
 class MatchItem:
     """One image-text matching example.
 
-    ``images`` (property) loads the candidate images as RGB PIL images; the raw
-    references (PIL images or :class:`ImageRef` s) are in ``image_refs``.
+    ``images`` is a :class:`LazyImages` sequence: indexing or iterating loads RGB PIL images
+    (a missing/unreadable file raises naming it), ``len()`` is free. The raw references
+    (PIL images or :class:`ImageRef` s) are in ``image_refs``.
     ``gold_image`` / ``gold_caption`` index the correct candidate. For a
     Winoground 2x2 item both are 0 and the pairing is caption_k <-> image_k.
     ``meta`` holds the dataset's own fields (ids, tags, relation names, ...).
@@ -251,8 +271,8 @@ class MatchItem:
                              f"gold_caption={gold_caption} of {len(self.captions)}")
 
     @property
-    def images(self) -> list[Image.Image]:
-        return [to_pil(r) for r in self.image_refs]
+    def images(self) -> LazyImages:
+        return LazyImages(self.image_refs)
 
     @property
     def image_paths(self) -> list[str | None]:
@@ -479,15 +499,17 @@ def write_aro_vg(records: Sequence[Mapping], root: PathLike, kind: str = "relati
 
     Each record: the json fields (image_path, bbox_x, bbox_y, bbox_w, bbox_h, true_caption,
     false_caption, relation_name and/or attributes) plus ``image`` (PIL/array of the full
-    image, written once per image_path).
+    image; needed on the first record of each image_path only).
     """
     if kind not in VG_FILES:
         raise ValueError(f"kind must be one of {list(VG_FILES)}, got {kind!r}")
     root = Path(root)
     out, written = [], set()
     for i, rec in enumerate(records):
-        _require_keys(rec, (*_VG_KEYS[kind], "image"), f"record {i}", "the record", "add the missing field")
+        _require_keys(rec, _VG_KEYS[kind], f"record {i}", "the record", "add the missing field")
         if rec["image_path"] not in written:
+            if "image" not in rec:
+                raise ValueError(f"record {i}: first record of image {rec['image_path']!r} needs 'image'")
             save_image(rec["image"], root / "images" / rec["image_path"])
             written.add(rec["image_path"])
         out.append({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in rec.items() if k != "image"})
@@ -1077,13 +1099,14 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(im) > 127
 
 
-_INSTANCES_CACHE: dict[tuple[str, float], CocoInstances] = {}
+_INSTANCES_CACHE: dict[tuple[str, int, int], CocoInstances] = {}
 
 
 def read_coco_instances(path: PathLike) -> CocoInstances:
     """Load and index a COCO ``instances_*.json`` (the last file read is kept in memory)."""
     path = _require_file(path, "COCO instances json", "pass annotations/instances_val2017.json")
-    key = (str(path.resolve()), path.stat().st_mtime)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     if key not in _INSTANCES_CACHE:
         _INSTANCES_CACHE.clear()
         _INSTANCES_CACHE[key] = CocoInstances(_read_json(path, "COCO instances json"), path)
@@ -1348,6 +1371,8 @@ def read_imagecode(json_path: PathLike, image_sets_dir: PathLike | None = None, 
         if not files:
             raise _fail(folder, "no img{k}.jpg files", "restore the image set")
         for idx, text in descs.items():
+            if not str(idx).strip().isdigit():
+                raise _fail(json_path, f"set {set_name!r} has image index {idx!r}", "indices are 0..9 as strings")
             k = int(idx)
             if not 0 <= k < len(files):
                 raise _fail(json_path, f"set {set_name!r} description index {k} but only {len(files)} images",
@@ -1496,7 +1521,8 @@ def write_negclip_tsv(rows: Sequence[NegClipRow | Mapping], path: PathLike) -> P
                                                             [int(j) for j in r["neg_images"]])
         if any(not 0 <= j < len(rows) for j in r.neg_images):
             raise ValueError(f"row {i}: neg_images {r.neg_images} must be row indices in 0..{len(rows) - 1}")
-        out.append([i, r.title, r.filepath, repr([str(c) for c in r.neg_captions]), repr([int(j) for j in r.neg_images])])
+        out.append([i, r.title, r.filepath, repr([str(c) for c in r.neg_captions]),
+                    repr([int(j) for j in r.neg_images])])
     return _write_csv(path, ["", *NEGCLIP_COLUMNS], out, delimiter="\t")
 
 

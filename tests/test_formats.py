@@ -62,8 +62,11 @@ def test_match_item_validation_and_lazy_images(tmp_path):
     with pytest.raises(ValueError, match="gold"):
         F.MatchItem([solid((0, 0, 0))], ["a"], gold_caption=1)
     p.unlink()
+    assert len(item.images) == 1  # len() does not load
     with pytest.raises(FileNotFoundError, match="x.png"):
-        item.images
+        item.images[0]
+    with pytest.raises(FileNotFoundError, match="x.png"):
+        list(item.images)
 
 
 # ---------------------------------------------------------------------------- 1. implosion pickles
@@ -134,7 +137,8 @@ def vg_records(kind="relation"):
     base = dict(image_path="1.png", bbox_x=3, bbox_y=2, bbox_w=5, bbox_h=4, image=pattern(10, 20),
                 true_caption="the cup is on the table", false_caption="the table is on the cup")
     if kind == "relation":
-        return [dict(base, relation_name="on"), dict(base, relation_name="next to", bbox_x=0, bbox_y=0)]
+        second = {k: v for k, v in base.items() if k != "image"}  # same image: 'image' only needed once
+        return [dict(base, relation_name="on"), dict(second, relation_name="next to", bbox_x=0, bbox_y=0)]
     return [dict(base, attributes=["red", "blue"]), dict(base, attributes=["big", "small"])]
 
 
@@ -167,7 +171,7 @@ def test_aro_vg_errors(tmp_path):
     corrupt(tmp_path / "images" / "1.png")
     items = F.read_aro_vg(tmp_path)
     with pytest.raises(F.FormatError, match=r"1\.png.*entry 0"):
-        items[0].images
+        items[0].images[0]
     F._write_json(tmp_path / "visual_genome_relation.json", [])
     with pytest.raises(F.FormatError, match="has no items"):
         F.read_aro_vg(tmp_path)
@@ -309,7 +313,8 @@ def test_winoground_round_trip(tmp_path, fmt, name):
     path = F.write_winoground(wino_rows(), tmp_path, fmt)
     assert path.name == name and (tmp_path / "images" / "ex_1_img_0.png").is_file()
     items = F.read_winoground(path)
-    assert [it.captions for it in items] == [["a dog bites a man", "a man bites a dog"], ["red over blue", "blue over red"]]
+    assert [it.captions for it in items] == [["a dog bites a man", "a man bites a dog"],
+                                             ["red over blue", "blue over red"]]
     assert [px(i)[0] for i in items[1].images] == [30, 40] and items[1].task == "group"
     assert items[1].meta == {"id": 1, "tag": "Adjective-Color", "secondary_tag": "Symbolic", "num_main_preds": 2,
                              "collapsed_tag": "Relation"}
@@ -510,7 +515,8 @@ def test_clevr_round_trip_and_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 6. SVO
-SVO_ROWS = [dict(pos_id="0.jpg", neg_id="1.jpg", sentence="Girl is standing in the grass.", pos_triplet="girl,stand,grass",
+SVO_ROWS = [dict(pos_id="0.jpg", neg_id="1.jpg", sentence="Girl is standing in the grass.",
+                 pos_triplet="girl,stand,grass",
                  neg_triplet="dog,stand,grass", neg_type="subj"),
             dict(pos_id="6.jpg", neg_id="7.jpg", sentence="A car passes another on a street.",
                  pos_triplet="car,pass,street", neg_triplet="car,hit,street", neg_type="verb")]
@@ -620,7 +626,8 @@ def test_negclip_tsv_published_quoting_and_errors(tmp_path):
 
 # ---------------------------------------------------------------------------- 10. MMBias and gender bias
 def test_mmbias_round_trip_and_errors(tmp_path):
-    imgs = {"Christian": [solid((1, 0, 0)), solid((2, 0, 0))], "Muslim": [solid((3, 0, 0))], "circles": [solid((4, 0, 0))]}
+    imgs = {"Christian": [solid((1, 0, 0)), solid((2, 0, 0))], "Muslim": [solid((3, 0, 0))],
+            "circles": [solid((4, 0, 0))]}
     F.write_mmbias(tmp_path, imgs, ["joy", "love"], ["agony"], image_ext=".png")
     mb = F.read_mmbias(tmp_path)
     assert sorted(mb.groups) == ["Christian", "Muslim", "circles"] and len(mb.groups["Christian"]) == 2
