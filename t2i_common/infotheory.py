@@ -1,0 +1,410 @@
+"""Information decomposition from denoising errors (Kong et al., "Interpretable Diffusion via
+Information Decomposition", ICLR 2024).
+
+The pointwise ("orthogonal") mutual information between an image x and a text y is
+
+    i(x; y) = 1/2 * int E_eps || eps_a(x_a) - eps_a(x_a | y) ||^2 da          (paper Eq. 7)
+
+with eps_a(x_a) the prediction under the empty prompt; replacing the empty prompt by a context c
+(the caption without one word) gives the conditional MI i(x; y | c).  The "standard" estimator is
+1/2 int E[ ||eps - eps_a(x_a | c)||^2 - ||eps - eps_a(x_a | y)||^2 ] da.  Summing the squared
+differences over channels only gives a per-pixel map (where in the image the word carries bits).
+
+The integral over logSNR a is estimated by importance sampling (:class:`Integration`): one
+(a_k, eps_k) pair per sample k, shared by every condition of the same image (all conditions of an
+image at one noise level run in one UNet batch through :func:`t2i_common.engine.denoise_errors`).
+The UNet receives the nearest discrete timestep ``model.logsnr_to_t(a)``; the latent is noised
+with sqrt(sigmoid(a)), sqrt(sigmoid(-a)) exactly.
+
+This module also holds the evaluation protocols of the paper: ARO retrieval by i(x; caption),
+localisation mIoU over thresholds and Pearson correlations with bootstrap error bars.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .engine import NoiseBank, denoise_errors
+
+#: Defaults of the original MI code: loc 1, scale 2 and clip 4 (its MI functions never pass the
+#: CLI ``--clip 3.0`` on, so ``logistic_integrate``'s default 4 is what runs).
+MI_MU, MI_S, MI_CLIP = 1.0, 2.0, 4.0
+#: Prompt-intervention (editing) code: clip 3, loc/scale from the trained range (Integration.for_editing).
+EDIT_CLIP = 3.0
+#: Localisation thresholds of the original calc.py.
+THRESHOLDS = torch.linspace(0.1, 0.5, 50)
+
+
+# ------------------------------------------------------------------------------------------------
+# Importance sampling over logSNR
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Integration:
+    """How the integral over logSNR a is sampled.
+
+    mode="logistic" (paper default): u ~ U(sigmoid(-c), sigmoid(c)), a = mu + s * logit(u), a
+    logistic(mu, s) truncated to [mu - c s, mu + c s]; weight w = 1/q(a) =
+    s * tanh(c/2) / (sigmoid((a-mu)/s) * sigmoid(-(a-mu)/s)).
+    mode="uniform": a ~ U[mu - c s, mu + c s], weight 2 c s (= 6 s for c = 3).  The original's
+    ``trunc_uniform_integrate`` returns 1/(2 c s) as the weight; that is the density, not its
+    inverse (a constant factor, rankings unchanged); we use the correct 1/q.
+    """
+
+    mode: str = "logistic"
+    mu: float = MI_MU
+    s: float = MI_S
+    clip: float = MI_CLIP
+
+    def __post_init__(self):
+        if self.mode not in ("logistic", "uniform"):
+            raise ValueError(f"Integration: mode must be 'logistic' or 'uniform', got {self.mode!r}")
+        if not (self.s > 0 and self.clip > 0):
+            raise ValueError(f"Integration: scale s and clip must be > 0, got s={self.s}, clip={self.clip}")
+
+    @classmethod
+    def for_editing(cls, model, clip: float = EDIT_CLIP, mode: str = "logistic") -> "Integration":
+        """The editing script's choice: mu = middle of the trained logSNR range, s = range / (2 c),
+        so the truncated support [mu - c s, mu + c s] is exactly the trained range."""
+        lo, hi = model.logsnr_range
+        return cls(mode, mu=lo + 0.5 * (hi - lo), s=(hi - lo) / (2.0 * clip), clip=clip)
+
+    def sample(self, n: int, generator: torch.Generator | None = None):
+        """(a [n], w [n]) as float64 CPU tensors."""
+        u = torch.rand(int(n), generator=generator, dtype=torch.float64)
+        c = torch.tensor(float(self.clip), dtype=torch.float64)
+        if self.mode == "logistic":
+            lo, hi = torch.sigmoid(-c), torch.sigmoid(c)
+            a = self.mu + self.s * torch.logit(lo + (hi - lo) * u)
+            z = (a - self.mu) / self.s
+            w = self.s * torch.tanh(c / 2) / (torch.sigmoid(z) * torch.sigmoid(-z))
+        else:
+            a = self.mu - self.clip * self.s + 2 * self.clip * self.s * u
+            w = torch.full_like(a, 2 * self.clip * self.s)
+        return a, w
+
+
+def _logsnr_generator(seed: int, stream: int) -> torch.Generator:
+    # different mixing constants from NoiseBank.generator, so a and eps are independent draws
+    return torch.Generator().manual_seed((int(seed) * 1000003 + int(stream) * 7919 + 424242)
+                                         % (2 ** 63 - 1))
+
+
+def draw_samples(integration: Integration, n: int, shape, seed: int = 0, stream: int = 0,
+                 noises_per_point: int = 1):
+    """(a [n*M], w [n*M], eps [n*M, *shape]) for one image: n logSNR points, each with M =
+    ``noises_per_point`` noises (a repeated M times; the editing script uses 20 points x 120
+    noises).  ``stream`` is the image's id, so an image gets the same samples whatever batch it is
+    in, and all its conditions share them."""
+    M = int(noises_per_point)
+    if M < 1:
+        raise ValueError(f"draw_samples: noises_per_point must be >= 1, got {noises_per_point}")
+    a, w = integration.sample(n, _logsnr_generator(seed, stream))
+    eps = NoiseBank(shape, seed).draw(n * M, stream)
+    return a.repeat_interleave(M), w.repeat_interleave(M), eps
+
+
+# ------------------------------------------------------------------------------------------------
+# Estimators
+# ------------------------------------------------------------------------------------------------
+def upsample_map(m: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False, as the original) of [..., h, w] maps to
+    ``size`` = (H, W), divided by the area ratio so a map stays a density: for integer
+    power-of-two factors (SD: 8, the toy: 4) the sum over pixels is preserved exactly."""
+    H, W = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = m.shape[-2:]
+    lead = m.shape[:-2]
+    up = F.interpolate(m.reshape(-1, 1, h, w).double(), size=(H, W), mode="bilinear",
+                       align_corners=False)
+    return (up * (h * w) / (H * W)).reshape(*lead, H, W)
+
+
+def _as_latents(model, images=None, latents=None):
+    if latents is not None:
+        return torch.as_tensor(latents)
+    if images is None:
+        raise ValueError("give images (PIL / uint8 arrays / paths) or latents")
+    return model.encode_images(model.preprocess(images)).float().cpu()
+
+
+def information(model, latents, conditions, pairs, *, n_samples: int = 100,
+                integration: Integration = Integration(), pixel: bool = False, image_size=None,
+                seed: int = 0, streams=None, noises_per_point: int = 1, batch_size=None,
+                images_per_call=None, progress: bool = False) -> dict:
+    """Information that condition p carries about the image beyond condition q, for pairs (p, q).
+
+    Args:
+        latents: [B, C, h, w] clean latents.
+        conditions: B lists of P prompts (the conditions of each image; same P for every image).
+        pairs: (p, q) positions in those lists; "i(x; y)" is (y, empty prompt), "i(x; y | c)"
+            is (y, c).
+        n_samples: N (a, eps) pairs per image, shared by the image's P conditions (with
+            ``noises_per_point`` M > 1: N logSNR points x M noises each, N*M evaluations).
+        streams: per-image ids for the seeded draws (default 0..B-1); pass dataset indices when
+            processing a dataset in chunks, so results do not depend on chunking.
+        pixel: also return per-pixel maps (squared differences summed over channels only).
+
+    Returns dict with float64 CPU tensors:
+        "orthogonal" [B, n_pairs]: 1/2 mean_k w_k ||eps_p - eps_q||^2 (sum over latent dims);
+        "standard" [B, n_pairs]: 1/2 mean_k w_k (||eps - eps_q||^2 - ||eps - eps_p||^2);
+        "orthogonal_sem", "standard_sem": standard errors over the N samples;
+        "logsnr", "weights" [B, N];
+        with pixel=True: "orthogonal_map", "standard_map" [B, n_pairs, h, w] (latent grid; they sum
+        to the image-level values) and "orthogonal_map_up", "standard_map_up" [B, n_pairs, H, W]
+        (bilinear to ``image_size``, default model.resolution, as densities: same sums).
+    """
+    latents = torch.as_tensor(latents).float().cpu()
+    B = latents.shape[0]
+    conditions = [list(c) for c in conditions]
+    if len(conditions) != B:
+        raise ValueError(f"information: {len(conditions)} condition lists for {B} images")
+    P = len(conditions[0]) if conditions else 0
+    if P == 0 or any(len(c) != P for c in conditions):
+        raise ValueError("information: every image needs the same (non-zero) number of conditions")
+    pairs = [(int(p), int(q)) for p, q in pairs]
+    if not pairs:
+        raise ValueError("information: give at least one (p, q) pair of condition positions")
+    streams = list(range(B)) if streams is None else [int(s) for s in streams]
+    if len(streams) != B:
+        raise ValueError(f"information: {len(streams)} streams for {B} images")
+    if int(n_samples) < 1:
+        raise ValueError(f"information: n_samples must be >= 1, got {n_samples}")
+    N = int(n_samples) * int(noises_per_point)
+
+    prompts = list(dict.fromkeys(p for c in conditions for p in c))
+    row = {p: i for i, p in enumerate(prompts)}
+    emb = model.encode_prompts(prompts)
+    cond_idx = torch.tensor([[row[p] for p in c] for c in conditions], dtype=torch.long)
+    draws = [draw_samples(integration, int(n_samples), latents.shape[1:], seed, s, noises_per_point)
+             for s in streams]
+    a = torch.stack([d[0] for d in draws])
+    w = torch.stack([d[1] for d in draws])
+    eps = torch.stack([d[2] for d in draws])
+    pi = torch.tensor([p for p, _ in pairs])
+    qi = torch.tensor([q for _, q in pairs])
+
+    h, wd = latents.shape[-2:]
+    if images_per_call is None:  # keep the per-sample maps of one call below ~2e8 floats
+        per_image = N * (P + len(pairs)) * h * wd if pixel else N * P
+        images_per_call = max(1, int(2e8 // max(per_image, 1)))
+    outputs = ("sq", "map") if pixel else ("sq",)
+    res = {k: [] for k in ("orthogonal", "standard", "orthogonal_sem", "standard_sem",
+                           "orthogonal_map", "standard_map")}
+    for b0 in tqdm(range(0, B, images_per_call), disable=not progress or B <= images_per_call,
+                   desc="information"):
+        sl = slice(b0, b0 + images_per_call)
+        out = denoise_errors(model, latents[sl], emb, cond_idx[sl], logsnr=a[sl], noise=eps[sl],
+                             outputs=outputs, diff_pairs=pairs, batch_size=batch_size,
+                             progress=progress, desc="MI samples")
+        ww = w[sl].unsqueeze(1)                                            # [b, 1, N]
+        orth = 0.5 * ww * out["diff_sq"].double()                          # [b, n, N]
+        sq = out["sq"].double()
+        std = 0.5 * ww * (sq[:, qi] - sq[:, pi])
+        for k, v in (("orthogonal", orth), ("standard", std)):
+            res[k].append(v.mean(-1))
+            res[k + "_sem"].append(v.std(-1) / math.sqrt(N) if N > 1
+                                   else torch.full(v.shape[:2], float("nan"), dtype=torch.float64))
+        if pixel:
+            wm = ww[..., None, None]
+            res["orthogonal_map"].append((0.5 * wm * out["diff_map"].double()).mean(2))
+            mp = out["map"].double()
+            res["standard_map"].append((0.5 * wm * (mp[:, qi] - mp[:, pi])).mean(2))
+    result = {k: torch.cat(v) for k, v in res.items() if v}
+    result["logsnr"], result["weights"] = a, w
+    if pixel:
+        size = image_size or model.resolution
+        result["orthogonal_map_up"] = upsample_map(result["orthogonal_map"], size)
+        result["standard_map_up"] = upsample_map(result["standard_map"], size)
+    return result
+
+
+def _option_lists(captions, B):
+    if len(captions) != B:
+        raise ValueError(f"{len(captions)} caption entries for {B} images")
+    out = [[c] if isinstance(c, str) else list(c) for c in captions]
+    if any(len(o) != len(out[0]) for o in out):
+        raise ValueError("every image needs the same number of caption options")
+    return out
+
+
+def pointwise_mi(model, images=None, captions=None, *, latents=None, null: str = "", **kw) -> dict:
+    """i(x; y) of each caption option against the empty prompt (``null``), paper Eq. 7.
+
+    ``captions``: one string per image or a list of J options per image.  All J options and the
+    null prompt of an image share each (a, eps) sample and run in one UNet batch (J + 1
+    conditions).  Keyword arguments go to :func:`information` (n_samples, integration, pixel,
+    seed, streams, ...).  Returns its dict with values [B, J].
+    """
+    z = _as_latents(model, images, latents)
+    opts = _option_lists(captions, z.shape[0])
+    J = len(opts[0])
+    return information(model, z, [o + [null] for o in opts], [(j, J) for j in range(J)], **kw)
+
+
+def conditional_mi(model, images=None, captions=None, contexts=None, *, latents=None,
+                   null: str | None = None, **kw) -> dict:
+    """i(x; y | c): caption y against its context c (the caption without the word), paper Eq. 9.
+
+    One (caption, context) per image.  With ``null`` given (e.g. ""), the empty prompt is added
+    as a third condition and the result also holds i(x; y) and i(x; c) (pairs
+    [(y, c), (y, null), (c, null)], the original's [c-w, c-n, w-n] rows) at no extra noise draws.
+    """
+    z = _as_latents(model, images, latents)
+    B = z.shape[0]
+    if captions is None or contexts is None or len(captions) != B or len(contexts) != B:
+        raise ValueError(f"conditional_mi: need one caption and one context per image ({B} images)")
+    if null is None:
+        return information(model, z, [[y, c] for y, c in zip(captions, contexts)], [(0, 1)], **kw)
+    return information(model, z, [[y, c, null] for y, c in zip(captions, contexts)],
+                       [(0, 1), (0, 2), (1, 2)], **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Relation testing (ARO) by i(x; caption)
+# ------------------------------------------------------------------------------------------------
+def aro_scores(model, items, *, n_samples: int = 100, integration: Integration = Integration(),
+               estimator: str = "orthogonal", seed: int = 0, images_per_call: int = 8,
+               cache=None, batch_size=None, progress: bool = True) -> np.ndarray:
+    """i(x; caption option) for ARO-style items ``{"image_options": [img], "caption_options":
+    [...]}`` -> [N, n_options] (the prediction is the argmax).  Item i uses noise stream i.
+    ``cache`` (a :class:`~t2i_common.cache.ResultCache`) makes a killed run resume.
+
+    The original scores with ``image_level_nll_fast`` (orthogonal estimator, 100 samples) and stops
+    after 4 batches (``if i == 3: break``); we score every item.
+    """
+    from .cache import map_cached
+
+    if estimator not in ("orthogonal", "standard"):
+        raise ValueError(f"aro_scores: estimator must be 'orthogonal' or 'standard', got {estimator!r}")
+    items = list(items)
+    if not items:
+        raise ValueError("aro_scores: no items given")
+    n_opt = len(items[0]["caption_options"])
+    for i, it in enumerate(items):
+        if "image_options" not in it or "caption_options" not in it:
+            raise KeyError(f"aro_scores: item {i} lacks 'image_options' or 'caption_options'")
+        if len(it["caption_options"]) != n_opt:
+            raise ValueError(f"aro_scores: item {i} has {len(it['caption_options'])} caption options, "
+                             f"item 0 has {n_opt}; score tasks with different option counts separately")
+
+    def score(ids):
+        z = _as_latents(model, [items[i]["image_options"][0] for i in ids])
+        out = pointwise_mi(model, latents=z, captions=[list(items[i]["caption_options"]) for i in ids],
+                           n_samples=n_samples, integration=integration, seed=seed, streams=ids,
+                           batch_size=batch_size)
+        return [out[estimator][j].numpy() for j in range(len(ids))]
+
+    res = map_cached(score, list(range(len(items))), cache, desc="ARO (MI)", progress=progress,
+                     chunk=images_per_call)
+    return np.stack([res[i] for i in range(len(items))])
+
+
+# ------------------------------------------------------------------------------------------------
+# Localisation mIoU
+# ------------------------------------------------------------------------------------------------
+def min_max_normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Per-image (last two dims) min-max normalisation to [0, 1]; a constant map becomes 0 (the
+    original divides 0 by 0, giving NaN, which no threshold selects: the same empty prediction)."""
+    m = torch.as_tensor(maps).double()
+    lo = m.amin(dim=(-2, -1), keepdim=True)
+    rng = m.amax(dim=(-2, -1), keepdim=True) - lo
+    return torch.where(rng > 0, (m - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)),
+                       torch.zeros_like(m))
+
+
+def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per-image IoU of boolean masks [..., H, W]; 0 when the union is empty (torchmetrics'
+    BinaryJaccardIndex default, used by the original)."""
+    pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
+    inter = (pred & gt).flatten(-2).sum(-1).double()
+    union = (pred | gt).flatten(-2).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
+
+
+def iou_curve(heatmaps, masks, thresholds=None) -> torch.Tensor:
+    """IoU [N, T] of (min-max normalised heatmap > tau) with the ground-truth masks [N, H, W]."""
+    hm = min_max_normalise(heatmaps)
+    masks = torch.as_tensor(masks).bool()
+    if hm.shape != masks.shape:
+        raise ValueError(f"iou_curve: heatmaps {tuple(hm.shape)} and masks {tuple(masks.shape)} differ; "
+                         f"upsample the maps to the mask size first (upsample_map)")
+    th = THRESHOLDS if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float64)
+    return torch.stack([iou(hm > float(t), masks) for t in th], dim=-1)
+
+
+def whole_image_miou(masks) -> float:
+    """The whole-image-mask baseline: mean IoU of an all-ones prediction."""
+    masks = torch.as_tensor(masks).bool()
+    return float(iou(torch.ones_like(masks), masks).mean())
+
+
+def localisation_miou(heatmaps, masks, thresholds=None, n_folds: int = 2, seed: int = 0) -> dict:
+    """mIoU of thresholded heatmaps (paper Sec. 4.2, the original calc.py protocol).
+
+    "oracle": max over thresholds of the mean IoU over all images (the paper's number; the
+    threshold is chosen on the test set itself).  "heldout": the threshold is chosen on the other
+    folds of a seeded ``n_folds`` split and applied to each fold (cross-fitting, every image
+    scored once) - the honest variant.  Also returns the curve and chosen thresholds.
+    """
+    curve = iou_curve(heatmaps, masks, thresholds)                  # [N, T]
+    th = THRESHOLDS if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float64)
+    N = curve.shape[0]
+    mean_curve = curve.mean(0)
+    best = int(mean_curve.argmax())
+    out = {"oracle": float(mean_curve[best]), "oracle_threshold": float(th[best]),
+           "curve": mean_curve.numpy(), "thresholds": th.numpy(), "n": N}
+    if N >= n_folds >= 2:
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(int(seed)))
+        folds = perm.chunk(n_folds)
+        scores, taus = torch.empty(N, dtype=torch.float64), []
+        for f in folds:
+            rest = torch.ones(N, dtype=torch.bool)
+            rest[f] = False
+            k = int(curve[rest].mean(0).argmax())
+            taus.append(float(th[k]))
+            scores[f] = curve[f, k]
+        out["heldout"], out["heldout_thresholds"] = float(scores.mean()), taus
+    else:
+        out["heldout"], out["heldout_thresholds"] = float("nan"), []
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Pearson correlations with bootstrap error bars
+# ------------------------------------------------------------------------------------------------
+def _pearson(x, y) -> float:
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    xc, yc = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((xc * xc).sum() * (yc * yc).sum()))
+    return float((xc * yc).sum() / den) if den > 0 else float("nan")
+
+
+def pearson_bootstrap(x, y, n_boot: int = 100, frac: float = 0.9, seed: int = 0,
+                      per_item: bool = False) -> dict:
+    """Pearson correlation with a bootstrap error bar (the original calc.py protocol).
+
+    per_item=False ("image level"): x, y are [N] values, r = corr(x, y).
+    per_item=True ("pixel level"): x, y are [N, ...] maps, r = mean over items of the per-item
+    correlation over pixels (items with a constant map are skipped, NaN in numpy's corrcoef).
+    Each of ``n_boot`` draws takes int(frac * N) items with replacement (numpy randint, seeded);
+    "std" is the spread of the draws, "err" = std / sqrt(n_boot), what the original prints as
+    the error bar (paper Table 3's +-).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.shape[0] < 3:
+        raise ValueError(f"pearson_bootstrap: x {x.shape} and y {y.shape} must match with >= 3 items")
+    if per_item:
+        r_items = np.array([_pearson(a, b) for a, b in zip(x, y)])
+        stat = lambda idx: float(np.nanmean(r_items[idx]))  # noqa: E731
+    else:
+        stat = lambda idx: _pearson(x[idx], y[idx])  # noqa: E731
+    N = x.shape[0]
+    rng = np.random.default_rng(int(seed))
+    draws = np.array([stat(rng.integers(0, N, size=int(frac * N))) for _ in range(int(n_boot))])
+    sd = float(np.nanstd(draws))
+    return {"r": stat(np.arange(N)), "std": sd, "err": sd / math.sqrt(max(int(n_boot), 1)),
+            "draws": draws, "n": N}
