@@ -1,0 +1,338 @@
+"""Cross-attention word maps: the DAAM baseline and "attention + information" (Info-Decomp Sec. 4.2).
+
+Capture goes through diffusers attention processors: :func:`capture_cross_attention` swaps the
+processor of every cross-attention layer (``attn2``) for :class:`CrossAttentionCapture`, which
+computes the attention probabilities softmax(q k^T / sqrt(d)) explicitly, hands them to an
+:class:`AttentionStore` and returns the same output as the default processor.  The store averages
+the per-token maps over heads, upsamples each layer's map to the latent grid and averages over
+layers and UNet calls (steps), per batch row mapped to an output slot (an image).
+
+- :func:`daam_maps`: DAAM (Tang et al. 2023) as the original eval_daam.py runs it: DDIM inversion
+  of the real image under its caption (guidance 1), then DDIM denoising with the capture on
+  (``invert=False`` traces a generation from seeded noise instead).
+- :func:`attention_information`: attention accumulated over single UNet passes of the real image
+  noised at logistic logSNR samples (eval_daam_itd.py: loc 1, scale 2, clip 3), no inversion.
+
+DAAM choices we keep: maps of layers at 1/8 of the latent resolution are skipped
+(``skip_factors=(8,)``), each layer's map is upsampled bicubically and clamped at 0, a word's map
+is the mean over its tokens.  Deliberate differences: DAAM's ``map_[map_.size(0) // 2:]`` keeps
+only the second half of the (batch x heads) rows, meant to drop the unconditional half under
+guidance; without guidance (the original's setting, guidance 1) it drops half of the heads.  We
+keep every head of the conditional rows.  DAAM averages over (layer, head) and sums over steps; we
+average over steps too (a constant factor, irrelevant after min-max normalisation and for Pearson).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .engine import auto_batch_size
+from .infotheory import Integration, _as_latents, draw_samples, upsample_map
+
+DAAM_CLIP = 3.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Capture
+# ------------------------------------------------------------------------------------------------
+class AttentionStore:
+    """Running average of cross-attention maps [n_slots, L, h, w] on the latent grid.
+
+    ``rows`` (set per UNet call with :meth:`set_rows`) maps each batch row to an output slot;
+    -1 drops the row (e.g. the unconditional half under classifier-free guidance).  Without
+    rows, batch row b goes to slot b.
+    """
+
+    def __init__(self, latent_hw, n_slots: int, skip_factors=(8,), upsample: str = "bicubic"):
+        self.h, self.w = int(latent_hw[0]), int(latent_hw[1])
+        self.n_slots = int(n_slots)
+        self.skip_factors = {int(f) for f in skip_factors}
+        if upsample not in ("bicubic", "bilinear"):
+            raise ValueError(f"AttentionStore: upsample must be 'bicubic' or 'bilinear', got {upsample!r}")
+        self.upsample = upsample
+        self.rows = None
+        self.sum = None
+        self.count = torch.zeros(self.n_slots, dtype=torch.float64)
+        self.layers: dict[str, tuple[int, int]] = {}
+
+    def set_rows(self, rows) -> None:
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long).cpu()
+
+    def add(self, probs: torch.Tensor, name: str) -> None:
+        """probs [B, heads, h_l * w_l, L] of one cross-attention layer."""
+        B, _, n_pix, L = probs.shape
+        factor = round(math.sqrt(self.h * self.w / n_pix))
+        hl, wl = self.h // factor, self.w // factor
+        if hl * wl != n_pix:
+            raise ValueError(f"AttentionStore: layer {name} has {n_pix} query positions, not a "
+                             f"{self.h}x{self.w} latent grid divided by an integer factor")
+        self.layers[name] = (hl, wl)
+        if factor in self.skip_factors:
+            return
+        m = probs.float().mean(1).transpose(1, 2).reshape(B, L, hl, wl)
+        if (hl, wl) != (self.h, self.w):
+            m = F.interpolate(m, size=(self.h, self.w), mode=self.upsample, align_corners=False)
+            if self.upsample == "bicubic":
+                m = m.clamp(min=0)  # bicubic undershoot, as DAAM
+        rows = torch.arange(B) if self.rows is None else self.rows
+        if len(rows) != B:
+            raise ValueError(f"AttentionStore: {len(rows)} row slots set for a batch of {B}")
+        keep = rows >= 0
+        if self.sum is None:
+            self.sum = torch.zeros(self.n_slots, L, self.h, self.w, dtype=torch.float64)
+        self.sum.index_add_(0, rows[keep], m[keep.to(m.device)].double().cpu())
+        self.count.index_add_(0, rows[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+
+    def maps(self) -> torch.Tensor:
+        """[n_slots, L, h, w]: mean over layers, heads and UNet calls."""
+        if self.sum is None:
+            raise RuntimeError("AttentionStore: no cross-attention was captured; run the UNet inside "
+                               "capture_cross_attention(model, store) (does the UNet have attn2 "
+                               "layers outside skip_factors?)")
+        return self.sum / self.count.clamp(min=1).view(-1, 1, 1, 1)
+
+
+class CrossAttentionCapture:
+    """Attention processor for cross-attention layers that records the attention probabilities.
+
+    Same computation as diffusers' ``AttnProcessor`` (explicit softmax instead of SDPA, so the
+    probabilities exist), including group/spatial norm, cross-attention norm, q/k norms, masks,
+    residual connection and output rescaling.
+    """
+
+    def __init__(self, store: AttentionStore, name: str):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, hh, ww = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, hh * ww).transpose(1, 2)
+        B = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            ctx = attn.norm_encoder_hidden_states(ctx)
+        key, value = attn.to_k(ctx), attn.to_v(ctx)
+        heads = attn.heads
+        d = key.shape[-1] // heads
+        q = query.view(B, -1, heads, d).transpose(1, 2)
+        k = key.view(B, -1, heads, d).transpose(1, 2)
+        v = value.view(B, -1, heads, d).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scale   # [B, heads, N, L]
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], B)
+            scores = scores + mask.view(B, heads, -1, mask.shape[-1]).float()
+        probs = scores.softmax(-1)
+        self.store.add(probs, self.name)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, -1, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, hh, ww)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def capture_cross_attention(model, store: AttentionStore):
+    """Within the block, every UNet call of ``model`` records its cross-attention into ``store``;
+    the previous processors are restored on exit."""
+    old = model.unet.attn_processors
+    new = {name: CrossAttentionCapture(store, name) if ".attn2." in name else proc
+           for name, proc in old.items()}
+    if not any(".attn2." in n for n in old):
+        raise ValueError("capture_cross_attention: the UNet has no cross-attention (attn2) layers")
+    model.unet.set_attn_processor(new)
+    try:
+        yield store
+    finally:
+        model.unet.set_attn_processor(old)
+
+
+# ------------------------------------------------------------------------------------------------
+# Words -> tokens -> maps
+# ------------------------------------------------------------------------------------------------
+def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
+    """Positions (in the padded token sequence, so SOT = 0) of every occurrence of ``word``'s
+    tokens in ``prompt``.  Multi-token words ("teddy bear") give all their positions."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids[: tokenizer.model_max_length - 2]
+    wid = tokenizer(word, add_special_tokens=False).input_ids
+    if not wid:
+        raise ValueError(f"word_token_indices: {word!r} has no tokens")
+    pos = [1 + i + j for i in range(len(ids) - len(wid) + 1) if ids[i:i + len(wid)] == wid
+           for j in range(len(wid))]
+    if not pos:
+        raise KeyError(f"word {word!r} (tokens {wid}) does not occur in prompt {prompt!r} "
+                       f"(tokens {ids}); pass a word of the caption")
+    return pos
+
+
+def prompt_token_maps(token_maps: torch.Tensor, tokenizer, prompt: str) -> torch.Tensor:
+    """Crop one slot's maps [L, h, w] to the prompt's tokens: SOT, the words, EOT
+    (len(tokens) + 2 maps, as DAAM's global heat map)."""
+    n = min(len(tokenizer(prompt, add_special_tokens=False).input_ids) + 2, token_maps.shape[0])
+    return token_maps[:n]
+
+
+def word_maps(token_maps: torch.Tensor, tokenizer, prompts, words, size=None) -> torch.Tensor:
+    """Map of ``words[b]`` in ``prompts[b]`` from ``token_maps[b]`` [B, L, h, w]: the mean over the
+    word's tokens -> [B, h, w], or [B, H, W] upsampled bilinearly (as a density) to ``size``."""
+    if not (len(token_maps) == len(prompts) == len(words)):
+        raise ValueError(f"word_maps: {len(token_maps)} maps, {len(prompts)} prompts, {len(words)} words")
+    out = torch.stack([token_maps[b, word_token_indices(tokenizer, p, w)].mean(0)
+                       for b, (p, w) in enumerate(zip(prompts, words))])
+    return upsample_map(out, size) if size is not None else out
+
+
+# ------------------------------------------------------------------------------------------------
+# DDIM (for DAAM's inversion + denoising)
+# ------------------------------------------------------------------------------------------------
+def ddim_timesteps(model, num_steps: int) -> torch.Tensor:
+    """Descending DDIM timesteps of the model's scheduler config (steps_offset respected)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(model.scheduler.config)
+    sched.set_timesteps(int(num_steps))
+    return sched.timesteps.long().cpu()
+
+
+def _eps_guided(model, z, t, cond, null, guidance_scale):
+    if guidance_scale == 1.0:
+        return model.eps(z, t, cond).float()
+    e = model.eps(torch.cat([z, z]), t, torch.cat([null, cond])).float()
+    e_null, e_cond = e.chunk(2)
+    return e_null + guidance_scale * (e_cond - e_null)
+
+
+def _ddim_move(z, eps, a_from, a_to):
+    x0 = (z - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
+    return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
+
+
+@torch.inference_mode()
+def ddim_invert(model, latents, cond, *, num_steps=50, guidance_scale=1.0, null=None,
+                progress=False):
+    """Deterministic DDIM inversion x_0 -> x_T (eps evaluated at the current latent with the next
+    timestep, the usual approximation used by the original's forward_ddim)."""
+    ts = ddim_timesteps(model, num_steps).flip(0)                    # ascending
+    ac = model.alphas_cumprod
+    alphas = [float(ac[0])] + [float(ac[t]) for t in ts]
+    z = latents.to(model.device, torch.float32)
+    for i in tqdm(range(len(ts)), disable=not progress, desc="DDIM inversion"):
+        e = _eps_guided(model, z.to(model.dtype), ts[i], cond, null, guidance_scale)
+        z = _ddim_move(z, e, alphas[i], alphas[i + 1])
+    return z
+
+
+@torch.inference_mode()
+def ddim_denoise(model, z, cond, *, num_steps=50, guidance_scale=1.0, null=None, progress=False):
+    """Deterministic DDIM sampling x_T -> x_0 over the same timesteps as :func:`ddim_invert`."""
+    ts = ddim_timesteps(model, num_steps)                            # descending
+    ac = model.alphas_cumprod
+    alphas = [float(ac[t]) for t in ts] + [float(ac[0])]
+    z = z.to(model.device, torch.float32)
+    for i in tqdm(range(len(ts)), disable=not progress, desc="DDIM denoising"):
+        e = _eps_guided(model, z.to(model.dtype), ts[i], cond, null, guidance_scale)
+        z = _ddim_move(z, e, alphas[i], alphas[i + 1])
+    return z
+
+
+# ------------------------------------------------------------------------------------------------
+# The two attention methods
+# ------------------------------------------------------------------------------------------------
+def _new_store(model, n, skip_factors, upsample):
+    return AttentionStore(model.latent_shape[1:], n, skip_factors=skip_factors, upsample=upsample)
+
+
+@torch.inference_mode()
+def daam_maps(model, images=None, captions=None, *, latents=None, num_steps: int = 50,
+              guidance_scale: float = 1.0, invert: bool = True, seed: int = 0, batch_size=None,
+              skip_factors=(8,), upsample: str = "bicubic", progress: bool = False) -> dict:
+    """DAAM token maps of each caption over a DDIM denoising pass.
+
+    invert=True (the original eval_daam.py): DDIM-invert the real image's latent under its caption
+    for ``num_steps`` steps, then denoise it back with the capture on.  invert=False: trace a
+    generation from seeded noise (NoiseBank stream b for image b).  With guidance_scale > 1 the
+    unconditional rows are not recorded.  Returns {"tokens": [B, L, h, w], "latents": [B, C, h, w]
+    (the reconstruction / generation)}.
+    """
+    from .engine import NoiseBank
+
+    if invert:
+        z0 = _as_latents(model, images, latents).float()
+        B = z0.shape[0]
+    else:
+        B = len(captions)
+    if captions is None or len(captions) != B:
+        raise ValueError(f"daam_maps: need one caption per image ({B} images)")
+    bs = batch_size or max(1, auto_batch_size(model) // (1 if guidance_scale == 1 else 2))
+    store = _new_store(model, B, skip_factors, upsample)
+    null = model.encode_prompts([""])
+    outs = []
+    for b0 in tqdm(range(0, B, bs), disable=not progress or B <= bs, desc="DAAM"):
+        idx = torch.arange(b0, min(B, b0 + bs))
+        cond = model.encode_prompts([captions[i] for i in idx])
+        nul = null.expand(len(idx), -1, -1)
+        if invert:
+            zT = ddim_invert(model, z0[idx], cond, num_steps=num_steps,
+                             guidance_scale=guidance_scale, null=nul, progress=progress)
+        else:
+            zT = torch.stack([NoiseBank(model.latent_shape, seed).draw(1, int(i))[0] for i in idx])
+        store.set_rows(idx if guidance_scale == 1 else torch.cat([torch.full_like(idx, -1), idx]))
+        with capture_cross_attention(model, store):
+            outs.append(ddim_denoise(model, zT, cond, num_steps=num_steps,
+                                     guidance_scale=guidance_scale, null=nul, progress=progress).cpu())
+    return {"tokens": store.maps().float(), "latents": torch.cat(outs)}
+
+
+@torch.inference_mode()
+def attention_information(model, images=None, captions=None, *, latents=None,
+                          n_samples: int = 50,
+                          integration: Integration = Integration(clip=DAAM_CLIP),
+                          seed: int = 0, streams=None, batch_size=None, skip_factors=(8,),
+                          upsample: str = "bicubic", progress: bool = False) -> dict:
+    """"Attention + information": cross-attention of the caption averaged over ``n_samples`` UNet
+    passes of the real image noised at logSNR a_k ~ ``integration`` (eval_daam_itd.py: logistic,
+    loc 1, scale 2, clip 3, one noise per a_k; ``n_samples`` is its --infer_step).  No inversion.
+    Samples come from :func:`~t2i_common.infotheory.draw_samples` (stream = image id), so they are
+    the same (a, eps) an MI estimate with the same integration and seed uses.
+    Returns {"tokens": [B, L, h, w], "logsnr": [B, K]}.
+    """
+    z0 = _as_latents(model, images, latents).float()
+    B = z0.shape[0]
+    if captions is None or len(captions) != B:
+        raise ValueError(f"attention_information: need one caption per image ({B} images)")
+    streams = list(range(B)) if streams is None else [int(s) for s in streams]
+    K = int(n_samples)
+    draws = [draw_samples(integration, K, z0.shape[1:], seed, s) for s in streams]
+    a = torch.stack([d[0] for d in draws])
+    eps = torch.stack([d[2] for d in draws])
+    t = model.logsnr_to_t(a)
+    emb = model.encode_prompts(list(captions))
+    store = _new_store(model, B, skip_factors, upsample)
+    pairs = [(b, k) for b in range(B) for k in range(K)]
+    bs = batch_size or auto_batch_size(model)
+    with capture_cross_attention(model, store):
+        for g0 in tqdm(range(0, len(pairs), bs), disable=not progress, desc="attention+info"):
+            bi = torch.tensor([b for b, _ in pairs[g0:g0 + bs]])
+            ki = torch.tensor([k for _, k in pairs[g0:g0 + bs]])
+            ab = torch.sigmoid(a[bi, ki]).view(-1, 1, 1, 1).float()
+            zt = ab.sqrt() * z0[bi] + (1 - ab).sqrt() * eps[bi, ki]
+            store.set_rows(bi)
+            model.eps(zt.to(model.device, model.dtype), t[bi, ki].to(model.device), emb[bi])
+    return {"tokens": store.maps().float(), "logsnr": a}
