@@ -439,3 +439,315 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, KeyError) as err:
         sys.exit(f"error: {err}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets written as implosion pickles (toy world included), AD tables, AD vs poisoning
+# ------------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    import re
+    from .cache import fingerprint
+    tail = re.sub(r"[^A-Za-z0-9]+", "-", str(text).rstrip("/").split("/")[-1]).strip("-")[:24]
+    return f"{tail}-{fingerprint(str(text))[:8]}"
+
+
+def write_pairs_dataset(pairs, root, name: str, class_subfolders=None) -> str:
+    """Write ``(image, text)`` pairs as implosion pickles (``formats.write_implosion_pickles``) in
+    ``root/name/<content fingerprint>/pairs/`` (``pairs/<class>/`` with ``class_subfolders``, as
+    class datasets are stored) and return their glob.  The folder is named by a hash of the
+    images, texts and classes, so a re-run with the same data reuses the files (and the embedding
+    caches next to them) and different data never meets a stale cache."""
+    import hashlib
+
+    from . import formats
+    h = hashlib.sha1()
+    for img, text in pairs:
+        a = np.ascontiguousarray(np.asarray(img))
+        h.update(str(a.shape).encode() + a.tobytes() + b"\0" + str(text).encode() + b"\0")
+    if class_subfolders is not None:
+        h.update("\0".join(map(str, class_subfolders)).encode())
+    folder = Path(root) / name / h.hexdigest()[:16]
+    done = folder / "complete"
+    if not done.exists():
+        formats.write_implosion_pickles(list(pairs), folder / "pairs", class_subfolders)
+        done.write_text(f"{len(pairs)}\n")
+    return str(folder / "pairs" / ("*/*.pickle" if class_subfolders is not None else "*.pickle"))
+
+
+def default_cache_path(data_glob, clip_name: str, cache_dir=None) -> Path:
+    """Embedding cache for a glob and a CLIP model: next to a dataset written by
+    :func:`write_pairs_dataset` (``.../<hash>/emb_<clip>.pickle``), else under ``cache_dir``
+    (default ``CACHE/alignment``)."""
+    from . import paths
+    g = Path(str(data_glob))
+    for folder in list(g.parents)[1:3]:
+        if (folder / "complete").exists() and (folder / "pairs").is_dir():
+            return folder / f"emb_{_slug(clip_name)}.pickle"
+    return Path(cache_dir or Path(paths.CACHE) / "alignment") / f"{_slug(str(g))}_{_slug(clip_name)}.pickle"
+
+
+def glob_ad(data_glob, clip=None, alpha: float = 0.8, cache_path=None, batch_size: int = 512,
+            resize: int | None = ORIGINAL_RESIZE, device="cpu", progress: bool = False,
+            **ad_kwargs) -> dict:
+    """AD of the pairs of one glob (embeddings cached, see :func:`default_cache_path`), plus the
+    mean raw CLIP similarity of the pairs (``mean_clip_sim``)."""
+    embedder = load_clip_spec(clip, device)
+    cache_path = cache_path or default_cache_path(data_glob, getattr(embedder, "name", "clip"))
+    emb = embed_pairs(data_glob, embedder, cache_path, batch_size=batch_size, resize=resize,
+                      device=device, progress=progress)
+    res = alignment_difficulty(emb.img_emb, emb.txt_emb, alpha, **ad_kwargs)
+    res["mean_clip_sim"] = float((emb.img_emb * emb.txt_emb).sum(1).mean())
+    return res
+
+
+def ad_table(datasets: dict, clips, alpha: float = 0.8, batch_size: int = 512,
+             resize: int | None = ORIGINAL_RESIZE, device="cpu", progress: bool = True):
+    """AD of several datasets (name -> glob of implosion pickles) under several CLIP models
+    (specs for :func:`load_clip_spec`); each model is loaded once.  Returns a DataFrame indexed by
+    (dataset, clip) with n, mean_clip_sim, feature_ad, structure_ad, ad."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if not datasets:
+        raise ValueError("ad_table: no datasets given; pass a dict name -> glob of pair pickles")
+    clips = [clips] if isinstance(clips, (str, Path)) or clips is None else list(clips)
+    rows = []
+    for spec in clips:
+        embedder = load_clip_spec(spec, device)
+        for name, g in tqdm(list(datasets.items()), desc=f"AD ({spec})", disable=not progress):
+            r = glob_ad(g, embedder, alpha, batch_size=batch_size, resize=resize, device=device)
+            rows.append(dict(dataset=name, clip=str(spec if spec is not None else "toy-clip"),
+                             n=r["n"], mean_clip_sim=r["mean_clip_sim"],
+                             feature_ad=r["feature_ad"], structure_ad=r["structure_ad"], ad=r["ad"]))
+    return pd.DataFrame(rows).set_index(["dataset", "clip"])
+
+
+def toy_pairs(samples, seed: int = 0) -> list:
+    """One ``(image, caption)`` pair per toy sample; the caption (toy samples have one per
+    template) is drawn with ``seed`` by position only, so a poisoned copy of the same samples
+    gets the same template and differs only in the poisoned words."""
+    rng = np.random.default_rng(seed)
+    picks = [int(rng.integers(len(s.captions))) for s in samples]
+    return [(s.image, s.captions[k]) for s, k in zip(samples, picks)]
+
+
+def toy_ad_datasets(root, n: int = 1000, seed: int = 0) -> dict:
+    """Toy-world datasets for the caption-vs-class-label comparison, written as implosion pickles
+    (the readers of real data read them back).  Returns name -> glob:
+
+    * ``captions (scenes)``: 1-3 object scenes, one caption each (LAION-like captions);
+    * ``captions (single object)``: single-object images, captions like "a small red circle";
+    * ``shape label``: the same single-object images, text = the shape name ("circle"), as a
+      class dataset with label text (CIFAR10/ImageNet labels in the original);
+    * ``shape prompt``: text = "a photo of a {label}" (the generated-prompt variant);
+    * ``colour+shape label``: text = "red circle" (a finer label set).
+    """
+    from . import formats, toyworld
+    if n < 2:
+        raise ValueError(f"n must be >= 2 pairs per dataset, got {n}")
+    scenes = toyworld.make_samples(n, seed)
+    singles = toyworld.make_samples(n, seed + 1, kinds=("single",))
+    imgs = [s.image for s in singles]
+    shapes = [s.scene.objects[0].shape for s in singles]
+    fine = [f"{s.scene.objects[0].colour} {s.scene.objects[0].shape}" for s in singles]
+    sets = {
+        "captions (scenes)": toy_pairs(scenes, seed),
+        "captions (single object)": toy_pairs(singles, seed),
+        "shape label": formats.class_pairs(imgs, shapes),
+        "shape prompt": formats.class_pairs(imgs, shapes, prompt_template="a photo of a {label}"),
+        "colour+shape label": formats.class_pairs(imgs, fine),
+    }
+    classes = {"shape label": shapes, "shape prompt": shapes,
+               "colour+shape label": [f.replace(" ", "_") for f in fine]}
+    return {name: write_pairs_dataset(p, root, _slug(name), classes.get(name))
+            for name, p in sets.items()}
+
+
+def poisoned_ad(samples, rate: float, clip=None, root=None, *, seed: int = 0, concepts=None,
+                attribute: str = "shape", caption_seed: int = 0, alpha: float = 0.8,
+                batch_size: int = 512, resize: int | None = ORIGINAL_RESIZE, device="cpu") -> dict:
+    """AD of toy ``samples`` after ``toyworld.poison(samples, rate, seed, concepts, attribute)``
+    (Nightshade-style mismatched captions), through the pickle + embedding pipeline.  Returns the
+    AD dict plus rate, n_concepts, n_poisoned and poisoned_fraction (of all pairs)."""
+    from . import paths, toyworld
+    poisoned, is_p = toyworld.poison(samples, rate, seed, concepts=concepts, attribute=attribute)
+    values = toyworld.SHAPES if attribute == "shape" else tuple(toyworld.COLOURS)
+    n_concepts = len(values) if concepts is None else len(set(concepts))
+    g = write_pairs_dataset(toy_pairs(poisoned, caption_seed), root or paths.GENERATED / "poisoned",
+                            f"{attribute}-rate{rate:g}-k{n_concepts}")
+    res = glob_ad(g, clip, alpha, batch_size=batch_size, resize=resize, device=device)
+    res.update(rate=float(rate), n_concepts=n_concepts, n_poisoned=int(is_p.sum()),
+               poisoned_fraction=float(is_p.mean()))
+    return res
+
+
+def _poison_rows(settings, samples, clip, root, progress, **kw):
+    import pandas as pd
+    from tqdm.auto import tqdm
+    embedder = load_clip_spec(clip, kw.get("device", "cpu"))
+    rows = []
+    for rate, concepts in tqdm(settings, desc="AD vs poisoning", disable=not progress):
+        r = poisoned_ad(samples, rate, embedder, root, concepts=concepts, **kw)
+        rows.append({k: r[k] for k in ("rate", "n_concepts", "n_poisoned", "poisoned_fraction",
+                                       "mean_clip_sim", "feature_ad", "structure_ad", "ad")})
+    return pd.DataFrame(rows)
+
+
+def ad_vs_poison_rate(samples, rates, clip=None, root=None, *, concepts=None, progress=True, **kw):
+    """AD of the toy dataset poisoned at each rate in ``rates`` (fraction of the eligible pairs,
+    see ``toyworld.poison``); DataFrame indexed by rate.  ``kw`` go to :func:`poisoned_ad`."""
+    rates = [float(r) for r in rates]
+    return _poison_rows([(r, concepts) for r in rates], samples, clip, root, progress,
+                        **kw).set_index("rate")
+
+
+def ad_vs_poisoned_concepts(samples, n_concepts, rate: float, clip=None, root=None, *,
+                            attribute: str = "shape", progress=True, **kw):
+    """AD when the first k concepts (``toyworld.SHAPES`` / ``COLOURS`` order) are poisoned at
+    ``rate``, for each k in ``n_concepts`` (k = 0: the clean dataset); DataFrame indexed by k."""
+    from . import toyworld
+    values = list(toyworld.SHAPES if attribute == "shape" else toyworld.COLOURS)
+    bad = [k for k in n_concepts if not 0 <= int(k) <= len(values)]
+    if bad:
+        raise ValueError(f"n_concepts {bad} outside 0..{len(values)} ({attribute}s: {values})")
+    settings = [(float(rate) if k else 0.0, values[:max(int(k), 1)]) for k in n_concepts]
+    df = _poison_rows(settings, samples, clip, root, progress, attribute=attribute, **kw)
+    df["n_concepts"] = [int(k) for k in n_concepts]
+    return df.set_index("n_concepts")
+
+
+# ------------------------------------------------------------------------------------------------
+# Implosion measured (beyond the original): train on poisoned data, score generations
+# ------------------------------------------------------------------------------------------------
+def single_object_prompts(template: str = "a {colour} {shape}") -> list:
+    """The clean single-object prompts of the toy world: every colour x shape (20 prompts)."""
+    from . import toyworld
+    return [template.format(colour=c, shape=s) for s in toyworld.SHAPES for c in toyworld.COLOURS]
+
+
+def prompt_fidelity(images, prompts) -> dict:
+    """Fraction of generated images that match their prompt by ``toyworld.check_prompt``:
+    ``fidelity`` (colour and shape bound to the same object), ``shape_ok``, ``colour_ok``."""
+    from . import toyworld
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    checks = [toyworld.check_prompt(im, p) for im, p in zip(images, prompts)]
+    return dict(fidelity=float(np.mean([c["both"] for c in checks])),
+                shape_ok=float(np.mean([c["shape_ok"] for c in checks])),
+                colour_ok=float(np.mean([c["colour_ok"] for c in checks])))
+
+
+def _train_config(model):
+    """The architecture config of a toy-format checkpoint (``toy_config.json``); for other
+    SD folders a config carrying only the tokenizer length (fine-tuning needs nothing else)."""
+    from dataclasses import fields
+
+    from . import sdformat
+    f = Path(str(model.name)) / "toy_config.json"
+    if f.exists():
+        raw = json.loads(f.read_text())
+        names = {x.name for x in fields(sdformat.TinySDConfig)}
+        return sdformat.TinySDConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in raw.items() if k in names})
+    return sdformat.TinySDConfig(max_length=int(model.tokenizer.model_max_length))
+
+
+def _weights_fingerprint(module) -> str:
+    import hashlib
+    h = hashlib.sha1()
+    for k, t in sorted(module.state_dict().items()):
+        h.update(k.encode() + t.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: int = 2000,
+                         kinds=("single",), attribute: str = "shape", concepts=None,
+                         init: str = "finetune", steps: int = 150, batch_size: int = 64,
+                         lr: float = 2e-4, n_seeds: int = 2, gen_steps: int = 25,
+                         guidance: float = 3.0, seed: int = 0, clip=None, alpha: float = 0.8,
+                         resize: int | None = ORIGINAL_RESIZE, root=None, device="cpu",
+                         progress: bool = True):
+    """Train a UNet on toy data poisoned at each rate, generate the clean prompts, score them.
+
+    For each rate: ``toyworld.poison`` the ``n_train`` toy samples (``kinds``, ``attribute``,
+    ``concepts``), take one caption per image (:func:`toy_pairs`), compute the AD of exactly these
+    pairs through the pickle pipeline (:func:`poisoned_ad`, CLIP ``clip``, default: the model
+    folder's CLIP), train the UNet with ``training.train_unet`` on them (the checkpoint's frozen VAE
+    and text encoder; ``init="finetune"`` starts from its UNet, ``"scratch"`` from random weights;
+    no EMA), generate every clean single-object prompt (:func:`single_object_prompts`) ``n_seeds``
+    times (DDIM ``gen_steps``, guidance ``guidance``) and score them with
+    ``toyworld.check_prompt`` (:func:`prompt_fidelity`).  The shipped model's own fidelity is
+    measured too (``base``).  Each rate's result is cached (``cache.ResultCache``, keyed by the
+    weights and every parameter), training is resumable.
+
+    Returns ``(table, extra)``: a DataFrame indexed by rate (AD terms, poisoned fraction,
+    fidelity, shape_ok, colour_ok, fidelity on prompts of poisoned / clean concepts, final loss)
+    and a dict with ``prompts``, ``images`` (rate -> uint8 [P, R, R, 3]), ``base`` (fidelity of
+    the shipped model) and ``base_images``.
+    """
+    import copy
+
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from . import cache as rcache
+    from . import models, paths, toyworld, training
+
+    if init not in ("finetune", "scratch"):
+        raise ValueError(f"init must be 'finetune' or 'scratch', got {init!r}")
+    rates = [float(r) for r in rates]
+    m = models.load_t2i(model, device=device)
+    cfg = _train_config(m)
+    if clip is None:
+        clip = Path(str(m.name)) / "clip" if (Path(str(m.name)) / "clip").exists() else None
+    embedder = load_clip_spec(clip, device)
+    values = list(toyworld.SHAPES if attribute == "shape" else toyworld.COLOURS)
+    poisoned_set = set(values if concepts is None else concepts)
+    prompts = single_object_prompts() * int(n_seeds)
+    is_poison_prompt = np.array([any(w in poisoned_set for w in p.split()) for p in prompts])
+    samples = toyworld.make_samples(n_train, seed, kinds=kinds)
+    key = dict(model=str(m.name), unet=_weights_fingerprint(m.unet), n_train=n_train,
+               kinds=list(kinds), attribute=attribute, concepts=sorted(poisoned_set), init=init,
+               steps=steps, batch_size=batch_size, lr=lr, n_seeds=n_seeds, gen_steps=gen_steps,
+               guidance=guidance, seed=seed)
+    store = rcache.ResultCache("implosion", key)
+
+    def generate_and_score(unet, tag):
+        gm = models.T2IModel(m.tokenizer, m.text_encoder, m.vae, unet, m.scheduler,
+                             name=f"{m.name}:{tag}", device=device)
+        imgs = gm.generate(prompts, num_steps=gen_steps, guidance_scale=guidance, seed=seed)
+        score = prompt_fidelity(imgs, prompts)
+        for name, sel in (("poisoned_concepts", is_poison_prompt), ("clean_concepts", ~is_poison_prompt)):
+            score[f"fidelity_{name}"] = (prompt_fidelity(imgs[sel], [p for p, s in zip(prompts, sel) if s])
+                                         ["fidelity"] if sel.any() else float("nan"))
+        return imgs, score
+
+    if not store.has("base"):
+        imgs, score = generate_and_score(m.unet, "base")
+        store.save("base", dict(images=torch.from_numpy(imgs), score=score))
+    base = store.load("base")
+    rows, images = [], {}
+    for rate in tqdm(rates, desc="implosion (rates)", disable=not progress):
+        rid = f"rate{rate:g}"
+        poisoned, _ = toyworld.poison(samples, rate, seed, concepts=concepts, attribute=attribute)
+        ad = poisoned_ad(samples, rate, embedder, root or paths.GENERATED / "implosion",
+                         seed=seed, concepts=concepts, attribute=attribute, caption_seed=seed,
+                         alpha=alpha, resize=resize, device=device)
+        if not store.has(rid):
+            unet0 = copy.deepcopy(m.unet).requires_grad_(True) if init == "finetune" else None
+            unet, info = training.train_unet(
+                toy_pairs(poisoned, seed), m.text_encoder, m.vae, m.tokenizer, cfg, steps,
+                batch_size=batch_size, lr=lr, seed=seed, out_dir=store.dir / rid, init=unet0,
+                ema_decay=None, warmup=max(1, min(100, steps // 10)), scheduler=m.scheduler,
+                progress=progress)
+            imgs, score = generate_and_score(unet, rid)
+            store.save(rid, dict(images=torch.from_numpy(imgs), score=score,
+                                 final_loss=info["final_loss"]))
+        res = store.load(rid)
+        images[rate] = res["images"].numpy()
+        rows.append(dict(rate=rate, poisoned_fraction=ad["poisoned_fraction"],
+                         feature_ad=ad["feature_ad"], structure_ad=ad["structure_ad"], ad=ad["ad"],
+                         **res["score"], final_loss=res["final_loss"]))
+    table = pd.DataFrame(rows).set_index("rate")
+    return table, dict(prompts=prompts, images=images, base=base["score"],
+                       base_images=base["images"].numpy())

@@ -1,6 +1,7 @@
 """Alignment Difficulty: exact values against an O(n^2) reference, closed forms, the sampled
 estimator's interval, the pickle -> embedding-cache pipeline (round trip, resume) and bad inputs."""
 import json
+from pathlib import Path
 import pickle
 
 import numpy as np
@@ -274,3 +275,109 @@ def test_cli(tmp_path, tiny_sd_dir, capsys):
                     str(tmp_path / "emb.pickle"), "-alpha", "0.5", "--clip", str(tiny_sd_dir / "clip"),
                     "--resize", "32"])
     assert res2["ad"] == res["ad"]
+
+
+# ------------------------------------------------------------------------------------------------
+# toy datasets, AD vs poisoning (against an oracle CLIP with known embeddings), fidelity
+# ------------------------------------------------------------------------------------------------
+class OracleCLIP:
+    """A 'perfect' CLIP on single-object toy images: image -> one-hot of the detected shape,
+    text -> one-hot of the shape word.  Matching pairs have similarity 1, mismatched 0."""
+    name = "oracle-shape-clip"
+
+    def __init__(self):
+        from t2i_common import toyworld
+        self.tw = toyworld
+
+    def _onehot(self, shapes):
+        return torch.eye(len(self.tw.SHAPES))[[self.tw.SHAPES.index(s) for s in shapes]]
+
+    def encode_images(self, images, **kw):
+        return self._onehot([self.tw.classify_object(np.asarray(im))[1] for im in images])
+
+    def encode_texts(self, texts, **kw):
+        return self._onehot([next(w for w in t.split() if w in self.tw.SHAPES) for t in texts])
+
+
+def test_poisoned_ad_matches_ground_truth_with_oracle_clip(tmp_path):
+    from t2i_common import toyworld
+    samples = toyworld.make_samples(40, 3, kinds=("single",))
+    oracle = OracleCLIP()
+    table = al.ad_vs_poison_rate(samples, [0.0, 0.25, 0.5, 1.0], oracle, tmp_path, resize=None,
+                                 seed=1, progress=False)
+    # feature term: clean pairs have s = 1 (s~ = 1), poisoned pairs s = 0 (s~ = 0)
+    assert table["feature_ad"].tolist() == pytest.approx(table["poisoned_fraction"].tolist(), abs=1e-7)
+    assert table["poisoned_fraction"].tolist() == pytest.approx([0.0, 0.25, 0.5, 1.0])
+    assert table.loc[0.0, "ad"] == pytest.approx(0.0, abs=1e-7)  # clean oracle data: AD 0
+    # structure term against a loop over the ground-truth shapes of image and (poisoned) caption
+    poisoned, is_p = toyworld.poison(samples, 0.5, 1)
+    img_shape = [s.scene.objects[0].shape for s in samples]
+    txt_shape = [next(w for w in c.split() if w in toyworld.SHAPES) for _, c in al.toy_pairs(poisoned, 1)]
+    assert [a != b for a, b in zip(img_shape, txt_shape)] == list(is_p)
+    n = len(samples)
+    ref = sum(abs(float(img_shape[i] == img_shape[j]) - float(txt_shape[i] == txt_shape[j]))
+              for i in range(n) for j in range(i + 1, n)) * 2 / n ** 2
+    assert table.loc[0.5, "structure_ad"] == pytest.approx(ref, abs=1e-7)
+    assert table["ad"].is_monotonic_increasing
+    # more poisoned concepts at a fixed rate -> more poisoned pairs -> higher AD
+    by_k = al.ad_vs_poisoned_concepts(samples, [0, 1, 2, 4], 1.0, oracle, tmp_path, resize=None,
+                                      seed=1, progress=False)
+    assert by_k["n_poisoned"].tolist() == sorted(by_k["n_poisoned"]) and by_k.loc[0, "n_poisoned"] == 0
+    assert by_k.loc[4, "feature_ad"] == pytest.approx(1.0)
+    assert by_k["ad"].is_monotonic_increasing
+    with pytest.raises(ValueError, match="n_concepts"):
+        al.ad_vs_poisoned_concepts(samples, [5], 0.5, oracle, tmp_path, progress=False)
+
+
+def test_pairs_dataset_reused_and_toy_datasets(tmp_path, tiny_clip):
+    from t2i_common import toyworld
+    samples = toyworld.make_samples(6, 0)
+    pairs = al.toy_pairs(samples, seed=2)
+    assert all(c in s.captions for (_, c), s in zip(pairs, samples))
+    # the poisoned copy keeps the caption template: only the poisoned words differ
+    poisoned, is_p = toyworld.poison(samples, 1.0, 0)
+    for (_, a), (_, b) in zip(pairs, al.toy_pairs(poisoned, seed=2)):
+        assert len(a.split()) == len(b.split()) and a != b
+    g1 = al.write_pairs_dataset(pairs, tmp_path, "x")
+    assert al.write_pairs_dataset(pairs, tmp_path, "x") == g1  # same content: same files
+    g2 = al.write_pairs_dataset(pairs[:5], tmp_path, "x")
+    from t2i_common.formats import implosion_pickle_paths
+    assert g2 != g1 and len(implosion_pickle_paths(g2)) == 5
+    assert al.default_cache_path(g1, "some/clip").parent == Path(g1).parent.parent
+    sets = al.toy_ad_datasets(tmp_path / "toy", n=8, seed=0)
+    from t2i_common.formats import read_implosion_pickles
+    lab = read_implosion_pickles(sets["shape label"])
+    assert len(lab) == 8 and all(t in toyworld.SHAPES and p.parent.name == t for p, _, t in lab)
+    assert all(t.startswith("a photo of a ") for _, _, t in read_implosion_pickles(sets["shape prompt"]))
+    tab = al.ad_table(sets, [tiny_clip], progress=False, resize=32)
+    assert len(tab) == 5 and (tab["n"] == 8).all()
+    assert ((tab["ad"] - (0.8 * tab["feature_ad"] + 0.2 * tab["structure_ad"])).abs() < 1e-9).all()
+
+
+def test_prompt_fidelity_on_ground_truth_images():
+    from t2i_common import toyworld
+    samples = toyworld.make_samples(12, 5, kinds=("single",))
+    right = [f"a {s.scene.objects[0].colour} {s.scene.objects[0].shape}" for s in samples]
+    assert al.prompt_fidelity([s.image for s in samples], right) == \
+        {"fidelity": 1.0, "shape_ok": 1.0, "colour_ok": 1.0}
+    nxt = {a: toyworld.SHAPES[(k + 1) % 4] for k, a in enumerate(toyworld.SHAPES)}
+    wrong = [f"a {s.scene.objects[0].colour} {nxt[s.scene.objects[0].shape]}" for s in samples]
+    f = al.prompt_fidelity([s.image for s in samples], wrong)
+    assert f["fidelity"] == 0.0 and f["shape_ok"] == 0.0 and f["colour_ok"] == 1.0
+    assert len(al.single_object_prompts()) == 20
+
+
+def test_implosion_experiment_runs_and_caches(tiny_sd_dir, tmp_path, monkeypatch):
+    from t2i_common import paths
+    monkeypatch.setattr(paths, "CACHE", tmp_path / "cache")
+    kw = dict(rates=[0.0, 1.0], n_train=24, steps=2, batch_size=4, n_seeds=1, gen_steps=2,
+              resize=None, root=tmp_path / "gen", progress=False)
+    tab, extra = al.implosion_experiment(tiny_sd_dir, **kw)
+    assert tab.index.tolist() == [0.0, 1.0] and tab["poisoned_fraction"].tolist() == [0.0, 1.0]
+    assert extra["images"][1.0].shape == (20, 16, 16, 3) and len(extra["prompts"]) == 20
+    assert ((tab["ad"] - (0.8 * tab["feature_ad"] + 0.2 * tab["structure_ad"])).abs() < 1e-9).all()
+    # a second call loads every rate from the cache: no training
+    from t2i_common import training
+    monkeypatch.setattr(training, "train_unet", lambda *a, **k: pytest.fail("retrained"))
+    tab2, _ = al.implosion_experiment(tiny_sd_dir, **kw)
+    assert tab2.equals(tab)
