@@ -134,7 +134,7 @@ def _as_latents(model, images=None, latents=None):
 def information(model, latents, conditions, pairs, *, n_samples: int = 100,
                 integration: Integration = Integration(), pixel: bool = False, image_size=None,
                 seed: int = 0, streams=None, noises_per_point: int = 1, batch_size=None,
-                images_per_call=None, progress: bool = False) -> dict:
+                images_per_call=None, keep_samples: bool = False, progress: bool = False) -> dict:
     """Information that condition p carries about the image beyond condition q, for pairs (p, q).
 
     Args:
@@ -155,7 +155,10 @@ def information(model, latents, conditions, pairs, *, n_samples: int = 100,
         "logsnr", "weights" [B, N];
         with pixel=True: "orthogonal_map", "standard_map" [B, n_pairs, h, w] (latent grid; they sum
         to the image-level values) and "orthogonal_map_up", "standard_map_up" [B, n_pairs, H, W]
-        (bilinear to ``image_size``, default model.resolution, as densities: same sums).
+        (bilinear to ``image_size``, default model.resolution, as densities: same sums);
+        with keep_samples=True also the weighted per-sample terms "orthogonal_samples",
+        "standard_samples" [B, n_pairs, N] (+ "orthogonal_map_samples" [B, n_pairs, N, h, w]),
+        whose means over the first n samples are the estimates with n samples (nested estimates).
     """
     latents = torch.as_tensor(latents).float().cpu()
     B = latents.shape[0]
@@ -193,7 +196,8 @@ def information(model, latents, conditions, pairs, *, n_samples: int = 100,
         images_per_call = max(1, int(2e8 // max(per_image, 1)))
     outputs = ("sq", "map") if pixel else ("sq",)
     res = {k: [] for k in ("orthogonal", "standard", "orthogonal_sem", "standard_sem",
-                           "orthogonal_map", "standard_map")}
+                           "orthogonal_map", "standard_map", "orthogonal_samples",
+                           "standard_samples", "orthogonal_map_samples")}
     for b0 in tqdm(range(0, B, images_per_call), disable=not progress or B <= images_per_call,
                    desc="information"):
         sl = slice(b0, b0 + images_per_call)
@@ -206,11 +210,16 @@ def information(model, latents, conditions, pairs, *, n_samples: int = 100,
         std = 0.5 * ww * (sq[:, qi] - sq[:, pi])
         for k, v in (("orthogonal", orth), ("standard", std)):
             res[k].append(v.mean(-1))
+            if keep_samples:
+                res[k + "_samples"].append(v)
             res[k + "_sem"].append(v.std(-1) / math.sqrt(N) if N > 1
                                    else torch.full(v.shape[:2], float("nan"), dtype=torch.float64))
         if pixel:
             wm = ww[..., None, None]
-            res["orthogonal_map"].append((0.5 * wm * out["diff_map"].double()).mean(2))
+            om = 0.5 * wm * out["diff_map"].double()
+            res["orthogonal_map"].append(om.mean(2))
+            if keep_samples:
+                res["orthogonal_map_samples"].append(om.float())
             mp = out["map"].double()
             res["standard_map"].append((0.5 * wm * (mp[:, qi] - mp[:, pi])).mean(2))
     result = {k: torch.cat(v) for k, v in res.items() if v}
@@ -266,15 +275,29 @@ def conditional_mi(model, images=None, captions=None, contexts=None, *, latents=
 # ------------------------------------------------------------------------------------------------
 # Relation testing (ARO) by i(x; caption)
 # ------------------------------------------------------------------------------------------------
+def _item_parts(it, i):
+    """(image, caption options) of a MatchItem or an ARO dict item."""
+    if isinstance(it, dict):
+        if "image_options" not in it or "caption_options" not in it:
+            raise KeyError(f"item {i} lacks 'image_options' or 'caption_options'")
+        return it["image_options"][0], list(it["caption_options"])
+    if len(it.image_refs) != 1:
+        raise ValueError(f"item {i} has {len(it.image_refs)} images; MI retrieval scores the captions "
+                         f"of one image (text retrieval)")
+    return it.images[0], list(it.captions)
+
+
 def aro_scores(model, items, *, n_samples: int = 100, integration: Integration = Integration(),
                estimator: str = "orthogonal", seed: int = 0, images_per_call: int = 8,
                cache=None, batch_size=None, progress: bool = True) -> np.ndarray:
-    """i(x; caption option) for ARO-style items ``{"image_options": [img], "caption_options":
-    [...]}`` -> [N, n_options] (the prediction is the argmax).  Item i uses noise stream i.
-    ``cache`` (a :class:`~t2i_common.cache.ResultCache`) makes a killed run resume.
+    """i(x; caption option) of each item -> [N, n_options] (the prediction is the argmax).
 
-    The original scores with ``image_level_nll_fast`` (orthogonal estimator, 100 samples) and stops
-    after 4 batches (``if i == 3: break``); we score every item.
+    Items: :class:`~t2i_common.formats.MatchItem` s with one image (``read_aro_vg``,
+    ``read_aro_order``) or ARO dicts ``{"image_options": [img], "caption_options": [...]}``.
+    Item i uses noise stream i; ``cache`` (a :class:`~t2i_common.cache.ResultCache`) makes a
+    killed run resume.  The original scores with ``image_level_nll_fast`` (orthogonal estimator,
+    100 samples, logistic loc 1 / scale 2 / clip 4) and stops after 4 batches
+    (``if i == 3: break``); we score every item.
     """
     from .cache import map_cached
 
@@ -283,24 +306,90 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
     items = list(items)
     if not items:
         raise ValueError("aro_scores: no items given")
-    n_opt = len(items[0]["caption_options"])
-    for i, it in enumerate(items):
-        if "image_options" not in it or "caption_options" not in it:
-            raise KeyError(f"aro_scores: item {i} lacks 'image_options' or 'caption_options'")
-        if len(it["caption_options"]) != n_opt:
-            raise ValueError(f"aro_scores: item {i} has {len(it['caption_options'])} caption options, "
-                             f"item 0 has {n_opt}; score tasks with different option counts separately")
+    n_opt = len(_item_parts(items[0], 0)[1])
 
     def score(ids):
-        z = _as_latents(model, [items[i]["image_options"][0] for i in ids])
-        out = pointwise_mi(model, latents=z, captions=[list(items[i]["caption_options"]) for i in ids],
-                           n_samples=n_samples, integration=integration, seed=seed, streams=ids,
-                           batch_size=batch_size)
+        parts = [_item_parts(items[i], i) for i in ids]
+        for i, (_, caps) in zip(ids, parts):
+            if len(caps) != n_opt:
+                raise ValueError(f"aro_scores: item {i} has {len(caps)} caption options, item 0 has "
+                                 f"{n_opt}; score tasks with different option counts separately")
+        z = _as_latents(model, [p[0] for p in parts])
+        out = pointwise_mi(model, latents=z, captions=[p[1] for p in parts], n_samples=n_samples,
+                           integration=integration, seed=seed, streams=ids, batch_size=batch_size)
         return [out[estimator][j].numpy() for j in range(len(ids))]
 
     res = map_cached(score, list(range(len(items))), cache, desc="ARO (MI)", progress=progress,
                      chunk=images_per_call)
     return np.stack([res[i] for i in range(len(items))])
+
+
+def info_method(model, n_samples: int = 100, integration: Integration = Integration(),
+                estimator: str = "orthogonal", seed: int = 0, cache=None, batch_size=None,
+                progress: bool = True):
+    """i(x; caption) as a scoring function ``(items, img_retrieval) -> [1, J] score matrices``,
+    the interface of :func:`t2i_common.itm.gdbench_table` and :func:`relation_testing`.
+    ``cache``: None, or a folder under which a ResultCache keyed by the model, the items and every
+    parameter is made per task."""
+    from .cache import ResultCache
+    from .itm import image_key, model_fingerprint
+
+    def score(items, img_retrieval=False):
+        if img_retrieval:
+            raise ValueError("info_method: MI retrieval scores captions of one image (text retrieval)")
+        rc = None
+        if cache is not None:
+            key = dict(method="info-mi-1", model=model_fingerprint(model), n=int(n_samples),
+                       integration=repr(integration), estimator=estimator, seed=int(seed),
+                       items=[[image_key(_item_parts(it, i)[0]), _item_parts(it, i)[1]]
+                              for i, it in enumerate(items)])
+            rc = ResultCache("info_mi", key, root=cache)
+        s = aro_scores(model, items, n_samples=n_samples, integration=integration, estimator=estimator,
+                       seed=seed, cache=rc, batch_size=batch_size, progress=progress)
+        return [row[None, :] for row in s]
+    return score
+
+
+def relation_testing(tasks: dict, methods: dict, progress: bool = True):
+    """Score ARO-style tasks ``{task: [MatchItem]}`` with ``{method: (items, img_retrieval) ->
+    scores}`` and return a long table (method, task, protocol, accuracy, ties, n).
+
+    An item is correct when the gold caption scores strictly above every other option (a tie is
+    a miss; the original's argmax would favour whichever option is listed first).  protocol
+    "macro" = ARO's official numbers (VG-R mean over asymmetric relations, VG-A mean over
+    attribute pairs, here with no minimum count since toy groups are small; COCO/Flickr
+    precision@1); "micro" = the mean over items (DiffusionITM's tables).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .formats import aro_accuracy
+    from .itm import candidate_scores
+
+    rows = []
+    for task, items in tqdm(list(tasks.items()), desc="ARO tasks", disable=not progress):
+        metas = [it.meta for it in items]
+        for name, fn in methods.items():
+            scores = fn(items, False)
+            correct, ties = [], 0
+            for it, sc in zip(items, scores):
+                vec, g = candidate_scores(it, sc)
+                top = np.flatnonzero(vec == vec.max())
+                ties += int(len(top) > 1)
+                correct.append(bool(vec[g] == vec.max() and len(top) == 1))
+            for protocol in ("macro", "micro"):
+                acc = aro_accuracy(metas, correct, protocol=protocol, vga_min_count=1)
+                rows.append(dict(method=name, task=task, protocol=protocol, accuracy=acc,
+                                 ties=ties, n=len(items)))
+    return pd.DataFrame(rows)
+
+
+def relation_table(long_df, protocol: str = "macro"):
+    """The paper's table layout: one row per method, one column per task, accuracy in %."""
+    df = long_df[long_df.protocol == protocol]
+    tab = df.pivot(index="method", columns="task", values="accuracy") * 100
+    order = list(dict.fromkeys(df.task))
+    return tab.loc[list(dict.fromkeys(df.method)), order]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,15 +414,24 @@ def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
 
 
-def iou_curve(heatmaps, masks, thresholds=None) -> torch.Tensor:
-    """IoU [N, T] of (min-max normalised heatmap > tau) with the ground-truth masks [N, H, W]."""
-    hm = min_max_normalise(heatmaps)
+def iou_curve(heatmaps, masks, thresholds=None, chunk: int = 64) -> torch.Tensor:
+    """IoU [N, T] of (min-max normalised heatmap > tau) with the ground-truth masks [N, H, W].
+    Heatmaps on a coarser grid (e.g. the latent grid) are upsampled bilinearly to the mask size
+    first (as the original, before normalising), ``chunk`` images at a time."""
+    hm_all = torch.as_tensor(heatmaps)
     masks = torch.as_tensor(masks).bool()
-    if hm.shape != masks.shape:
-        raise ValueError(f"iou_curve: heatmaps {tuple(hm.shape)} and masks {tuple(masks.shape)} differ; "
-                         f"upsample the maps to the mask size first (upsample_map)")
+    if hm_all.ndim != 3 or masks.ndim != 3 or len(hm_all) != len(masks):
+        raise ValueError(f"iou_curve: heatmaps {tuple(hm_all.shape)} and masks {tuple(masks.shape)} "
+                         f"must be [N, h, w] and [N, H, W] with the same N")
     th = THRESHOLDS if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float64)
-    return torch.stack([iou(hm > float(t), masks) for t in th], dim=-1)
+    out = []
+    for i in range(0, len(masks), chunk):
+        hm, mk = hm_all[i:i + chunk], masks[i:i + chunk]
+        if hm.shape[-2:] != mk.shape[-2:]:
+            hm = upsample_map(hm, mk.shape[-2:])
+        hm = min_max_normalise(hm)
+        out.append(torch.stack([iou(hm > float(t), mk) for t in th], dim=-1))
+    return torch.cat(out)
 
 
 def whole_image_miou(masks) -> float:

@@ -193,3 +193,41 @@ def test_pearson_bootstrap():
     assert per["r"] == pytest.approx(ref)
     again = it.pearson_bootstrap(maps_x, maps_y, per_item=True, n_boot=10)
     assert np.array_equal(per["draws"], again["draws"])
+
+
+def test_keep_samples_gives_nested_estimates(tiny_model, tiny_images):
+    r = it.pointwise_mi(tiny_model, tiny_images[:2], ["a red circle"] * 2, n_samples=6, pixel=True,
+                        keep_samples=True)
+    s = r["orthogonal_samples"]
+    assert s.shape == (2, 1, 6) and torch.allclose(s.mean(-1), r["orthogonal"])
+    assert torch.allclose(r["orthogonal_map_samples"].double().mean(2), r["orthogonal_map"], rtol=1e-5)
+    assert torch.allclose(r["orthogonal_map_samples"].double().sum((-2, -1)), s, rtol=1e-5)
+
+
+def test_iou_curve_upsamples_coarse_maps():
+    coarse = torch.zeros(1, 4, 4)
+    coarse[0, :, 2:] = 1.0                                  # right half
+    gt = torch.zeros(1, 16, 16, dtype=torch.bool)
+    gt[0, :, 8:] = True
+    curve = it.iou_curve(coarse, gt, thresholds=[0.5])
+    assert curve.shape == (1, 1) and curve[0, 0] == 1.0     # bilinear edge crosses 0.5 at the middle
+
+
+def test_relation_testing_with_match_items(tiny_model, tiny_images):
+    from t2i_common.formats import MatchItem
+
+    items = [MatchItem([im], ["a blue square", "a red circle"], 0, 1,
+                       {"aro_task": "vg_relation", "relation_name": "above" if i % 2 else "below"})
+             for i, im in enumerate(tiny_images)]
+    info = it.info_method(tiny_model, n_samples=3, progress=False)
+    first = lambda its, img_ret: [np.array([[1.0, 0.0]]) for _ in its]   # noqa: E731
+    tie = lambda its, img_ret: [np.array([[0.5, 0.5]]) for _ in its]     # noqa: E731
+    df = it.relation_testing({"VG-R": items}, {"Info": info, "first": first, "tie": tie},
+                             progress=False)
+    tab = it.relation_table(df, "micro")
+    assert tab.loc["first", "VG-R"] == 0.0 and tab.loc["tie", "VG-R"] == 0.0
+    assert int(df[(df.method == "tie") & (df.protocol == "micro")].ties.iloc[0]) == 4
+    s = it.aro_scores(tiny_model, items, n_samples=3, progress=False)
+    expect = 100 * np.mean(s[:, 1] > s[:, 0])
+    assert tab.loc["Info", "VG-R"] == pytest.approx(expect)
+    assert list(tab.index) == ["Info", "first", "tie"]
