@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -304,14 +305,16 @@ def daam_maps(model, images=None, captions=None, *, latents=None, num_steps: int
 def attention_information(model, images=None, captions=None, *, latents=None,
                           n_samples: int = 50,
                           integration: Integration = Integration(clip=DAAM_CLIP),
-                          seed: int = 0, streams=None, batch_size=None, skip_factors=(8,),
-                          upsample: str = "bicubic", progress: bool = False) -> dict:
+                          seed: int = 0, streams=None, snapshots=(), batch_size=None,
+                          skip_factors=(8,), upsample: str = "bicubic", progress: bool = False) -> dict:
     """"Attention + information": cross-attention of the caption averaged over ``n_samples`` UNet
     passes of the real image noised at logSNR a_k ~ ``integration`` (eval_daam_itd.py: logistic,
     loc 1, scale 2, clip 3, one noise per a_k; ``n_samples`` is its --infer_step).  No inversion.
     Samples come from :func:`~t2i_common.infotheory.draw_samples` (stream = image id), so they are
-    the same (a, eps) an MI estimate with the same integration and seed uses.
-    Returns {"tokens": [B, L, h, w], "logsnr": [B, K]}.
+    the same (a, eps) an MI estimate with the same integration and seed uses.  The passes run
+    sample-major, so ``snapshots`` (counts < n_samples) also give the maps after the first k
+    samples ("tokens@k": nested estimates, no extra UNet calls).
+    Returns {"tokens": [B, L, h, w], "tokens@k": ..., "logsnr": [B, K]}.
     """
     z0 = _as_latents(model, images, latents).float()
     B = z0.shape[0]
@@ -319,20 +322,183 @@ def attention_information(model, images=None, captions=None, *, latents=None,
         raise ValueError(f"attention_information: need one caption per image ({B} images)")
     streams = list(range(B)) if streams is None else [int(s) for s in streams]
     K = int(n_samples)
+    snaps = sorted({int(k) for k in snapshots if 0 < int(k) < K})
     draws = [draw_samples(integration, K, z0.shape[1:], seed, s) for s in streams]
     a = torch.stack([d[0] for d in draws])
     eps = torch.stack([d[2] for d in draws])
     t = model.logsnr_to_t(a)
     emb = model.encode_prompts(list(captions))
     store = _new_store(model, B, skip_factors, upsample)
-    pairs = [(b, k) for b in range(B) for k in range(K)]
     bs = batch_size or auto_batch_size(model)
+    out = {}
+    bounds = [0] + snaps + [K]
     with capture_cross_attention(model, store):
-        for g0 in tqdm(range(0, len(pairs), bs), disable=not progress, desc="attention+info"):
-            bi = torch.tensor([b for b, _ in pairs[g0:g0 + bs]])
-            ki = torch.tensor([k for _, k in pairs[g0:g0 + bs]])
-            ab = torch.sigmoid(a[bi, ki]).view(-1, 1, 1, 1).float()
-            zt = ab.sqrt() * z0[bi] + (1 - ab).sqrt() * eps[bi, ki]
-            store.set_rows(bi)
-            model.eps(zt.to(model.device, model.dtype), t[bi, ki].to(model.device), emb[bi])
-    return {"tokens": store.maps().float(), "logsnr": a}
+        for k0, k1 in zip(bounds[:-1], bounds[1:]):
+            pairs = [(b, k) for k in range(k0, k1) for b in range(B)]
+            for g0 in tqdm(range(0, len(pairs), bs), disable=not progress, desc="attention+info"):
+                bi = torch.tensor([b for b, _ in pairs[g0:g0 + bs]])
+                ki = torch.tensor([k for _, k in pairs[g0:g0 + bs]])
+                ab = torch.sigmoid(a[bi, ki]).view(-1, 1, 1, 1).float()
+                zt = ab.sqrt() * z0[bi] + (1 - ab).sqrt() * eps[bi, ki]
+                store.set_rows(bi)
+                model.eps(zt.to(model.device, model.dtype), t[bi, ki].to(model.device), emb[bi])
+            if k1 < K:
+                out[f"tokens@{k1}"] = store.maps().float()
+    out["tokens"] = store.maps().float()
+    out["logsnr"] = a
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Word localisation experiment (paper Sec. 4.2, Table 2)
+# ------------------------------------------------------------------------------------------------
+LOCALISATION_METHODS = ("Whole image", "Attention", "CMI", "Attention+Information")
+
+
+def _groups(items):
+    """Rows sharing (image, caption) -> one group (encoded once, one UNet batch per sample)."""
+    from .itm import image_key
+
+    groups, index = [], {}
+    for r, it in enumerate(items):
+        key = (image_key(it.image), it.caption)
+        if key not in index:
+            index[key] = len(groups)
+            groups.append({"image": it.image, "caption": it.caption, "rows": []})
+        groups[index[key]]["rows"].append(r)
+    return groups
+
+
+def localisation_maps(model, items, steps=(50, 100, 200), *, seed: int = 0,
+                      cmi_integration: Integration = Integration(),
+                      attn_integration: Integration = Integration(clip=DAAM_CLIP),
+                      daam_guidance: float = 1.0, groups_per_call: int = 16, batch_size=None,
+                      cache=None, progress: bool = True) -> dict:
+    """Heatmaps of each row's word on the latent grid for every method and step count.
+
+    ``items``: COCO-IT rows (:class:`~t2i_common.formats.CocoITItem`: image, caption, context,
+    word).  Rows of the same (image, caption) form a group that shares the VAE encoding, the
+    DAAM trajectory, the attention passes and the (a, eps) samples (stream = group index).
+    - "CMI": orthogonal pixel map of i(x; caption | context) (eval_itd.py ``nll_2D``/``cmi``:
+      logistic loc 1, scale 2, clip 4, n logSNR samples x 1 noise); the estimates for the
+      smaller step counts are the means over the first n of max(steps) samples.
+    - "Attention": DAAM over DDIM inversion + denoising with n steps (eval_daam.py).
+    - "Attention+Information": attention over n logistic logSNR passes (eval_daam_itd.py,
+      clip 3); nested like CMI.
+    Returns {method: {n: float32 [N_rows, h, w]}} (the whole-image baseline needs no map).
+    ``cache``: None or a folder; per-group results are cached (a killed run resumes).
+    """
+    from .cache import ResultCache, map_cached
+    from .infotheory import information
+    from .itm import image_key, model_fingerprint
+
+    items = list(items)
+    if not items:
+        raise ValueError("localisation_maps: no rows given")
+    steps = sorted({int(n) for n in steps})
+    K = steps[-1]
+    groups = _groups(items)
+    for g in groups:
+        for r in g["rows"]:
+            word_token_indices(model.tokenizer, g["caption"], items[r].word)  # fail early
+
+    def run(gids):
+        gs = [groups[g] for g in gids]
+        z = _as_latents(model, [g["image"] for g in gs]).float()
+        caps = [g["caption"] for g in gs]
+        res = [{m: {} for m in LOCALISATION_METHODS[1:]} for _ in gs]
+        # CMI: conditions [caption, "", context_1 .. context_m], grouped by m
+        by_m = {}
+        for j, g in enumerate(gs):
+            by_m.setdefault(len(g["rows"]), []).append(j)
+        for m, js in by_m.items():
+            conds = [[caps[j], ""] + [items[r].context for r in gs[j]["rows"]] for j in js]
+            info = information(model, z[js], conds, [(0, 2 + i) for i in range(m)], n_samples=K,
+                               integration=cmi_integration, pixel=True, keep_samples=True,
+                               seed=seed, streams=[gids[j] for j in js], batch_size=batch_size)
+            smp = info["orthogonal_map_samples"]                       # [b, m, K, h, w]
+            for n in steps:
+                mean = smp[:, :, :n].double().mean(2).float()
+                for jj, j in enumerate(js):
+                    res[j]["CMI"][n] = mean[jj]
+        # Attention (DAAM), one DDIM trajectory per step count
+        for n in steps:
+            tok = daam_maps(model, latents=z, captions=caps, num_steps=n,
+                            guidance_scale=daam_guidance, batch_size=batch_size)["tokens"]
+            for j, g in enumerate(gs):
+                res[j]["Attention"][n] = word_maps(tok[j:j + 1].expand(len(g["rows"]), -1, -1, -1),
+                                                   model.tokenizer, [caps[j]] * len(g["rows"]),
+                                                   [items[r].word for r in g["rows"]]).float()
+        # Attention + information, nested snapshots
+        ai = attention_information(model, latents=z, captions=caps, n_samples=K,
+                                   integration=attn_integration, seed=seed, streams=gids,
+                                   snapshots=steps[:-1], batch_size=batch_size)
+        for n in steps:
+            tok = ai["tokens"] if n == K else ai[f"tokens@{n}"]
+            for j, g in enumerate(gs):
+                res[j]["Attention+Information"][n] = word_maps(
+                    tok[j:j + 1].expand(len(g["rows"]), -1, -1, -1), model.tokenizer,
+                    [caps[j]] * len(g["rows"]), [items[r].word for r in g["rows"]]).float()
+        return res
+
+    rc = None
+    if cache is not None:
+        key = dict(version="loc-1", model=model_fingerprint(model), steps=steps, seed=int(seed),
+                   cmi=repr(cmi_integration), attn=repr(attn_integration),
+                   guidance=float(daam_guidance),
+                   groups=[[image_key(g["image"]), g["caption"],
+                            [[items[r].word, items[r].context] for r in g["rows"]]] for g in groups])
+        rc = ResultCache("localisation", key, root=cache)
+    got = map_cached(run, list(range(len(groups))), rc, desc="localisation (image groups)",
+                     progress=progress, chunk=groups_per_call)
+    h, w = model.latent_shape[1:]
+    out = {m: {n: torch.zeros(len(items), h, w) for n in steps} for m in LOCALISATION_METHODS[1:]}
+    for gi, g in enumerate(groups):
+        for m in out:
+            for n in steps:
+                out[m][n][g["rows"]] = got[gi][m][n]
+    return out
+
+
+def localisation_table(maps: dict, items, thresholds=None, n_folds: int = 2, seed: int = 0,
+                       by_word_type: bool = True):
+    """mIoU (%) of every method and step count against the rows' ground-truth masks, long format:
+    method, steps, word_type ("all" or the csv's type), oracle (max over thresholds: the paper's
+    protocol), heldout (threshold chosen on the other folds), oracle_threshold, n."""
+    import pandas as pd
+
+    from .infotheory import localisation_miou, whole_image_miou
+
+    items = list(items)
+    if any(it.mask is None for it in items):
+        raise ValueError("localisation_table: rows without a ground-truth mask; read the csv with "
+                         "read_coco_it(..., instances=...) so each row gets its Label's mask")
+    masks = torch.as_tensor(np.stack([np.asarray(it.mask, dtype=bool) for it in items]))
+    types = np.array([str(it.word_type or "") for it in items])
+    subsets = [("all", np.ones(len(items), dtype=bool))]
+    if by_word_type:
+        subsets += [(t, types == t) for t in sorted(set(types)) if t]
+    steps = sorted(next(iter(maps.values())))
+    rows = []
+    for wt, sel in subsets:
+        idx = torch.as_tensor(np.flatnonzero(sel))
+        whole = 100 * whole_image_miou(masks[idx])
+        for n in steps:
+            rows.append(dict(method="Whole image", steps=n, word_type=wt, oracle=whole,
+                             heldout=whole, oracle_threshold=float("nan"), n=len(idx)))
+            for m, by_n in maps.items():
+                r = localisation_miou(by_n[n][idx], masks[idx], thresholds, n_folds=n_folds, seed=seed)
+                rows.append(dict(method=m, steps=n, word_type=wt, oracle=100 * r["oracle"],
+                                 heldout=100 * r["heldout"], oracle_threshold=r["oracle_threshold"],
+                                 n=len(idx)))
+    return pd.DataFrame(rows)
+
+
+def localisation_pivot(long_df, value: str = "oracle", word_type: str = "all"):
+    """The paper's Table 2 layout: rows = methods, columns = step counts."""
+    df = long_df[long_df.word_type == word_type]
+    tab = df.pivot(index="method", columns="steps", values=value)
+    order = [m for m in LOCALISATION_METHODS if m in tab.index]
+    tab = tab.loc[order]
+    tab.columns = [f"{c} steps" for c in tab.columns]
+    return tab

@@ -1,4 +1,5 @@
 """Cross-attention capture, word maps, DAAM and attention + information (tiny model)."""
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +127,49 @@ def test_store_errors():
         s.maps()
     with pytest.raises(ValueError, match="query positions"):
         s.add(torch.rand(2, 1, 10, 4), "bad")
+
+
+@pytest.fixture(scope="module")
+def coco_it_rows(tmp_path_factory):
+    from t2i_common import formats, toyexport
+
+    root = tmp_path_factory.mktemp("coco_it")
+    csv, inst, imgs = toyexport.export_coco_it(root, 4, seed=0)
+    return formats.read_coco_it(csv, instances=inst, image_dir=imgs, mask_shape=(16, 16))
+
+
+def test_localisation_maps_nested_and_consistent(tiny_model, coco_it_rows):
+    from t2i_common import infotheory as it
+
+    rows = coco_it_rows[:5]
+    maps = at.localisation_maps(tiny_model, rows, steps=(2, 4), groups_per_call=2, progress=False)
+    assert set(maps) == {"Attention", "CMI", "Attention+Information"}
+    assert maps["CMI"][4].shape == (len(rows), *tiny_model.latent_shape[1:])
+    groups = at._groups(rows)
+    g0 = groups[0]
+    # nested estimate with 2 samples == a direct 2-sample CMI of the same group (stream 0)
+    conds = [[g0["caption"], ""] + [rows[r].context for r in g0["rows"]]]
+    direct = it.information(tiny_model, it._as_latents(tiny_model, [g0["image"]]), conds,
+                            [(0, 2 + i) for i in range(len(g0["rows"]))], n_samples=2,
+                            pixel=True, streams=[0])
+    for i, r in enumerate(g0["rows"]):
+        assert torch.allclose(maps["CMI"][2][r].double(), direct["orthogonal_map"][0, i], rtol=1e-4)
+    ai = at.attention_information(tiny_model, [g0["image"]], [g0["caption"]], n_samples=2,
+                                  streams=[0])
+    wm = at.word_maps(ai["tokens"], tiny_model.tokenizer, [g0["caption"]], [rows[g0["rows"][0]].word])
+    assert torch.allclose(maps["Attention+Information"][2][g0["rows"][0]], wm[0], atol=1e-5)
+
+
+def test_localisation_table_with_oracle_maps(coco_it_rows):
+    from t2i_common import infotheory as it
+
+    rows = coco_it_rows
+    masks = torch.as_tensor(np.stack([r.mask for r in rows]))
+    maps = {"CMI": {10: masks.float()}, "Attention": {10: torch.zeros_like(masks, dtype=torch.float)}}
+    df = at.localisation_table(maps, rows)
+    allr = df[df.word_type == "all"].set_index("method")
+    assert allr.loc["CMI", "oracle"] == 100.0 and allr.loc["Attention", "oracle"] == 0.0
+    assert allr.loc["Whole image", "oracle"] == pytest.approx(100 * it.whole_image_miou(masks))
+    assert set(df.word_type) >= {"all", "noun", "colour"}
+    tab = at.localisation_pivot(df)
+    assert list(tab.index) == ["Whole image", "Attention", "CMI"] and list(tab.columns) == ["10 steps"]
