@@ -324,6 +324,51 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
     return np.stack([res[i] for i in range(len(items))])
 
 
+ARO_TASKS = ("VG-A", "VG-R", "COCO-Order", "Flickr-Order")
+_ARO_FILES = {"VG-A": "visual_genome_attribution.json", "VG-R": "visual_genome_relation.json",
+              "COCO-Order": "coco_karpathy_test.json", "Flickr-Order": "flickr30k_test.json"}
+
+
+def aro_task_paths(aro_root=None, toy_root=None, toy_n: int = 30, seed: int = 0,
+                   tasks=ARO_TASKS) -> dict:
+    """``{task: json path}`` of the ARO tasks, for :func:`t2i_common.itm.read_gdbench`.
+
+    aro_root: the ARO dataset folder (visual_genome_{attribution,relation}.json + images/,
+    coco_karpathy_test.json, flickr30k_test.json as ARO lays them out); a missing file is an
+    error naming it.  Without aro_root, the toy analogues (``toy_n`` items per task) are exported
+    under ``toy_root`` in the same formats (:mod:`t2i_common.toyexport`).
+    """
+    from pathlib import Path
+
+    bad = [t for t in tasks if t not in _ARO_FILES]
+    if bad:
+        raise KeyError(f"aro_task_paths: unknown tasks {bad}; choose from {list(_ARO_FILES)}")
+    if aro_root is not None:
+        root = Path(aro_root)
+        out = {t: root / _ARO_FILES[t] for t in tasks}
+        missing = [str(p) for p in out.values() if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"ARO files missing: {missing}. Download ARO (see the ARO README; "
+                                    f"Flickr30k needs the Flickr form) into {root}, or pass "
+                                    f"aro_root=None for the toy analogues")
+        return {t: str(p) for t, p in out.items()}
+    from . import toyexport
+
+    if toy_root is None:
+        raise ValueError("aro_task_paths: give aro_root (real ARO) or toy_root (folder for the toy export)")
+    root = Path(toy_root)
+    sub = {"VG-A": ("vg_attribution", lambda d: toyexport.export_aro_vg(d, toy_n, seed, "attribution")),
+           "VG-R": ("vg_relation", lambda d: toyexport.export_aro_vg(d, toy_n, seed, "relation")),
+           "COCO-Order": ("coco_order", lambda d: toyexport.export_aro_order(d, toy_n, seed, "coco_order")),
+           "Flickr-Order": ("flickr_order",
+                            lambda d: toyexport.export_aro_order(d, toy_n, seed, "flickr_order"))}
+    out = {}
+    for t in tasks:
+        folder, fn = sub[t]
+        out[t] = str(fn(root / folder))
+    return out
+
+
 def info_method(model, n_samples: int = 100, integration: Integration = Integration(),
                 estimator: str = "orthogonal", seed: int = 0, cache=None, batch_size=None,
                 progress: bool = True):
@@ -352,13 +397,15 @@ def info_method(model, n_samples: int = 100, integration: Integration = Integrat
 
 def relation_testing(tasks: dict, methods: dict, progress: bool = True):
     """Score ARO-style tasks ``{task: [MatchItem]}`` with ``{method: (items, img_retrieval) ->
-    scores}`` and return a long table (method, task, protocol, accuracy, ties, n).
+    scores}`` and return a long table (method, task, protocol, ties, accuracy, n).
 
-    An item is correct when the gold caption scores strictly above every other option (a tie is
-    a miss; the original's argmax would favour whichever option is listed first).  protocol
-    "macro" = ARO's official numbers (VG-R mean over asymmetric relations, VG-A mean over
-    attribute pairs, here with no minimum count since toy groups are small; COCO/Flickr
-    precision@1); "micro" = the mean over items (DiffusionITM's tables).
+    ``ties`` = "strict": an item is correct when the gold caption scores strictly above every
+    other option (a tie is a miss); "first": ``np.argmax`` as the original (the first maximal
+    option wins, which favours the gold caption in COCO/Flickr-Order, where it is listed first,
+    and the false one in VG, where it is listed first).  Ties arise when a perturbation equals the
+    true caption.  protocol "macro" = ARO's official numbers (VG-R mean over asymmetric
+    relations, VG-A mean over attribute pairs, here with no minimum count since toy groups are
+    small; COCO/Flickr precision@1); "micro" = the mean over items (DiffusionITM's tables).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -371,22 +418,24 @@ def relation_testing(tasks: dict, methods: dict, progress: bool = True):
         metas = [it.meta for it in items]
         for name, fn in methods.items():
             scores = fn(items, False)
-            correct, ties = [], 0
+            strict, first, n_ties = [], [], 0
             for it, sc in zip(items, scores):
                 vec, g = candidate_scores(it, sc)
                 top = np.flatnonzero(vec == vec.max())
-                ties += int(len(top) > 1)
-                correct.append(bool(vec[g] == vec.max() and len(top) == 1))
-            for protocol in ("macro", "micro"):
-                acc = aro_accuracy(metas, correct, protocol=protocol, vga_min_count=1)
-                rows.append(dict(method=name, task=task, protocol=protocol, accuracy=acc,
-                                 ties=ties, n=len(items)))
+                n_ties += int(len(top) > 1)
+                strict.append(bool(vec[g] == vec.max() and len(top) == 1))
+                first.append(int(np.argmax(vec)) == g)
+            for rule, correct in (("strict", strict), ("first", first)):
+                for protocol in ("macro", "micro"):
+                    acc = aro_accuracy(metas, correct, protocol=protocol, vga_min_count=1)
+                    rows.append(dict(method=name, task=task, protocol=protocol, ties=rule,
+                                     accuracy=acc, n_tied=n_ties, n=len(items)))
     return pd.DataFrame(rows)
 
 
-def relation_table(long_df, protocol: str = "macro"):
+def relation_table(long_df, protocol: str = "macro", ties: str = "strict"):
     """The paper's table layout: one row per method, one column per task, accuracy in %."""
-    df = long_df[long_df.protocol == protocol]
+    df = long_df[(long_df.protocol == protocol) & (long_df.ties == ties)]
     tab = df.pivot(index="method", columns="task", values="accuracy") * 100
     order = list(dict.fromkeys(df.task))
     return tab.loc[list(dict.fromkeys(df.method)), order]

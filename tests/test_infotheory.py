@@ -226,8 +226,21 @@ def test_relation_testing_with_match_items(tiny_model, tiny_images):
                              progress=False)
     tab = it.relation_table(df, "micro")
     assert tab.loc["first", "VG-R"] == 0.0 and tab.loc["tie", "VG-R"] == 0.0
-    assert int(df[(df.method == "tie") & (df.protocol == "micro")].ties.iloc[0]) == 4
+    assert int(df[(df.method == "tie") & (df.protocol == "micro")].n_tied.iloc[0]) == 4
+    # the original's argmax: the first option wins a tie -> the false caption (listed first in VG)
+    assert it.relation_table(df, "micro", ties="first").loc["tie", "VG-R"] == 0.0
     s = it.aro_scores(tiny_model, items, n_samples=3, progress=False)
     expect = 100 * np.mean(s[:, 1] > s[:, 0])
     assert tab.loc["Info", "VG-R"] == pytest.approx(expect)
     assert list(tab.index) == ["Info", "first", "tie"]
+
+
+def test_relation_testing_tie_rules_on_order_items(tiny_images):
+    from t2i_common.formats import MatchItem
+
+    items = [MatchItem([im], ["a red circle", "circle red a", "a red circle"], 0, 0,
+                       {"aro_task": "coco_order"}) for im in tiny_images]
+    tie = lambda its, img_ret: [np.array([[0.5, 0.1, 0.5]]) for _ in its]   # noqa: E731
+    df = it.relation_testing({"COCO-Order": items}, {"tie": tie}, progress=False)
+    assert it.relation_table(df, "macro", "strict").loc["tie", "COCO-Order"] == 0.0
+    assert it.relation_table(df, "macro", "first").loc["tie", "COCO-Order"] == 100.0
