@@ -502,3 +502,131 @@ def localisation_pivot(long_df, value: str = "oracle", word_type: str = "all"):
     tab = tab.loc[order]
     tab.columns = [f"{c} steps" for c in tab.columns]
     return tab
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-word heatmaps (paper Fig. 3/4: words of different types, MI vs CMI)
+# ------------------------------------------------------------------------------------------------
+def heatmap_examples(items, relation_words=("above", "below", "left", "right"), n: int = 3):
+    """Pick up to ``n`` (image, caption) groups of COCO-IT rows that have a noun row, a colour
+    (adjective) row and a relation word in the caption -> [{"image", "caption", "words":
+    [(type, word), ...], "masks": {word: GT mask}}].  Word types come from the csv's type column;
+    relation words from ``relation_words`` (they have no category mask)."""
+    out = []
+    for g in _groups(items):
+        rows = [items[r] for r in g["rows"]]
+        by_type = {}
+        for r in rows:
+            by_type.setdefault(str(r.word_type), r)
+        rel = [w for w in g["caption"].split() if w in set(relation_words)]
+        if "noun" in by_type and "colour" in by_type and rel:
+            words = [("noun", by_type["noun"].word), ("colour", by_type["colour"].word),
+                     ("relation", rel[0])]
+            out.append({"image": g["image"], "caption": g["caption"], "words": words,
+                        "masks": {by_type[t].word: by_type[t].mask for t in ("noun", "colour")}})
+        if len(out) >= n:
+            break
+    return out
+
+
+def word_heatmaps(model, examples, n_samples: int = 100, *, seed: int = 0,
+                  cmi_integration: Integration = Integration(),
+                  attn_integration: Integration = Integration(clip=DAAM_CLIP), batch_size=None):
+    """For each example (from :func:`heatmap_examples`) and each of its words: the CMI map
+    i(x; caption | caption without the word), the MI map i(x; word) and the attention +
+    information map, bilinearly upsampled to the model resolution.  Adds "CMI", "MI",
+    "Attention+Information" ([n_words, R, R]) and "cmi", "mi" (image-level values) to each
+    example (a new dict)."""
+    from .infotheory import information, omit_word
+
+    out = []
+    R = model.resolution
+    for e, ex in enumerate(examples):
+        words = [w for _, w in ex["words"]]
+        m = len(words)
+        z = _as_latents(model, [ex["image"]]).float()
+        conds = [ex["caption"], ""] + [omit_word(ex["caption"], w, "") for w in words] + words
+        pairs = [(0, 2 + j) for j in range(m)] + [(2 + m + j, 1) for j in range(m)]
+        info = information(model, z, [conds], pairs, n_samples=n_samples, integration=cmi_integration,
+                           pixel=True, image_size=R, seed=seed, streams=[e], batch_size=batch_size)
+        ai = attention_information(model, latents=z, captions=[ex["caption"]], n_samples=n_samples,
+                                   integration=attn_integration, seed=seed, streams=[e],
+                                   batch_size=batch_size)
+        att = word_maps(ai["tokens"].expand(m, -1, -1, -1), model.tokenizer, [ex["caption"]] * m,
+                        words, size=R)
+        up = info["orthogonal_map_up"][0]
+        out.append({**ex, "CMI": up[:m].float(), "MI": up[m:].float(), "Attention+Information": att.float(),
+                    "cmi": info["orthogonal"][0, :m].numpy(), "mi": info["orthogonal"][0, m:].numpy()})
+    return out
+
+
+def plot_word_heatmaps(examples, methods=("CMI", "MI", "Attention+Information")):
+    """One row per (example, method): the image, then the method's map of each word (overlaid,
+    min-max normalised per map), titled with the word type, the word and its image-level value
+    (CMI / MI rows)."""
+    import matplotlib.pyplot as plt
+
+    from .imageio import to_pil
+    from .infotheory import min_max_normalise
+
+    n_words = max(len(ex["words"]) for ex in examples)
+    rows = [(ex, m) for ex in examples for m in methods]
+    fig, axes = plt.subplots(len(rows), n_words + 1, figsize=(2.1 * (n_words + 1), 2.2 * len(rows)),
+                             squeeze=False)
+    for (ex, m), ax_row in zip(rows, axes):
+        img = np.asarray(to_pil(ex["image"]).convert("RGB").resize(tuple(ex[m].shape[-2:][::-1])))
+        ax_row[0].imshow(img)
+        ax_row[0].set_title(ex["caption"] if m == methods[0] else "", fontsize=7, loc="left")
+        ax_row[0].set_ylabel(m, fontsize=8)
+        for j, (wt, w) in enumerate(ex["words"]):
+            ax = ax_row[j + 1]
+            ax.imshow(img)
+            ax.imshow(min_max_normalise(ex[m][j]).numpy(), cmap="jet", alpha=0.5)
+            val = {"CMI": ex.get("cmi"), "MI": ex.get("mi")}.get(m)
+            ax.set_title(f"{wt}: {w}" + (f"\n{val[j]:.1f} nats" if val is not None else ""), fontsize=8)
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in ax_row[len(ex["words"]) + 1:]:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_iou_curves(maps: dict, items, steps: int, thresholds=None):
+    """mIoU against the threshold for each method at ``steps`` (the original's iou_curves plot)."""
+    import matplotlib.pyplot as plt
+
+    from .infotheory import THRESHOLDS, iou_curve, whole_image_miou
+
+    masks = torch.as_tensor(np.stack([np.asarray(it.mask, dtype=bool) for it in items]))
+    th = THRESHOLDS if thresholds is None else torch.as_tensor(thresholds)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for m, by_n in maps.items():
+        ax.plot(th.numpy(), 100 * iou_curve(by_n[steps], masks, th).mean(0).numpy(), label=m)
+    ax.axhline(100 * whole_image_miou(masks), color="gray", ls="--", label="Whole image")
+    ax.set(xlabel="threshold on the min-max normalised map", ylabel="mIoU (%)",
+           title=f"mIoU vs threshold ({steps} steps)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mi_vs_cmi(examples):
+    """Image-level MI of each word alone, i(x; w), against its CMI given the rest of the caption,
+    i(x; y | c), coloured by word type (paper Fig. 4: nouns carry information on their own,
+    abstract words mostly in context)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    types = sorted({t for e in examples for t, _ in e["words"]})
+    for wt in types:
+        pts = [(e["mi"][j], e["cmi"][j], w) for e in examples for j, (t, w) in enumerate(e["words"])
+               if t == wt]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=wt)
+        for x, y, w in pts:
+            ax.annotate(w, (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    ax.set(xlabel="i(x; word) (nats)", ylabel="i(x; caption | context) (nats)", title="MI vs CMI")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

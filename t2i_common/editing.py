@@ -17,50 +17,23 @@ trained range (clip 3, :meth:`Integration.for_editing`); image level = the stand
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_cross_attention, word_maps
-from .infotheory import EDIT_CLIP, Integration, _as_latents, information, pearson_bootstrap
+from .infotheory import (EDIT_CLIP, Integration, _as_latents, information, omit_word,  # noqa: F401
+                         pearson_bootstrap, replace_words, swap_word)
 
 #: The original's swap pairs (each also swaps plurals).
 PAPER_SWAPS = {"dog": "cat", "zebra": "horse", "bed": "table", "bear": "elephant",
                "airplane": "kite", "person": "monkey", "people": "monkeys", "teddy bear": "robot"}
 
 
-# ------------------------------------------------------------------------------------------------
-# Prompts
-# ------------------------------------------------------------------------------------------------
-def replace_words(text: str, subs: dict) -> str:
-    """Whole-word, case-insensitive replacement of every key of ``subs`` (longest keys first)."""
-    if not subs:
-        return text
-    low = {k.lower(): v for k, v in subs.items()}
-    pat = r"\b(" + "|".join(re.escape(k) for k in sorted(low, key=len, reverse=True)) + r")\b"
-    out = re.sub(pat, lambda m: low[m.group(0).lower()], text, flags=re.IGNORECASE)
-    return re.sub(r"\s+", " ", out).strip()
-
-
-def omit_word(caption: str, word: str, placeholder: str = "_") -> str:
-    """The caption with ``word`` (and its plural) replaced by ``placeholder`` ("_" as the
-    original; "" removes it)."""
-    out = replace_words(caption, {word: placeholder, word + "s": placeholder})
-    if out == caption:
-        raise KeyError(f"omit_word: {word!r} does not occur in {caption!r}")
-    return out
-
-
-def swap_word(caption: str, word: str, new: str) -> str:
-    """The caption with ``word`` (and its plural) replaced by ``new``.  The original applies its
-    whole swap dictionary to the caption (also swapping other listed words that happen to occur);
-    we change only the target word, so omit and swap touch the same word."""
-    out = replace_words(caption, {word: new, word + "s": new + "s"})
-    if out == caption:
-        raise KeyError(f"swap_word: {word!r} does not occur in {caption!r}")
-    return out
+#: Reported Pearson correlations with the image change (paper Table 3): (r, +-).
+PAPER_PEARSON = {"image/cmi": (0.34, 0.010), "image/attention": (0.24, 0.011),
+                 "pixel/cmi": (0.27, 0.002), "pixel/attention": (0.21, 0.002)}
 
 
 def symmetric_swaps(pairs: dict) -> dict:
@@ -245,3 +218,90 @@ def intervention_correlations(res: dict, n_boot: int = 100, frac: float = 0.9,
                              "err": r["err"], "std": r["std"], "n": r["n"]})
     return rows
 
+
+
+def intervention_rows(items, word_types=("noun",), swaps: dict | None = None,
+                      one_per_image: bool = True, max_images: int | None = None) -> dict:
+    """COCO-IT rows -> the inputs of :func:`prompt_intervention`: {"images", "captions", "words"}.
+
+    Keeps rows whose word type is in ``word_types`` (all rows when the csv has no type column, as
+    COCO100-IT), one row per image (the first) unless ``one_per_image`` is False; with ``swaps``
+    given, rows whose word has a swap partner come first within an image.
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("intervention_rows: no rows")
+    if any(str(it.word_type) for it in items) and word_types:
+        items = [it for it in items if str(it.word_type) in set(word_types)]
+    if swaps:
+        first = {}
+        for i, it in enumerate(items):
+            first.setdefault(it.image_id, i)
+        items = sorted(items, key=lambda it: (first[it.image_id], it.word not in swaps))
+    out, seen = {"images": [], "captions": [], "words": [], "image_ids": []}, set()
+    for it in items:
+        if one_per_image and it.image_id in seen:
+            continue
+        seen.add(it.image_id)
+        out["images"].append(it.image)
+        out["captions"].append(it.caption)
+        out["words"].append(it.word)
+        out["image_ids"].append(it.image_id)
+        if max_images and len(out["images"]) >= max_images:
+            break
+    if not out["images"]:
+        raise ValueError(f"intervention_rows: no row has a word type in {list(word_types)}")
+    return out
+
+
+def correlation_table(rows: list[dict], intervention: str = "omit", with_err: bool = True):
+    """Paper Table 3 layout for one intervention: rows Image-level / Pixel-level, columns
+    i(x;y|c) (standard estimator image level, orthogonal map pixel level) and Attention; cells
+    "r (+- err)" strings when ``with_err`` else the correlations."""
+    import pandas as pd
+
+    sel = {(r["level"], r["predictor"]): r for r in rows if r["intervention"] == intervention}
+    if not sel:
+        raise ValueError(f"correlation_table: no rows for intervention {intervention!r}")
+    out = {}
+    for level, lab in (("image", "Image-level"), ("pixel", "Pixel-level")):
+        out[lab] = {}
+        for pred, col in (("cmi", "i(x;y|c)"), ("attention", "Attention")):
+            r = sel.get((level, pred))
+            if r is None:
+                out[lab][col] = None
+            else:
+                out[lab][col] = f"{r['r']:.3f} (+-{r['err']:.3f})" if with_err else r["r"]
+    return pd.DataFrame(out).T
+
+
+def plot_interventions(model, res: dict, indices, kind: str = "omit"):
+    """Rows = images: original (decoded reconstruction under the caption), edited (word omitted
+    or swapped), change map, CMI map of the word, attention map (latent grid, upsampled)."""
+    import matplotlib.pyplot as plt
+
+    from .infotheory import upsample_map
+
+    indices = list(indices)
+    prompts = res["omit_prompts"] if kind == "omit" else res["swap_prompts"]
+    rec = model.decode_latents(res["recon"][indices].to(model.dtype)).float().cpu()
+    edit = model.decode_latents(res[kind][indices].to(model.dtype)).float().cpu()
+    R = rec.shape[-1]
+    maps = [("change", res[f"change_{kind}"]), ("i(x;y|c) map", res[f"cmi_{kind}_map"]),
+            ("attention", res["attention"])]
+    fig, axes = plt.subplots(len(indices), 5, figsize=(10.5, 2.3 * len(indices)), squeeze=False)
+    for row, i in zip(axes, range(len(indices))):
+        b = indices[i]
+        to_img = lambda x: ((x.permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)  # noqa: E731
+        row[0].imshow(to_img(rec[i]))
+        row[0].set_title(res["captions"][b], fontsize=7)
+        row[1].imshow(to_img(edit[i]))
+        row[1].set_title(str(prompts[b]), fontsize=7)
+        for ax, (name, m) in zip(row[2:], maps):
+            ax.imshow(upsample_map(m[b].double(), R).numpy(), cmap="viridis")
+            ax.set_title(f"{name}" + (f" ({res['words'][b]})" if name != "change" else ""), fontsize=8)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig

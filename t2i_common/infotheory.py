@@ -22,6 +22,7 @@ localisation mIoU over thresholds and Pearson correlations with bootstrap error 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,14 @@ MI_MU, MI_S, MI_CLIP = 1.0, 2.0, 4.0
 EDIT_CLIP = 3.0
 #: Localisation thresholds of the original calc.py.
 THRESHOLDS = torch.linspace(0.1, 0.5, 50)
+#: Reported ARO accuracies (%), SD 2.1-base (paper Table 1; README of the original code).
+PAPER_ARO = {"OpenCLIP": {"VG-A": 64.6, "VG-R": 51.4, "COCO-Order": 32.8, "Flickr-Order": 40.5},
+             "DiffITM": {"VG-A": 62.9, "VG-R": 50.0, "COCO-Order": 23.5, "Flickr-Order": 33.2},
+             "HardNeg-DiffITM": {"VG-A": 67.6, "VG-R": 52.3, "COCO-Order": 34.4, "Flickr-Order": 48.6},
+             "Info (logistic)": {"VG-A": 72.0, "VG-R": 69.1, "COCO-Order": 40.1, "Flickr-Order": 49.3}}
+#: Reported COCO-IT localisation mIoU (%), 50 / 100 / 200 steps (paper Table 2).
+PAPER_MIOU = {"Whole image": [14.94, 14.94, 14.94], "Attention": [34.52, 34.90, 35.35],
+              "CMI": [32.31, 33.24, 33.63], "Attention+Information": [42.46, 42.71, 42.84]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,6 +115,38 @@ def draw_samples(integration: Integration, n: int, shape, seed: int = 0, stream:
     a, w = integration.sample(n, _logsnr_generator(seed, stream))
     eps = NoiseBank(shape, seed).draw(n * M, stream)
     return a.repeat_interleave(M), w.repeat_interleave(M), eps
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt edits (contexts for CMI, interventions)
+# ------------------------------------------------------------------------------------------------
+def replace_words(text: str, subs: dict) -> str:
+    """Whole-word, case-insensitive replacement of every key of ``subs`` (longest keys first)."""
+    if not subs:
+        return text
+    low = {k.lower(): v for k, v in subs.items()}
+    pat = r"\b(" + "|".join(re.escape(k) for k in sorted(low, key=len, reverse=True)) + r")\b"
+    out = re.sub(pat, lambda m: low[m.group(0).lower()], text, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", out).strip()
+
+
+def omit_word(caption: str, word: str, placeholder: str = "_") -> str:
+    """The caption with ``word`` (and its plural) replaced by ``placeholder`` ("_" as the
+    original; "" removes it)."""
+    out = replace_words(caption, {word: placeholder, word + "s": placeholder})
+    if out == caption:
+        raise KeyError(f"omit_word: {word!r} does not occur in {caption!r}")
+    return out
+
+
+def swap_word(caption: str, word: str, new: str) -> str:
+    """The caption with ``word`` (and its plural) replaced by ``new``.  The original applies its
+    whole swap dictionary to the caption (also swapping other listed words that happen to occur);
+    we change only the target word, so omit and swap touch the same word."""
+    out = replace_words(caption, {word: new, word + "s": new + "s"})
+    if out == caption:
+        raise KeyError(f"swap_word: {word!r} does not occur in {caption!r}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,11 +223,6 @@ def information(model, latents, conditions, pairs, *, n_samples: int = 100,
     row = {p: i for i, p in enumerate(prompts)}
     emb = model.encode_prompts(prompts)
     cond_idx = torch.tensor([[row[p] for p in c] for c in conditions], dtype=torch.long)
-    draws = [draw_samples(integration, int(n_samples), latents.shape[1:], seed, s, noises_per_point)
-             for s in streams]
-    a = torch.stack([d[0] for d in draws])
-    w = torch.stack([d[1] for d in draws])
-    eps = torch.stack([d[2] for d in draws])
     pi = torch.tensor([p for p, _ in pairs])
     qi = torch.tensor([q for _, q in pairs])
 
@@ -198,13 +234,22 @@ def information(model, latents, conditions, pairs, *, n_samples: int = 100,
     res = {k: [] for k in ("orthogonal", "standard", "orthogonal_sem", "standard_sem",
                            "orthogonal_map", "standard_map", "orthogonal_samples",
                            "standard_samples", "orthogonal_map_samples")}
+    a_all, w_all = [], []
     for b0 in tqdm(range(0, B, images_per_call), disable=not progress or B <= images_per_call,
                    desc="information"):
         sl = slice(b0, b0 + images_per_call)
-        out = denoise_errors(model, latents[sl], emb, cond_idx[sl], logsnr=a[sl], noise=eps[sl],
+        # draws per chunk: the noise of all images at once may not fit (SD: 2400 x 64 KB per image)
+        draws = [draw_samples(integration, int(n_samples), latents.shape[1:], seed, s,
+                              noises_per_point) for s in streams[sl]]
+        a = torch.stack([d[0] for d in draws])
+        w = torch.stack([d[1] for d in draws])
+        eps = torch.stack([d[2] for d in draws])
+        a_all.append(a)
+        w_all.append(w)
+        out = denoise_errors(model, latents[sl], emb, cond_idx[sl], logsnr=a, noise=eps,
                              outputs=outputs, diff_pairs=pairs, batch_size=batch_size,
                              progress=progress, desc="MI samples")
-        ww = w[sl].unsqueeze(1)                                            # [b, 1, N]
+        ww = w.unsqueeze(1)                                                # [b, 1, N]
         orth = 0.5 * ww * out["diff_sq"].double()                          # [b, n, N]
         sq = out["sq"].double()
         std = 0.5 * ww * (sq[:, qi] - sq[:, pi])
@@ -223,7 +268,7 @@ def information(model, latents, conditions, pairs, *, n_samples: int = 100,
             mp = out["map"].double()
             res["standard_map"].append((0.5 * wm * (mp[:, qi] - mp[:, pi])).mean(2))
     result = {k: torch.cat(v) for k, v in res.items() if v}
-    result["logsnr"], result["weights"] = a, w
+    result["logsnr"], result["weights"] = torch.cat(a_all), torch.cat(w_all)
     if pixel:
         size = image_size or model.resolution
         result["orthogonal_map_up"] = upsample_map(result["orthogonal_map"], size)
@@ -369,6 +414,31 @@ def aro_task_paths(aro_root=None, toy_root=None, toy_n: int = 30, seed: int = 0,
     return out
 
 
+def coco_it_items(csv_path=None, instances=None, image_dir=None, mask_size=None, *, toy_root=None,
+                  toy_n: int = 12, seed: int = 0, max_rows: int | None = None) -> list:
+    """COCO-IT rows (:func:`t2i_common.formats.read_coco_it`) with ground-truth masks resized
+    (nearest) to ``mask_size`` (the model resolution, as the original resizes to 512).
+
+    csv_path/instances/image_dir: COCO-IT.csv (or COCO100-IT.csv, COCO-WL.csv),
+    annotations/instances_val2017.json and val2017/.  Without csv_path, the toy world is
+    exported in the same formats under ``toy_root`` (``toy_n`` images; nouns and colour words of
+    objects whose shape is unique in the image, so the category mask is the word's pixels) and
+    read back through the same reader.
+    """
+    from . import formats
+
+    if csv_path is None:
+        from . import toyexport
+
+        if toy_root is None:
+            raise ValueError("coco_it_items: give csv_path (real COCO-IT) or toy_root (toy export folder)")
+        csv_path, instances, image_dir = toyexport.export_coco_it(toy_root, toy_n, seed)
+    shape = None if mask_size is None else ((mask_size, mask_size) if isinstance(mask_size, int)
+                                            else tuple(mask_size))
+    rows = formats.read_coco_it(csv_path, instances=instances, image_dir=image_dir, mask_shape=shape)
+    return rows[:max_rows] if max_rows else rows
+
+
 def info_method(model, n_samples: int = 100, integration: Integration = Integration(),
                 estimator: str = "orthogonal", seed: int = 0, cache=None, batch_size=None,
                 progress: bool = True):
@@ -393,6 +463,39 @@ def info_method(model, n_samples: int = 100, integration: Integration = Integrat
                        seed=seed, cache=rc, batch_size=batch_size, progress=progress)
         return [row[None, :] for row in s]
     return score
+
+
+def relation_methods(model, clip=None, n_samples: int = 100,
+                     integration: Integration = Integration(), diffitm_S: int | None = 10,
+                     seed: int = 0, cache=None, batch_size=None, progress: bool = True) -> dict:
+    """The paper's Table 1 columns as scoring functions: "CLIP" (cosine, when ``clip`` is given),
+    "DiffITM" (:func:`t2i_common.itm.diffitm_scores` with grid size ``diffitm_S``; None leaves it
+    out) and "Info (<mode>)" (:func:`info_method`).  ``cache``: None or a folder (per-item
+    results are cached under it)."""
+    from . import itm
+
+    out = {}
+    if clip is not None:
+        out["CLIP"] = itm.clip_method(clip)
+    if diffitm_S:
+        out["DiffITM"] = itm.diffitm_method(model, S=diffitm_S, seed=seed, cache=cache,
+                                            batch_size=batch_size, progress=progress)
+    out[f"Info ({integration.mode})"] = info_method(model, n_samples, integration, seed=seed,
+                                                    cache=cache, batch_size=batch_size,
+                                                    progress=progress)
+    return out
+
+
+def plot_relation_table(table, title: str = "ARO accuracy"):
+    """Grouped bars: one group per task, one bar per method (accuracy in %)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * table.shape[1], 3.4))
+    table.T.plot.bar(ax=ax, rot=0)
+    ax.set(ylabel="accuracy (%)", xlabel="", title=title, ylim=(0, 100))
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
 
 
 def relation_testing(tasks: dict, methods: dict, progress: bool = True):
