@@ -121,3 +121,21 @@ def test_missing_swap_partner_gives_nan(tiny_model, tiny_images):
     assert res["swap_prompts"] == ["a red triangle", None]
     assert torch.isfinite(res["cmi_swap"][0]) and torch.isnan(res["cmi_swap"][1])
     assert torch.isnan(res["change_swap"][1]).all() and torch.isfinite(res["change_omit"]).all()
+
+
+def test_intervention_rows_from_coco_it(tmp_path):
+    from t2i_common import infotheory
+
+    rows = infotheory.coco_it_items(toy_root=tmp_path, toy_n=6, seed=1, mask_size=16)
+    assert rows[0].mask.shape == (16, 16) and rows[0].mask.any()
+    sel = ed.intervention_rows(rows, ("noun",), swaps={"circle": "square"})
+    ids = [r.image_id for r in rows if r.word_type == "noun"]
+    assert sel["image_ids"] == list(dict.fromkeys(ids))            # one row per image, file order
+    for img_id, cap, word in zip(sel["image_ids"], sel["captions"], sel["words"]):
+        nouns = [r.word for r in rows if r.image_id == img_id and r.word_type == "noun"]
+        assert word in nouns and word in cap.split()
+        if "circle" in nouns:
+            assert word == "circle"                                # rows with a swap partner first
+    assert len(ed.intervention_rows(rows, ("noun",), max_images=2)["images"]) == 2
+    with pytest.raises(ValueError, match="word type"):
+        ed.intervention_rows(rows, ("verb",))
