@@ -700,15 +700,15 @@ GDBENCH_TASKS = {
 
 
 def export_toy_gdbench(root, n: int = 40, seed: int = 0) -> dict:
-    """Write the toy analogues of the GDBench tasks under ``root`` in the published formats
-    (:mod:`t2i_common.toyexport`) and return ``{task: path}`` for :func:`read_gdbench`.
+    """Write the toy analogues of the GDBench tasks under ``root/n{n}-s{seed}`` in the published
+    formats (:mod:`t2i_common.toyexport`) and return ``{task: path}`` for :func:`read_gdbench`.
     A folder already exported with the same (n, seed) is reused."""
     import json
     from pathlib import Path
 
     from . import toyexport
 
-    root = Path(root)
+    root = Path(root) / f"n{int(n)}-s{int(seed)}"
     stamp = root / "export.json"
     want = {"n": int(n), "seed": int(seed), "version": 1}
     paths = {
@@ -751,7 +751,8 @@ def class_prompt_items(pairs) -> list:
 
 def read_gdbench(paths: dict, max_items: int | None = None) -> dict:
     """Read GDBench tasks with the published-format readers: ``{task: path}`` (task names of
-    :data:`GDBENCH_TASKS`) -> ``{task name: [MatchItem]}``; CLEVR is split into one task per
+    :data:`GDBENCH_TASKS`; a path may be a mapping ``{"path": ..., **reader kwargs}``, e.g.
+    ``image_root`` for Flickr30K) -> ``{task name: [MatchItem]}``; CLEVR is split into one task per
     subtask ("CLEVR/spatial", ...).  ``max_items`` keeps the first items of each task."""
     from . import formats
 
@@ -760,25 +761,44 @@ def read_gdbench(paths: dict, max_items: int | None = None) -> dict:
         kind = GDBENCH_TASKS.get(task)
         if kind is None:
             raise KeyError(f"read_gdbench: unknown task {task!r}; known: {sorted(GDBENCH_TASKS)}")
+        kw = {}
+        if isinstance(path, dict):   # {"path": ..., reader keyword arguments (image_root, ...)}
+            kw = dict(path)
+            if "path" not in kw:
+                raise KeyError(f"read_gdbench: task {task!r} is given as a mapping without 'path': {path}")
+            path = kw.pop("path")
         if kind == "aro_vg_attribution":
-            got = {task: formats.read_aro_vg(path, "attribution")}
+            got = {task: formats.read_aro_vg(path, "attribution", **kw)}
         elif kind == "aro_vg_relation":
-            got = {task: formats.read_aro_vg(path, "relation")}
+            got = {task: formats.read_aro_vg(path, "relation", **kw)}
         elif kind == "aro_order":
             got = {task: formats.read_aro_order(path, task="coco_order" if task == "COCO-Order"
-                                                else "flickr_order")}
+                                                else "flickr_order", **kw)}
         elif kind == "winoground":
-            got = {task: formats.read_winoground(path)}
+            got = {task: formats.read_winoground(path, **kw)}
         elif kind == "clevr":
             got = {}
-            for it in formats.read_clevr(path):
+            for it in formats.read_clevr(path, **kw):
                 got.setdefault(f"CLEVR/{it.meta['subtask']}", []).append(it)
         elif kind == "class_pickles":
             got = {task: class_prompt_items(formats.read_implosion_pickles(path))}
         else:
-            got = {task: formats.read_flickr30k_retrieval(path)}
+            got = {task: formats.read_flickr30k_retrieval(path, **kw)}
         out.update({k: v[:max_items] for k, v in got.items()})
     return out
+
+
+def select_tasks(paths: dict, names, max_items: int | None = None) -> dict:
+    """Read only the named tasks (``"CLEVR/<subtask>"`` names select one CLEVR subtask)."""
+    base = {n.split("/")[0] for n in names}
+    missing = base - set(paths)
+    if missing:
+        raise KeyError(f"select_tasks: no path for {sorted(missing)}; paths has {sorted(paths)}")
+    got = read_gdbench({b: paths[b] for b in base}, max_items=max_items)
+    absent = [n for n in names if n not in got]
+    if absent:
+        raise KeyError(f"select_tasks: {absent} not found; available {sorted(got)}")
+    return {n: got[n] for n in names}
 
 
 def diffitm_method(model, S: int = 10, seed: int = 0, latent_mode: str = "mean", cache=None,
@@ -811,10 +831,22 @@ def task_metrics(items, scores) -> dict:
     return out
 
 
-def gdbench_table(tasks: dict, methods: dict, progress: bool = True):
-    """One row per (task, metric), one column per method, plus n.  Image-retrieval tasks are
-    scored with ``img_retrieval=True`` (the original's flag for Flickr30K / ImageCoDe / SVO).
-    Accuracies are micro averages (DiffusionITM's convention, not ARO's macro one)."""
+def chance_metrics(items) -> dict:
+    """Expected metrics of uniformly random scores: accuracy = mean 1/n_candidates, R@5 = mean
+    min(1, 5/n); Winoground text = image = 1/4, group = 1/6."""
+    if all(it.task == "group" for it in items):
+        return {"text": 0.25, "image": 0.25, "group": 1 / 6}
+    n = np.array([len(it.captions) if it.task == "text" else len(it.images) for it in items], float)
+    out = {"accuracy": float(np.mean(1 / n)), "accuracy_first": float(np.mean(1 / n))}
+    if n.min() > 5:
+        out["R@5"] = float(np.mean(np.minimum(1.0, 5 / n)))
+    return out
+
+
+def gdbench_table(tasks: dict, methods: dict, chance: bool = True, progress: bool = True):
+    """One row per (task, metric), one column per method, plus ``chance`` and n.  Image-retrieval
+    tasks are scored with ``img_retrieval=True`` (the original's flag for Flickr30K / ImageCoDe /
+    SVO).  Accuracies are micro averages (DiffusionITM's convention, not ARO's macro one)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -824,9 +856,110 @@ def gdbench_table(tasks: dict, methods: dict, progress: bool = True):
         for name, fn in methods.items():
             for metric, v in task_metrics(items, fn(items, img_ret)).items():
                 rows.setdefault((task, metric), {"n": len(items)})[name] = v
+        if chance:
+            for metric, v in chance_metrics(items).items():
+                rows[(task, metric)]["chance"] = v
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index = pd.MultiIndex.from_tuples(df.index, names=["task", "metric"])
-    return df[list(methods) + ["n"]]
+    return df[list(methods) + (["chance"] if chance else []) + ["n"]]
+
+
+def grid_curve(model, items, S_values, seed: int = 0, img_retrieval: bool = False, cache=None,
+               progress: bool = True):
+    """Accuracy of the grid score against S (sampling steps): one row per S with the grid size K,
+    UNet evaluations per example (:func:`grid_evaluations`), accuracy and ties."""
+    import pandas as pd
+
+    rows = []
+    for S in S_values:
+        s = diffitm_scores(model, items, S=S, seed=seed, img_retrieval=img_retrieval, cache=cache,
+                           progress=progress)
+        m = retrieval_metrics(items, s)
+        rows.append({"S": int(S), "K": len(grid_timesteps(S)),
+                     "evals_per_example": grid_evaluations(items, S, img_retrieval) / len(items),
+                     "accuracy": m["accuracy"], "ties": m["ties"]})
+    return pd.DataFrame(rows)
+
+
+def policy_sweep(n0s=(2, 4, 8), steps=(2, 4, 8), zs=(0.5, 1.0, 1.5, 2.0, 3.0)) -> list:
+    """The :class:`AdaptivePolicy` grid used by the sampling-budget study."""
+    return [AdaptivePolicy(n0=a, step=b, z=z) for a in n0s for b in steps for z in zs]
+
+
+def adaptive_curve(items, dists, policies, img_retrieval: bool = False):
+    """Accuracy and UNet evaluations of each policy, replayed on grid distances (exact; see
+    :func:`adaptive_replay`).  ``fraction_of_grid`` = evaluations / the full grid's."""
+    import pandas as pd
+
+    K = dists[0].shape[-1]
+    full = sum(len(it.images) * (len(it.captions) + int(img_retrieval)) * K for it in items)
+    rows = []
+    for pol in policies:
+        sc, ev = adaptive_replay(items, dists, pol, img_retrieval)
+        m = retrieval_metrics(items, sc)
+        rows.append({"n0": pol.n0, "step": pol.step, "z": pol.z, "max_points": pol.max_points,
+                     "evals_per_example": sum(ev) / len(items), "fraction_of_grid": sum(ev) / full,
+                     "accuracy": m["accuracy"], "ties": m["ties"]})
+    return pd.DataFrame(rows)
+
+
+def cheapest_matching(curve, target_accuracy: float):
+    """Row of ``curve`` with the fewest evaluations whose accuracy >= ``target_accuracy`` (None if
+    no row reaches it)."""
+    ok = curve[curve["accuracy"] >= target_accuracy - 1e-12]
+    return None if ok.empty else ok.sort_values("evals_per_example").iloc[0]
+
+
+def before_after(before, after):
+    """Join two one-method GDBench tables: columns before, after, delta (after - before), chance, n."""
+    b, a = before.columns[0], after.columns[0]
+    out = before[[b]].join(after[[a]], how="inner")
+    out["delta"] = out[a] - out[b]
+    for c in ("chance", "n"):
+        if c in before:
+            out[c] = before[c]
+    return out
+
+
+def budget_summary(grid, adaptive, S_big: int = 250, default: AdaptivePolicy | None = None):
+    """Per task: the S_big grid's accuracy and evaluations per example, the smallest grid S that
+    reaches it, the default policy's accuracy / evaluations / fraction of the grid, and the cheapest
+    swept policy that reaches the grid's accuracy (selected on the same items: optimistic)."""
+    import pandas as pd
+
+    default = default or AdaptivePolicy()
+    rows = {}
+    for task in grid["task"].unique():
+        g, a = grid[grid.task == task], adaptive[adaptive.task == task]
+        top = g[g.S == S_big].iloc[0]
+        ok = g[g.accuracy >= top.accuracy - 1e-12].sort_values("evals_per_example").iloc[0]
+        d = a[(a.n0 == default.n0) & (a.step == default.step) & (a.z == default.z)]
+        if d.empty:
+            raise ValueError(f"budget_summary: the default policy {default} is not in the sweep")
+        d = d.iloc[0]
+        best = cheapest_matching(a, top.accuracy)
+        rows[task] = {"grid_accuracy": top.accuracy, "grid_evals": top.evals_per_example,
+                      "smallest_S_matching": int(ok.S), "smallest_S_evals": ok.evals_per_example,
+                      "default_accuracy": d.accuracy, "default_evals": d.evals_per_example,
+                      "default_fraction": d.fraction_of_grid,
+                      "cheapest_policy": None if best is None else
+                      f"n0={int(best.n0)},step={int(best.step)},z={best.z:g}",
+                      "cheapest_accuracy": np.nan if best is None else best.accuracy,
+                      "cheapest_evals": np.nan if best is None else best.evals_per_example,
+                      "cheapest_fraction": np.nan if best is None else best.fraction_of_grid}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("task")
+
+
+def live_vs_replay(items, live: AdaptiveResult, dists, policy: AdaptivePolicy,
+                   img_retrieval: bool = False, atol: float = 1e-5) -> dict:
+    """Does a live adaptive run equal its replay on the grid distances (scores to ``atol``,
+    eliminated candidates and evaluation counts exactly)?"""
+    sc, ev = adaptive_replay(items, dists, policy, img_retrieval)
+    same = all(torch.equal(torch.isinf(a), torch.isinf(b)) and
+               torch.allclose(a[~torch.isinf(a)], b[~torch.isinf(b)], atol=atol, rtol=0)
+               for a, b in zip(live.scores, sc))
+    return {"same_scores": bool(same), "same_evals": live.evals == ev,
+            "live_evals": int(sum(live.evals)), "replay_evals": int(sum(ev))}
 
 
 def table_results(df, prefix: str = "") -> dict:

@@ -351,6 +351,14 @@ def validation_accuracy(model, items, S: int = 4, seed: int = 0) -> dict:
     return out
 
 
+def run_dir(root, cfg: HardNegConfig, **identity) -> Path:
+    """``root/lora-<fingerprint>`` of the configuration and anything else that defines the run
+    (model, training file, ...): a changed setting starts a new run instead of resuming an old one."""
+    from .cache import fingerprint
+
+    return Path(root) / f"lora-{fingerprint({**asdict(cfg), **{k: str(v) for k, v in identity.items()}})}"
+
+
 def _atomic_save(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)

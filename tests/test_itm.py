@@ -243,3 +243,59 @@ def test_adaptive_elimination_on_known_distances():
     assert math.isinf(s[0][0, 1]) and math.isfinite(s[0][0, 2])
     assert ev == [3 * 4 + 2 * 12]
     assert s[0][0, 0] == pytest.approx(-base.mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# GDBench tasks and tables (toy export -> published formats -> readers)
+# ------------------------------------------------------------------------------------------------
+def _oracle(items, img_retrieval):
+    """Scores that rank every gold candidate first (Winoground: the diagonal)."""
+    out = []
+    for it in items:
+        s = torch.zeros(len(it.images), len(it.captions), dtype=torch.float64)
+        if it.task == "group":
+            s += torch.eye(2, dtype=torch.float64)
+        elif it.task == "text":
+            s[0, it.gold_caption] = 1
+        else:
+            s[it.gold_image, 0] = 1
+        out.append(s)
+    return out
+
+
+def test_gdbench_read_and_table(tmp_path):
+    paths = itm.export_toy_gdbench(tmp_path, n=3, seed=0)
+    tasks = itm.read_gdbench(paths, max_items=3)
+    assert {"VG-A", "VG-R", "COCO-Order", "Flickr-Order", "Winoground", "Classes",
+            "Flickr30K-img", "CLEVR/spatial"} <= set(tasks)
+    assert all(0 < len(v) <= 3 for v in tasks.values())
+    cls = tasks["Classes"][0]
+    assert cls.captions == sorted(cls.captions) and cls.captions[cls.gold_caption] == cls.meta["class_prompt"]
+    const = lambda items, ir: [torch.zeros(len(i.images), len(i.captions)) for i in items]   # noqa: E731
+    df = itm.gdbench_table(tasks, {"oracle": _oracle, "const": const}, progress=False)
+    assert (df.xs("accuracy", level="metric")["oracle"] == 1).all()
+    assert (df.xs("accuracy", level="metric")["const"] == 0).all()          # all tied: strict misses
+    ties = df.xs("ties", level="metric")
+    assert (ties["const"] == ties["n"]).all() and (ties["oracle"] == 0).all()
+    assert df.loc[("Winoground", "group"), "oracle"] == 1 and df.loc[("Winoground", "group"), "const"] == 0
+    assert df.loc[("VG-A", "accuracy"), "chance"] == 0.5
+    assert df.loc[("Flickr30K-img", "R@5"), "chance"] == 0.5
+    assert df.loc[("Winoground", "group"), "chance"] == pytest.approx(1 / 6)
+    res = itm.table_results(df, "gd/")
+    assert res["gd/VG-A/accuracy/oracle"] == 1.0 and len(res) == df.size
+    with pytest.raises(KeyError, match="unknown task"):
+        itm.read_gdbench({"Nope": tmp_path})
+
+
+def test_adaptive_curve_and_cheapest():
+    it = _text_item(2, 0)
+    K = 8
+    d = [torch.stack([torch.full((K,), 1.0), torch.full((K,), 2.0 + g)])[None] for g in range(3)]
+    pols = [itm.AdaptivePolicy(n0=2, step=2, z=math.inf), itm.AdaptivePolicy(n0=2, step=2, z=1.0)]
+    curve = itm.adaptive_curve([it] * 3, d, pols)
+    assert list(curve["evals_per_example"]) == [2 * K, 2 * 2]       # constant gaps: stop at once
+    assert list(curve["accuracy"]) == [1.0, 1.0]
+    assert list(curve["fraction_of_grid"]) == [1.0, 0.25]
+    best = itm.cheapest_matching(curve, 1.0)
+    assert best["z"] == 1.0
+    assert itm.cheapest_matching(curve, 1.01) is None

@@ -1,0 +1,182 @@
+"""Benchmark: DiffusionITM scoring, ours vs the original's loop structure, and adaptive evaluation.
+
+Part 1 (throughput).  ``itm.diffitm_distances`` (each image VAE-encoded once, each prompt encoded
+once, every (caption x timestep) evaluation of a noised latent batched) against
+``itm.original_loop_scores`` (the original's Python double loop over (text, image), a pipeline call
+per pair that re-encodes the prompts, and per timestep re-encodes the images with the VAE and calls
+the UNet once, ``--batchsize`` 4 examples per call).  Both compute the same scores
+(tests/test_itm.py checks them to 1e-5); printed: UNet evaluations/s, examples/s and the ratio, on
+
+- the toy checkpoint ``data/toy-sd`` (or, until it exists, a random model of its architecture),
+- a random-weight model with SD 2.1-base's architecture (UNet from
+  ``sdformat.sd21_base_unet_config()``, SD's VAE, an OpenCLIP-H-sized text encoder; no download),
+  512 px, a handful of evaluations (about 15 s per UNet evaluation on one CPU thread).
+
+Part 2 (adaptive evaluation).  On a toy two-caption task (VG-Attribution analogue): accuracy of the
+S=250 grid, the grid at smaller S, and successive elimination (``itm.AdaptivePolicy``) replayed on
+the S=250 distances (exactly what the live version computes, see tests); printed: the UNet
+evaluations the default policy and the cheapest policy of a small sweep need to reach the S=250
+accuracy, as a fraction of the grid's evaluations (target <= 1/10).
+
+    python bench/bench_itm.py                      # everything
+    python bench/bench_itm.py --skip-sd21          # toy parts only
+    python bench/bench_itm.py --sd21-res 256       # a cheaper SD 2.1 run (same architecture)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import torch
+
+from t2i_common import itm, paths, toyexport
+from t2i_common.formats import MatchItem, read_aro_vg
+from t2i_common.models import T2IModel, load_t2i
+from t2i_common.sdformat import (TinySDConfig, build_random_sd, build_scheduler, build_tokenizer,
+                                 sd21_base_unet_config)
+
+
+def toy_model():
+    if (paths.DEFAULT_T2I / "model_index.json").exists():
+        return load_t2i(paths.DEFAULT_T2I), "toy checkpoint data/toy-sd"
+    from t2i_common.toyworld import VOCAB
+    p = build_random_sd(TinySDConfig(), VOCAB, seed=0)
+    return (T2IModel(p["tokenizer"], p["text_encoder"], p["vae"], p["unet"], p["scheduler"],
+                     name="random-toy-arch"), "random model with the toy architecture (no data/toy-sd yet)")
+
+
+def sd21_model(resolution: int = 512):
+    """Random weights, SD 2.1-base architecture: UNet (865M), VAE (f=8), 23-layer 1024-wide text
+    encoder (OpenCLIP-H's text tower as SD 2 uses it)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = build_tokenizer("a photo of red blue green circle square to the left right".split(),
+                          max_length=77)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096,
+                                      num_hidden_layers=23, num_attention_heads=16,
+                                      max_position_embeddings=77, hidden_act="gelu",
+                                      projection_dim=1024, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+                        norm_num_groups=32, sample_size=resolution)
+    cfg = sd21_base_unet_config()
+    cfg["sample_size"] = resolution // 8
+    unet = UNet2DConditionModel(**cfg)
+    return T2IModel(tok, te, vae, unet, build_scheduler(), name=f"random-sd21-base-{resolution}")
+
+
+def throughput(model, items, S, batch_items=(4, 1), label="", extra=None):
+    """Time ours and the original loop (at each ``--batchsize`` in ``batch_items``) on the same
+    items; ``extra``: {name: model} scored with our scorer too (e.g. an opt-in bf16 copy)."""
+    evals = itm.grid_evaluations(items, S)
+    print(f"\n== {label}: {len(items)} examples x {len(items[0].captions)} captions, S={S} "
+          f"({evals} UNet evaluations each)")
+    t0 = time.perf_counter()
+    ours = itm.diffitm_distances(model, items, S=S, progress=False)
+    t_ours = time.perf_counter() - t0
+    r = {"ours_evals_per_s": evals / t_ours, "ours_examples_per_s": len(items) / t_ours}
+    print(f"  ours                        : {t_ours:8.2f} s  {evals / t_ours:8.2f} UNet evals/s  "
+          f"{len(items) / t_ours:7.3f} examples/s")
+    for b in batch_items:
+        t0 = time.perf_counter()
+        ref = itm.original_loop_scores(model, items, S=S, batch_items=b)
+        t = time.perf_counter() - t0
+        diff = max(float((x - y).abs().max()) for x, y in zip(ours.scores(), ref))
+        r[f"ratio_b{b}"] = t / t_ours
+        print(f"  original loop, batchsize {b:2d} : {t:8.2f} s  {evals / t:8.2f} UNet evals/s  "
+              f"{len(items) / t:7.3f} examples/s  -> ours is {t / t_ours:.2f}x faster "
+              f"(max |score diff| {diff:.1e})")
+    for name, m in (extra or {}).items():
+        t0 = time.perf_counter()
+        e = itm.diffitm_distances(m, items, S=S, progress=False)
+        t = time.perf_counter() - t0
+        diff = max(float((x - y).abs().max()) for x, y in zip(ours.scores(), e.scores()))
+        print(f"  ours, {name:22s}: {t:8.2f} s  {evals / t:8.2f} UNet evals/s  "
+              f"{len(items) / t:7.3f} examples/s  (max |score diff| to fp32 {diff:.1e})")
+    return r
+
+
+def adaptive_study(model, items, S_big=250, small_S=(1, 2, 5, 10, 25, 50)):
+    print(f"\n== adaptive evaluation: {len(items)} two-caption items (toy VG-Attribution analogue)")
+    t0 = time.perf_counter()
+    big = itm.diffitm_distances(model, items, S=S_big, progress=True)
+    print(f"  S={S_big} grid distances: {time.perf_counter() - t0:.1f} s")
+    grid_evals = itm.grid_evaluations(items, S_big)
+    acc_big = itm.retrieval_metrics(items, big.scores())["accuracy"]
+    print(f"  grid S={S_big}: accuracy {acc_big:.3f} with {grid_evals / len(items):.0f} UNet evals/example")
+    for S in small_S:
+        s = itm.diffitm_scores(model, items, S=S, progress=False)
+        print(f"  grid S={S:3d}: accuracy {itm.retrieval_metrics(items, s)['accuracy']:.3f} with "
+              f"{itm.grid_evaluations(items, S) / len(items):5.0f} UNet evals/example")
+    rows = []
+    for n0 in (2, 4, 8):
+        for step in (2, 4, 8):
+            for z in (0.5, 1.0, 1.5, 2.0, 3.0):
+                pol = itm.AdaptivePolicy(n0=n0, step=step, z=z)
+                sc, ev = itm.adaptive_replay(items, big.dists, pol)
+                rows.append((itm.retrieval_metrics(items, sc)["accuracy"], sum(ev), pol))
+    default = itm.AdaptivePolicy()
+    sc, ev = itm.adaptive_replay(items, big.dists, default)
+    acc_d = itm.retrieval_metrics(items, sc)["accuracy"]
+    print(f"  adaptive default {default}: accuracy {acc_d:.3f} with {sum(ev) / len(items):.1f} "
+          f"UNet evals/example = {sum(ev) / grid_evals:.3f} of the S={S_big} grid")
+    ok = [r for r in rows if r[0] >= acc_big]
+    if ok:
+        acc, ev_min, pol = min(ok, key=lambda r: r[1])
+        print(f"  cheapest swept policy reaching the S={S_big} accuracy: {pol}: accuracy {acc:.3f} with "
+              f"{ev_min / len(items):.1f} UNet evals/example = {ev_min / grid_evals:.3f} of the grid "
+              f"(selected on these items)")
+    else:
+        print(f"  no swept policy reaches the S={S_big} accuracy {acc_big:.3f}")
+    live = itm.adaptive_scores(model, items, S=S_big, policy=default, progress=False)
+    same = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(live.scores, sc)) and live.evals == ev
+    print(f"  live adaptive run equals the replay: {same} ({sum(live.evals)} UNet evals)")
+    return {"acc_grid": acc_big, "acc_default": acc_d, "fraction_default": sum(ev) / grid_evals}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=16, help="toy examples for the throughput part")
+    ap.add_argument("--S", type=int, default=10)
+    ap.add_argument("--adaptive-n", type=int, default=40, help="toy examples for the adaptive part")
+    ap.add_argument("--skip-sd21", action="store_true")
+    ap.add_argument("--skip-adaptive", action="store_true")
+    ap.add_argument("--sd21-res", type=int, default=512)
+    ap.add_argument("--sd21-S", type=int, default=2, help="grid points for SD 2.1 (S=2: t=10, 510)")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
+
+    model, what = toy_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        items = read_aro_vg(toyexport.export_aro_vg(tmp, max(a.n, a.adaptive_n), 0, "attribution"),
+                            "attribution")
+        # materialise the images (the folder goes away)
+        items = [MatchItem(list(it.images), it.captions, 0, it.gold_caption, it.meta) for it in items]
+    throughput(model, items[:4], a.S, batch_items=(4,), label=f"warm-up, {what}")
+    bf16 = copy.deepcopy(model)
+    for part in (bf16.unet, bf16.vae, bf16.text_encoder):
+        part.to(torch.bfloat16)
+    bf16.dtype = torch.bfloat16
+    throughput(model, items[:a.n], a.S, label=what, extra={"bf16 weights (opt-in)": bf16})
+    if not a.skip_adaptive:
+        adaptive_study(model, items[:a.adaptive_n])
+    if not a.skip_sd21:
+        t0 = time.perf_counter()
+        big = sd21_model(a.sd21_res)
+        print(f"\nbuilt a random SD 2.1-base model at {a.sd21_res} px in {time.perf_counter() - t0:.0f} s")
+        g = torch.Generator().manual_seed(0)
+        img = (torch.rand(a.sd21_res, a.sd21_res, 3, generator=g) * 255).to(torch.uint8).numpy()
+        sd_items = [MatchItem([img], ["a photo of a red circle", "a photo of a blue square"], 0, 0)]
+        throughput(big, sd_items, a.sd21_S, batch_items=(1,), label=f"random SD 2.1-base, {a.sd21_res} px")
+
+
+if __name__ == "__main__":
+    main()
