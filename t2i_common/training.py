@@ -1,0 +1,783 @@
+"""Training the toy checkpoint: toy CLIP (contrastive), VAE, UNet (eps-prediction), resumable.
+
+Three stages, each a plain step loop over random mini-batches of an in-memory dataset:
+
+* :func:`train_clip` - text + vision towers trained together with the symmetric InfoNCE loss and a
+  learnable logit scale (Radford et al. 2021, Fig. 3 pseudo-code).  We differ in one place: a batch
+  of toy captions contains duplicates ("a red circle" many times), so every pair whose captions are
+  identical counts as a positive (multi-positive targets) instead of a false negative.
+* :func:`train_vae` - an ``AutoencoderKL`` trained with reconstruction (MSE + L1) and a small KL
+  term (the LDM first stage, Rombach et al. 2022, without the perceptual/GAN terms, which are
+  pointless on flat-coloured 32 px shapes); afterwards ``scaling_factor = 1 / std(latents)`` as in
+  LDM Sec. 3.3 / SD's 0.18215.
+* :func:`train_unet` - a ``UNet2DConditionModel`` trained with the DDPM eps-prediction loss
+  ``|| eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c) ||^2`` with t ~ U{0..T-1}
+  (Ho et al. 2020, Eq. 14; SD's scaled-linear schedule) and caption dropout (the caption replaced
+  by "" with probability 0.1) so classifier-free guidance works (Ho & Salimans 2022).  VAE latent
+  posteriors and text-encoder hidden states are computed once for the whole training set; the loop
+  then only runs the UNet.  Optional EMA of the weights.
+
+Every stage is seeded (one CPU ``torch.Generator`` drives all sampling), shows a tqdm bar, and
+writes an atomic checkpoint (weights, optimizer, step, generator state, EMA, loss history) every
+``ckpt_every`` steps, so an interrupted run resumes and ends with bit-identical weights.  The same
+functions fine-tune an existing model (``init=``), e.g. on poisoned data for the implosion study.
+
+:func:`build_toy_checkpoint` runs the whole recipe on toy-world data and writes ``data/toy-sd``;
+``python -m t2i_common.training --out data/toy-sd`` is its command line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import sdformat
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PairData:
+    """Images (uint8 [N, H, W, 3]) and, per image, one or more captions (a random one is used
+    each time the image is drawn)."""
+    images: torch.Tensor
+    captions: list
+
+    def __len__(self):
+        return len(self.images)
+
+
+def _as_image_tensor(images) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        t = images
+    else:
+        t = torch.from_numpy(np.stack([np.asarray(im) for im in images]))
+    if t.ndim != 4 or t.shape[-1] != 3 or t.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, 3] (RGB), got {tuple(t.shape)} {t.dtype}")
+    return t.contiguous()
+
+
+def as_pairs(data) -> PairData:
+    """Accept a list of ``(image, caption)`` / ``(image, [captions])`` pairs, a :class:`PairData`,
+    or a dataset object with ``.image``/``.images`` (uint8 [N, H, W, 3]) and ``.captions`` (one
+    string or a list of strings per image, e.g. ``toyworld.make_samples(...)``)."""
+    if isinstance(data, PairData):
+        caps = [[c] if isinstance(c, str) else [str(x) for x in c] for c in data.captions]
+        if len(caps) != len(data.images) or any(len(c) == 0 for c in caps):
+            raise ValueError(f"PairData: {len(data.images)} images need as many non-empty caption "
+                             f"lists, got {len(caps)}")
+        return PairData(_as_image_tensor(data.images), caps)
+    if hasattr(data, "captions") and (hasattr(data, "image") or hasattr(data, "images")):
+        images = getattr(data, "images", None)
+        if images is None:
+            images = data.image
+        caps = list(data.captions)
+    else:
+        data = list(data)
+        if data and all(hasattr(d, "image") and hasattr(d, "captions") for d in data):
+            return as_pairs(PairData(_as_image_tensor([d.image for d in data]),
+                                     [d.captions for d in data]))
+        if not data or not all(isinstance(d, (tuple, list)) and len(d) == 2 for d in data):
+            raise ValueError("pairs must be a non-empty list of (image uint8 HxWx3, caption) tuples, "
+                             "a PairData, or an object with .image/.images and .captions")
+        images, caps = [d[0] for d in data], [d[1] for d in data]
+    images = _as_image_tensor(images)
+    caps = [[c] if isinstance(c, str) else [str(x) for x in c] for c in caps]
+    if len(caps) != len(images):
+        raise ValueError(f"{len(images)} images but {len(caps)} caption entries")
+    if any(len(c) == 0 for c in caps):
+        raise ValueError("every image needs at least one caption")
+    return PairData(images, caps)
+
+
+def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (the VAE / SD convention)."""
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_clip_pixels(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> CLIP-normalised float [B, 3, H, W], identical to what
+    ``models.load_clip`` does for an image already at the model's size."""
+    x = images_u8.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _caption_table(pairs: PairData, extra=("",)):
+    """Distinct captions -> index; per image the list of its caption indices."""
+    table: dict[str, int] = {}
+    for c in extra:
+        table.setdefault(c, len(table))
+    per_image = []
+    for caps in pairs.captions:
+        per_image.append([table.setdefault(c, len(table)) for c in caps])
+    return list(table), per_image
+
+
+def _pick_captions(per_image, idx, g):
+    """One random caption index per drawn image (drawn with ``g``)."""
+    out = []
+    r = torch.rand(len(idx), generator=g)
+    for i, u in zip(idx.tolist(), r.tolist()):
+        opts = per_image[i]
+        out.append(opts[min(int(u * len(opts)), len(opts) - 1)])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def draw_captions(per_image, idx, g, caption_dropout=0.0):
+    """Caption indices for drawn images ``idx``: one of each image's captions at random, replaced
+    with probability ``caption_dropout`` by index 0 (the empty caption "" in the UNet stage)."""
+    cap = _pick_captions(per_image, idx, g)
+    if caption_dropout:
+        drop = torch.rand(len(idx), generator=g) < caption_dropout
+        cap = torch.where(drop, torch.zeros_like(cap), cap)
+    return cap
+
+
+def _draw(n, batch_size, g, weights=None):
+    if weights is None:
+        return torch.randint(n, (batch_size,), generator=g)
+    return torch.multinomial(weights, batch_size, replacement=True, generator=g)
+
+
+def _tokenize(tokenizer, texts, max_length):
+    return tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                     return_tensors="pt").input_ids
+
+
+# ------------------------------------------------------------------------------------------------
+# the generic resumable loop
+# ------------------------------------------------------------------------------------------------
+def _fingerprint(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to ``path.tmp`` then rename: a kill mid-write never leaves a torn checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Interrupted(RuntimeError):
+    """Raised by the loop when ``stop_after`` steps were run in this call (simulated kill)."""
+
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10 % of ``lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _fit(name, model, loss_fn, *, steps, lr, seed, out_dir=None, ckpt_every=500, resume=True,
+         warmup=100, weight_decay=0.0, grad_clip=1.0, ema_decay=None, progress=True,
+         hparams=None, stop_after=None, desc=None):
+    """Run ``steps`` optimisation steps of ``loss_fn(model, g) -> scalar``; returns (model, ema, info).
+
+    ``g`` is the single CPU generator all sampling must use.  A checkpoint ``out_dir/name.ckpt``
+    holds everything needed to continue bit-exactly; with ``resume`` it is picked up (its
+    ``hparams`` fingerprint must match, otherwise a ValueError names the file).  ``stop_after``
+    ends this call after that many steps *without* writing a checkpoint (a simulated kill).
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 0:
+        raise ValueError(f"{name}: steps must be >= 0, got {steps}")
+    g = torch.Generator().manual_seed(int(seed))
+    torch.manual_seed(int(seed))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            betas=(0.9, 0.999), weight_decay=weight_decay)
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+    fp = _fingerprint(dict(hparams or {}, name=name, steps=steps, lr=lr, seed=seed, warmup=warmup,
+                           weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay))
+    ck = Path(out_dir) / f"{name}.ckpt" if out_dir is not None else None
+    start, losses, wall = 0, [], 0.0
+    if resume and ck is not None and ck.exists():
+        st = torch.load(ck, map_location="cpu", weights_only=False)
+        if st["fingerprint"] != fp:
+            raise ValueError(f"{ck} was written with other hyper-parameters ({st['hparams']}); "
+                             f"delete it or use another out_dir to start afresh")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        g.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
+        start, losses, wall = st["step"], st["losses"], st["wall_s"]
+
+    def save(step):
+        if ck is None:
+            return
+        atomic_torch_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                               generator=g.get_state(), torch_rng=torch.get_rng_state(),
+                               ema=ema.state_dict() if ema is not None else None, losses=losses,
+                               wall_s=wall, fingerprint=fp, hparams=dict(hparams or {}, lr=lr,
+                                                                           steps=steps, seed=seed)),
+                          ck)
+
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc or name,
+               disable=not progress, mininterval=5.0)
+    done_here = 0
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        loss = loss_fn(model, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if ema is not None:
+            d = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm.detach(), 1 - d)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+        losses.append(float(loss.detach()))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        done_here += 1
+        if stop_after is not None and done_here >= stop_after:
+            raise Interrupted(f"{name}: stopped after {done_here} steps (step {step + 1}/{steps})")
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            wall += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save(step + 1)
+    bar.close()
+    model.eval()
+    info = dict(steps=steps, resumed_from=start, wall_s=round(wall, 2), losses=losses,
+                final_loss=float(np.mean(losses[-max(1, min(100, len(losses) // 10)):]))
+                if losses else None)
+    return model, ema, info
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP
+# ------------------------------------------------------------------------------------------------
+def clip_features(clip, pixel_values=None, input_ids=None):
+    """Projected (not yet normalised) image / text features of a transformers ``CLIPModel``."""
+    out = []
+    if pixel_values is not None:
+        out.append(clip.visual_projection(clip.vision_model(pixel_values=pixel_values).pooler_output))
+    if input_ids is not None:
+        out.append(clip.text_projection(clip.text_model(input_ids=input_ids).pooler_output))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def clip_contrastive_loss(img_f, txt_f, logit_scale, caption_ids=None):
+    """Symmetric InfoNCE.  With ``caption_ids``, pairs with identical captions are all positives
+    (target rows spread uniformly over them); without, the diagonal is the target (CLIP)."""
+    img_f = F.normalize(img_f, dim=-1)
+    txt_f = F.normalize(txt_f, dim=-1)
+    logits = logit_scale.exp().clamp(max=100.0) * img_f @ txt_f.t()
+    if caption_ids is None:
+        target = torch.eye(len(img_f))
+    else:
+        target = (caption_ids[:, None] == caption_ids[None, :]).float()
+    target = target / target.sum(1, keepdim=True)
+    li = -(target * logits.log_softmax(1)).sum(1).mean()
+    lt = -(target.t() * logits.t().log_softmax(1)).sum(1).mean()
+    return (li + lt) / 2
+
+
+def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batch_size: int = 256,
+               lr: float = 1e-3, seed: int = 0, out_dir=None, ckpt_every: int = 200,
+               resume: bool = True, init=None, weights=None, progress: bool = True,
+               stop_after=None, warmup: int = 100):
+    """Train a toy CLIP (``transformers.CLIPModel`` from ``sdformat.clip_config``) contrastively.
+
+    ``pairs``: see :func:`as_pairs`; images must be ``cfg.image_size`` square.  ``init``: a CLIPModel
+    to fine-tune instead of a fresh one.  ``weights``: optional per-image sampling weights
+    (e.g. colour-balanced batches).  Returns ``(clip, info)``; ``info`` has losses and wall time.
+    Weight decay 0.1 on all weights, AdamW, cosine schedule; CLIP's own recipe uses 0.2 and a
+    32k batch - we are 100x smaller on both.
+    """
+    from transformers import CLIPModel
+
+    data = as_pairs(pairs)
+    if data.images.shape[1] != cfg.image_size or data.images.shape[2] != cfg.image_size:
+        raise ValueError(f"train_clip: images are {tuple(data.images.shape[1:3])} but cfg.image_size "
+                         f"is {cfg.image_size}; resize the data or change the config")
+    captions, per_image = _caption_table(data, extra=())
+    ids = _tokenize(tokenizer, captions, cfg.max_length)
+    torch.manual_seed(seed)
+    clip = init if init is not None else CLIPModel(sdformat.clip_config(cfg, tokenizer))
+    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def loss_fn(model, g):
+        idx = _draw(len(data), batch_size, g, w)
+        cap = _pick_captions(per_image, idx, g)
+        img_f, txt_f = clip_features(model, to_clip_pixels(data.images[idx]), ids[cap])
+        return clip_contrastive_loss(img_f, txt_f, model.logit_scale, cap)
+
+    hp = dict(stage="clip", n=len(data), batch_size=batch_size, cfg=asdict(cfg),
+              fine_tune=init is not None, weighted=weights is not None)
+    clip, _, info = _fit("clip", clip, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
+                         ckpt_every=ckpt_every, resume=resume, warmup=warmup, weight_decay=0.1,
+                         progress=progress, hparams=hp, stop_after=stop_after, desc="toy CLIP")
+    info["logit_scale"] = float(clip.logit_scale.detach().exp())
+    return clip, info
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE
+# ------------------------------------------------------------------------------------------------
+def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int = 64,
+              lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0, out_dir=None,
+              ckpt_every: int = 200, resume: bool = True, init=None, progress: bool = True,
+              stop_after=None, warmup: int = 100, scale_images: int = 2048):
+    """Train ``sdformat.build_vae(cfg)`` (or fine-tune ``init``) on uint8 [N, H, W, 3] images.
+
+    Loss: MSE + L1 of the reconstruction from a posterior sample, plus ``kl_weight`` x KL to N(0, I)
+    (LDM's KL-regularised first stage uses ~1e-6 with perceptual + GAN terms that we drop).  After
+    training, ``scaling_factor = 1 / std`` of posterior samples of up to ``scale_images`` training
+    images is written into the config (SD 1.x's 0.18215 was found the same way).
+    Returns ``(vae, info)`` with ``info["scaling_factor"]`` and ``info["recon_mse"]`` (train set).
+    """
+    from .sdformat import build_vae
+
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        images = _as_image_tensor(images if not isinstance(images, PairData) else images.images)
+    if images.ndim != 4 or images.shape[1] != cfg.image_size:
+        raise ValueError(f"train_vae: images must be uint8 [N, {cfg.image_size}, {cfg.image_size}, 3], "
+                         f"got {tuple(images.shape)}")
+    torch.manual_seed(seed)
+    vae = init if init is not None else build_vae(cfg)
+
+    def loss_fn(model, g):
+        x = to_unit(images[_draw(len(images), batch_size, g)])
+        post = model.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = model.decode(z).sample
+        kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).sum(dim=(1, 2, 3)).mean()
+        return F.mse_loss(rec, x) + (rec - x).abs().mean() + kl_weight * kl
+
+    hp = dict(stage="vae", n=len(images), batch_size=batch_size, kl_weight=kl_weight,
+              cfg=asdict(cfg), fine_tune=init is not None)
+    vae, _, info = _fit("vae", vae, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
+                        ckpt_every=ckpt_every, resume=resume, warmup=warmup, progress=progress,
+                        hparams=hp, stop_after=stop_after, desc="VAE")
+    g = torch.Generator().manual_seed(seed + 1)
+    sub = images[torch.randperm(len(images), generator=g)[:scale_images]]
+    with torch.no_grad():
+        zs, mse = [], []
+        for i in range(0, len(sub), 256):
+            x = to_unit(sub[i:i + 256])
+            post = vae.encode(x).latent_dist
+            zs.append(post.mean + post.std * torch.randn(post.mean.shape, generator=g))
+            mse.append(F.mse_loss(vae.decode(post.mean).sample.clamp(-1, 1), x,
+                                  reduction="none").mean(dim=(1, 2, 3)))
+        std = float(torch.cat(zs).std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    info.update(scaling_factor=1.0 / std, latent_std=std, recon_mse=float(torch.cat(mse).mean()))
+    return vae, info
+
+
+@torch.no_grad()
+def vae_reconstruction_mse(vae, images, batch_size: int = 256) -> float:
+    """Mean squared error (images in [-1, 1]) of decode(posterior mean) on uint8 images."""
+    images = _as_image_tensor(images)
+    vae.eval()
+    err = []
+    for i in range(0, len(images), batch_size):
+        x = to_unit(images[i:i + batch_size])
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        err.append(((rec - x) ** 2).mean(dim=(1, 2, 3)))
+    return float(torch.cat(err).mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# UNet
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_texts(text_encoder, tokenizer, texts, max_length, batch_size: int = 256):
+    """Last hidden states [N, L, D] of the (frozen) text encoder, as SD's pipeline computes them
+    (padded to max_length, no attention mask)."""
+    text_encoder.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids = _tokenize(tokenizer, texts[i:i + batch_size], max_length)
+        out.append(text_encoder(ids)[0].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_latent_posteriors(vae, images, batch_size: int = 256):
+    """Posterior mean and std [N, C, h, w] of uint8 images (no scaling factor applied)."""
+    vae.eval()
+    mu, sd = [], []
+    for i in range(0, len(images), batch_size):
+        post = vae.encode(to_unit(images[i:i + batch_size])).latent_dist
+        mu.append(post.mean)
+        sd.append(post.std)
+    return torch.cat(mu), torch.cat(sd)
+
+
+def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, steps: int, *,
+               caption_dropout: float = 0.1, batch_size: int = 128, lr: float = 1e-3,
+               seed: int = 0, out_dir=None, ckpt_every: int = 200, resume: bool = True,
+               init=None, ema_decay: float | None = 0.999, weights=None, progress: bool = True,
+               stop_after=None, warmup: int = 100, scheduler=None,
+               snr_gamma: float | None = None, ckpt_name: str = "unet"):
+    """Train ``sdformat.build_unet(cfg)`` (or fine-tune ``init``) with the eps-prediction loss.
+
+    ``text_encoder`` and ``vae`` are frozen; their outputs for the whole training set are computed
+    once.  Each step draws images (optionally with ``weights``), one of each image's captions, a
+    latent from the VAE posterior, t ~ U{0..T-1} and eps ~ N(0, I), all from the stage's seeded
+    generator; with probability ``caption_dropout`` the caption is "" (SD/CFG).  Returns
+    ``(unet, info)`` - the EMA weights when ``ema_decay`` is set (SD ships EMA weights).
+    ``snr_gamma``: optional Min-SNR-gamma loss weight min(SNR_t, gamma) / SNR_t (Hang et al. 2023,
+    Eq. 9 for eps-prediction); None = SD's unweighted loss.  It down-weights the low-noise steps,
+    which speeds up learning of layout/colour/shape on a small compute budget.
+    ``ckpt_name``: checkpoint file stem in ``out_dir`` (a continuation stage needs its own).
+    """
+    from .sdformat import build_scheduler, build_unet
+
+    data = as_pairs(pairs)
+    if not 0.0 <= caption_dropout < 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+    sched = scheduler or build_scheduler(cfg)
+    abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
+    T = len(abar)
+    sf = float(vae.config.scaling_factor)
+    captions, per_image = _caption_table(data, extra=("",))
+    emb = encode_texts(text_encoder, tokenizer, captions, cfg.max_length)
+    mu, sd = encode_latent_posteriors(vae, data.images)
+    torch.manual_seed(seed)
+    unet = init if init is not None else build_unet(cfg)
+    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def loss_fn(model, g):
+        idx = _draw(len(data), batch_size, g, w)
+        cap = draw_captions(per_image, idx, g, caption_dropout)
+        z0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g)) * sf
+        t = torch.randint(T, (len(idx),), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        pred = model(zt, t, encoder_hidden_states=emb[cap]).sample
+        if snr_gamma is None:
+            return F.mse_loss(pred, eps)
+        snr = abar[t] / (1 - abar[t])
+        lw = snr.clamp(max=snr_gamma) / snr
+        return (lw * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    hp = dict(stage="unet", n=len(data), batch_size=batch_size, caption_dropout=caption_dropout,
+              snr_gamma=snr_gamma,
+              cfg=asdict(cfg), fine_tune=init is not None, weighted=weights is not None,
+              scaling_factor=round(sf, 6))
+    unet, ema, info = _fit(ckpt_name, unet, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
+                           ckpt_every=ckpt_every, resume=resume, warmup=warmup,
+                           ema_decay=ema_decay, progress=progress, hparams=hp,
+                           stop_after=stop_after, desc="UNet")
+    info["dropout_fraction_expected"] = caption_dropout
+    return (ema if ema is not None else unet).eval(), info
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+def clip_extra_captions(sample) -> list[str]:
+    """Partial captions added to a single-object toy image for CLIP training ("a circle",
+    "a photo of a circle", "a red object", "a photo of a red object").  Deliberate: the web
+    alt-text CLIP learned from contains such phrasings; without them the zero-shot class prompts
+    ("a photo of a {shape}") would hold the never-seen word "photo".  Multi-object images get
+    none (a partial caption would be ambiguous)."""
+    objs = sample.scene.objects
+    if len(objs) != 1:
+        return []
+    s, c = objs[0].shape, objs[0].colour
+    return [f"a {s}", f"a photo of a {s}", f"a {c} object", f"a photo of a {c} object"]
+
+
+@torch.no_grad()
+def clip_zero_shot_accuracy(clip_embedder, samples) -> dict:
+    """Zero-shot shape and colour classification of single-object toy samples.
+
+    Prompts: shape ``"a photo of a {shape}"`` (``toyworld.class_prompts``) and ``"a {shape}"``;
+    colour ``"a photo of a {colour} object"`` and ``"a {colour} object"``; plus an ensemble that
+    uses only full captions: score(colour) = mean over shapes of sim(image, "a {colour} {shape}")
+    (and vice versa), CLIP's prompt-ensembling (Radford et al. 2021, Sec. 3.1.4).
+    Returns accuracies in [0, 1] and n.
+    """
+    from . import toyworld as tw
+
+    samples = [s for s in samples]
+    if not samples or any(len(s.scene.objects) != 1 for s in samples):
+        raise ValueError("clip_zero_shot_accuracy needs single-object toy samples "
+                         "(toyworld.make_samples(n, seed, kinds=('single',)))")
+    shapes, colours = list(tw.SHAPES), list(tw.COLOURS)
+    y_shape = torch.tensor([shapes.index(s.scene.objects[0].shape) for s in samples])
+    y_col = torch.tensor([colours.index(s.scene.objects[0].colour) for s in samples])
+    img = clip_embedder.encode_images([s.image for s in samples])
+
+    def acc(texts, y):
+        return float(((img @ clip_embedder.encode_texts(texts).t()).argmax(1) == y).float().mean())
+
+    full = clip_embedder.encode_texts([f"a {c} {s}" for c in colours for s in shapes])
+    sim = (img @ full.t()).view(len(samples), len(colours), len(shapes))
+    return dict(
+        n=len(samples),
+        shape_acc=acc(tw.class_prompts("shape"), y_shape),
+        shape_acc_plain=acc([f"a {s}" for s in shapes], y_shape),
+        colour_acc=acc(tw.class_prompts("colour"), y_col),
+        colour_acc_plain=acc([f"a {c} object" for c in colours], y_col),
+        shape_acc_ensemble=float((sim.mean(1).argmax(1) == y_shape).float().mean()),
+        colour_acc_ensemble=float((sim.mean(2).argmax(1) == y_col).float().mean()),
+        joint_acc_full_caption=float(((sim.flatten(1).argmax(1)) ==
+                                      (y_col * len(shapes) + y_shape)).float().mean()),
+    )
+
+
+def fidelity_prompts(kind: str, n: int, seed: int) -> list[str]:
+    """Held-out prompts for :func:`generation_fidelity`.
+
+    single: "a {colour} {shape}" cycling over all 20 combinations; two: "a {c0} {s0} and a {c1}
+    {s1}"; relational: "a {c0} {s0} {rel} a {c1} {s1}" - both from toy pair scenes of stream
+    ``seed`` (canonical mention order)."""
+    from . import toyworld as tw
+
+    if kind == "single":
+        combos = [f"a {c} {s}" for c in tw.COLOURS for s in tw.SHAPES]
+        return [combos[i % len(combos)] for i in range(n)]
+    if kind in ("two", "relational"):
+        scenes = [s.scene for s in tw.make_samples(n, seed, kinds=("pair",))]
+        tpl = "a {c0} {s0} and a {c1} {s1}" if kind == "two" else "a {c0} {s0} {rel} a {c1} {s1}"
+        return [tw.caption_for(sc, tpl) for sc in scenes]
+    raise ValueError(f"fidelity_prompts: kind must be 'single', 'two' or 'relational', got {kind!r}")
+
+
+def generation_fidelity(model, prompts, checker=None, *, num_steps: int = 50,
+                        guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 64,
+                        progress: bool = False) -> dict:
+    """Generate one image per prompt (``T2IModel.generate``) and score it with ``checker(image,
+    prompt) -> dict of bools`` (default ``toyworld.check_prompt``).
+
+    Returns the rate of every boolean the checker reports, ``match`` (= ``both``: colour and shape
+    bound to the same objects; for relational prompts also ``relation_ok``), n, and per-prompt rows.
+    """
+    if checker is None:
+        from .toyworld import check_prompt as checker
+    prompts = list(prompts)
+    images = model.generate(prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                            batch_size=batch_size, progress=progress)
+    rows = []
+    for im, p in zip(images, prompts):
+        r = dict(checker(im, p))
+        r["match"] = bool(r.get("both", False) and r.get("relation_ok", True))
+        rows.append(dict(prompt=p, **r))
+    keys = [k for k in rows[0] if k != "prompt"]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    out.update(n=len(rows), rows=rows, num_steps=num_steps, guidance_scale=guidance_scale)
+    return out, images
+
+
+# ------------------------------------------------------------------------------------------------
+# the toy checkpoint
+# ------------------------------------------------------------------------------------------------
+def toy_config() -> sdformat.TinySDConfig:
+    """Architecture of the shipped toy checkpoint: ``TinySDConfig`` at 32 px with 8x8x4 latents,
+    narrowed so that the whole recipe trains in well under an hour on a shared 2-core CPU: a
+    training step of the default 64/128-channel UNet with 128-d text costs 40 GFLOP at batch 64,
+    this one 10 GFLOP (0.24 s on one core here).  Text width 64 (also the UNet's cross-attention
+    width), 16 tokens (the longest toy caption has 14), 2-layer text and vision towers, VAE
+    16/32/32, UNet 32/64.  Deliberately smaller than the feasibility probe's 64/128 UNet."""
+    return sdformat.TinySDConfig(
+        image_size=32, text_hidden=64, text_layers=2, text_heads=4, projection_dim=64,
+        max_length=16, vision_patch=4, vision_hidden=64, vision_layers=2,
+        vae_channels=(16, 32, 32), vae_layers=1, vae_groups=8, latent_channels=4,
+        unet_channels=(32, 64), unet_layers=1, unet_heads=2, unet_groups=8)
+
+
+@dataclass
+class ToyBudget:
+    """Data sizes, steps, batch sizes and learning rates of :func:`build_toy_checkpoint`."""
+    n_train: int = 20000
+    clip_steps: int = 1200
+    clip_batch: int = 256
+    clip_lr: float = 1e-3
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    unet_steps: int = 3600
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.998
+    snr_gamma: float = 5.0
+    #: optional continuation of the UNet from its (EMA) weights, fresh optimizer and schedule
+    unet_extra_steps: int = 0
+    unet_extra_lr: float = 3e-4
+    ckpt_every: int = 50
+    n_eval: int = 400
+    n_generate: int = 100
+    eval_steps: int = 50
+
+
+def toy_training_pairs(samples, for_clip: bool = False) -> PairData:
+    """PairData of toy samples (all templates' captions; with ``for_clip`` plus
+    :func:`clip_extra_captions`)."""
+    images = torch.from_numpy(np.stack([s.image for s in samples]))
+    caps = [list(s.captions) + (clip_extra_captions(s) if for_clip else []) for s in samples]
+    return PairData(images, caps)
+
+
+def _subsample(xs, every=10):
+    return [round(float(x), 5) for x in xs[::every]]
+
+
+def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0,
+                         resume: bool = True, work_dir=None, cfg: sdformat.TinySDConfig | None = None,
+                         evaluate: bool = True, progress: bool = True) -> dict:
+    """Train the toy checkpoint from scratch and write it to ``out_dir`` (SD format + ``clip/``).
+
+    Data: ``toyworld.make_samples(budget.n_train, seed)``; tokenizer from ``toyworld.VOCAB``;
+    stages CLIP -> VAE -> UNet (text encoder = the toy CLIP's text tower, frozen).  Checkpoints
+    go to ``work_dir`` (default ``out_dir/../train_runs``); with ``resume`` an interrupted build
+    continues where it stopped (finished stages are reloaded, not retrained).  Held-out
+    evaluation uses sample stream ``seed + 1``.  Writes ``out_dir/training_log.json`` and returns it.
+    """
+    from . import toyworld as tw
+
+    budget = budget or ToyBudget()
+    cfg = cfg or toy_config()
+    out_dir = Path(out_dir)
+    work_dir = Path(work_dir) if work_dir is not None else out_dir.parent / "train_runs"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log = dict(seed=seed, budget=asdict(budget), cfg=asdict(cfg), stages={})
+    t_all = time.perf_counter()
+
+    t = time.perf_counter()
+    samples = tw.make_samples(budget.n_train, seed, progress=progress)
+    tok = sdformat.build_tokenizer(tw.VOCAB, max_length=cfg.max_length)
+    log["stages"]["data"] = dict(wall_s=round(time.perf_counter() - t, 2), n=len(samples))
+
+    common = dict(seed=seed, out_dir=work_dir, ckpt_every=budget.ckpt_every, resume=resume,
+                  progress=progress)
+    t = time.perf_counter()
+    clip, info = train_clip(toy_training_pairs(samples, for_clip=True), cfg, tok, budget.clip_steps,
+                            batch_size=budget.clip_batch, lr=budget.clip_lr, **common)
+    log["stages"]["clip"] = _stage_log(info, t)
+
+    t = time.perf_counter()
+    images = torch.from_numpy(np.stack([s.image for s in samples]))
+    vae, info = train_vae(images, cfg, budget.vae_steps, batch_size=budget.vae_batch,
+                          lr=budget.vae_lr, **common)
+    log["stages"]["vae"] = _stage_log(info, t)
+
+    t = time.perf_counter()
+    te = sdformat.text_encoder_from_clip(clip).eval()
+    unet, info = train_unet(toy_training_pairs(samples), te, vae, tok, cfg, budget.unet_steps,
+                            caption_dropout=budget.caption_dropout, batch_size=budget.unet_batch,
+                            lr=budget.unet_lr, ema_decay=budget.ema_decay,
+                            snr_gamma=budget.snr_gamma if budget.snr_gamma > 0 else None, **common)
+    log["stages"]["unet"] = _stage_log(info, t)
+    if budget.unet_extra_steps > 0:
+        t = time.perf_counter()
+        unet, info = train_unet(toy_training_pairs(samples), te, vae, tok, cfg,
+                                budget.unet_extra_steps, caption_dropout=budget.caption_dropout,
+                                batch_size=budget.unet_batch, lr=budget.unet_extra_lr,
+                                ema_decay=budget.ema_decay, init=unet, ckpt_name="unet_extra",
+                                snr_gamma=budget.snr_gamma if budget.snr_gamma > 0 else None,
+                                **common)
+        log["stages"]["unet_extra"] = _stage_log(info, t)
+
+    sdformat.save_sd_folder(out_dir, tok, te, vae, unet, sdformat.build_scheduler(cfg), clip=clip,
+                            cfg=cfg)
+    log["train_wall_s"] = round(sum(s["wall_s"] for s in log["stages"].values()), 2)
+    if evaluate:
+        t = time.perf_counter()
+        log["eval"] = evaluate_toy_checkpoint(out_dir, seed=seed + 1, n_eval=budget.n_eval,
+                                              n_generate=budget.n_generate,
+                                              num_steps=budget.eval_steps, progress=progress)
+        log["eval_wall_s"] = round(time.perf_counter() - t, 2)
+    log["total_wall_s_this_call"] = round(time.perf_counter() - t_all, 2)
+    (out_dir / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def _stage_log(info, t0):
+    """Stage summary: train-loop wall time summed over all (resumed) sessions, this call's wall
+    time (incl. precomputation), final loss and a 1-in-10 loss curve."""
+    d = {k: v for k, v in info.items() if k != "losses"}
+    d["wall_s_this_call"] = round(time.perf_counter() - t0, 2)
+    d["loss_curve_every10"] = _subsample(info["losses"])
+    return d
+
+
+def evaluate_toy_checkpoint(folder, seed: int = 1, n_eval: int = 400, n_generate: int = 100,
+                            num_steps: int = 50, guidance_scale: float = 3.0,
+                            progress: bool = False) -> dict:
+    """Held-out quality of a toy checkpoint folder: CLIP zero-shot accuracy, VAE reconstruction
+    MSE, and generation fidelity (checker ``toyworld.check_prompt``) for single-object, two-object
+    and relational prompts."""
+    from . import toyworld as tw
+    from .models import load_clip, load_t2i
+
+    folder = Path(folder)
+    singles = tw.make_samples(n_eval, seed, kinds=("single",))
+    out = dict(clip=clip_zero_shot_accuracy(load_clip(folder / "clip"), singles))
+    model = load_t2i(folder)
+    held = tw.make_samples(n_eval, seed)
+    out["vae_recon_mse"] = vae_reconstruction_mse(model.vae, np.stack([s.image for s in held]))
+    out["generation"] = {}
+    for kind in ("single", "two", "relational"):
+        prompts = fidelity_prompts(kind, n_generate, seed)
+        res, _ = generation_fidelity(model, prompts, num_steps=num_steps,
+                                     guidance_scale=guidance_scale, seed=seed, progress=progress)
+        res.pop("rows")
+        out["generation"][kind] = res
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train the toy SD checkpoint from scratch (resumable).")
+    p.add_argument("--out", default="data/toy-sd", help="output SD-format folder")
+    p.add_argument("--work-dir", default=None, help="checkpoints (default: <out>/../train_runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads; on a shared CPU 1 is faster than 2 (OpenMP threads "
+                        "stall when another process holds a core)")
+    for f in ToyBudget.__dataclass_fields__.values():
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    budget = ToyBudget(**{k: getattr(a, k) for k in ToyBudget.__dataclass_fields__})
+    log = build_toy_checkpoint(a.out, budget, seed=a.seed, resume=not a.no_resume,
+                               work_dir=a.work_dir, evaluate=not a.no_eval)
+    summary = {k: v for k, v in log.items() if k != "stages"}
+    summary["stages"] = {k: {kk: vv for kk, vv in v.items() if kk != "loss_curve_every10"}
+                         for k, v in log["stages"].items()}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Training code: losses (closed forms), learning, determinism, exact resume, caption dropout,
+saved folders loading through load_t2i / StableDiffusionPipeline / load_clip, evaluation metrics."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from t2i_common import sdformat, training as T
+from tests.conftest import TINY_WORDS
+
+COLS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 210, 40)}
+
+
+def _pairs(n=16, size=16, seed=0):
+    """Squares / diamonds of 4 colours on gray at random positions, caption "a {colour} {shape}"."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = np.full((size, size, 3), 118, np.uint8)
+        colour, shape = list(COLS)[i % 4], ("square", "diamond")[(i // 4) % 2]
+        x, y = rng.integers(0, size - 7, 2)
+        yy, xx = np.mgrid[0:7, 0:7]
+        m = np.ones((7, 7), bool) if shape == "square" else (abs(yy - 3) + abs(xx - 3) <= 3)
+        img[y:y + 7, x:x + 7][m] = COLS[colour]
+        out.append((img, f"a {colour} {shape}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return sdformat.TinySDConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def tok(cfg):
+    return sdformat.build_tokenizer(TINY_WORDS, max_length=cfg.max_length)
+
+
+def _equal_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------- closed forms
+def test_contrastive_loss_closed_form():
+    n, s = 4, 2.0
+    f = torch.eye(n)
+    ls = torch.tensor(math.log(s))
+    expected = -math.log(math.exp(s) / (math.exp(s) + n - 1))
+    assert T.clip_contrastive_loss(f, f, ls).item() == pytest.approx(expected, rel=1e-5)
+    # captions 0 and 1 identical: row 0 targets {0, 1} with 1/2 each
+    g = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([7, 7, 3, 5])
+    logits = s * torch.nn.functional.normalize(g, dim=-1) @ torch.nn.functional.normalize(g, dim=-1).t()
+    tgt = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    li = -(tgt * logits.log_softmax(1)).sum(1).mean()
+    lt = -(tgt * logits.t().log_softmax(1)).sum(1).mean()
+    assert T.clip_contrastive_loss(g, g, ls, ids).item() == pytest.approx(((li + lt) / 2).item(), rel=1e-5)
+
+
+def test_lr_schedule():
+    assert T.lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert T.lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert T.lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert T.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+    assert T.lr_at(55, 100, 1.0, 10) == pytest.approx(0.55)
+
+
+def test_caption_dropout_rate():
+    data = T.as_pairs([(np.zeros((4, 4, 3), np.uint8), ["x a", "x b"]),
+                       (np.zeros((4, 4, 3), np.uint8), "y")])
+    captions, per_image = T._caption_table(data, extra=("",))
+    assert captions[0] == "" and captions[1:] == ["x a", "x b", "y"]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(2, (20000,), generator=g)
+    cap = T.draw_captions(per_image, idx, g, caption_dropout=0.1)
+    dropped = (cap == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 4 * math.sqrt(0.09 / 20000)
+    kept = cap != 0
+    for i, c in zip(idx[kept].tolist(), cap[kept].tolist()):
+        assert c in per_image[i]
+    # both captions of image 0 are used about equally
+    c0 = cap[kept & (idx == 0)]
+    assert abs((c0 == 1).float().mean().item() - 0.5) < 0.03
+    assert (T.draw_captions(per_image, idx, g, 0.0) != 0).all()
+
+
+def test_as_pairs_errors():
+    with pytest.raises(ValueError, match="uint8"):
+        T.as_pairs([(np.zeros((4, 4), np.uint8), "a")])
+    with pytest.raises(ValueError, match="pairs must be"):
+        T.as_pairs([])
+    with pytest.raises(ValueError, match="at least one caption"):
+        T.as_pairs([(np.zeros((4, 4, 3), np.uint8), [])])
+
+
+# ---------------------------------------------------------------- learning
+def test_clip_learns(cfg, tok):
+    clip, info = T.train_clip(_pairs(), cfg, tok, 40, batch_size=16, lr=2e-3, warmup=5,
+                              progress=False)
+    l = info["losses"]
+    assert np.mean(l[-5:]) < 0.6 * np.mean(l[:5])
+
+
+def test_vae_learns_and_scaling(cfg):
+    imgs = np.stack([p[0] for p in _pairs()])
+    vae, info = T.train_vae(imgs, cfg, 30, batch_size=8, lr=2e-3, warmup=5, progress=False)
+    l = info["losses"]
+    assert np.mean(l[-5:]) < 0.6 * np.mean(l[:5])
+    assert vae.config.scaling_factor == pytest.approx(info["scaling_factor"])
+    # scaled posterior samples of the training images have unit std (SD's definition)
+    mu, sd = T.encode_latent_posteriors(vae, torch.from_numpy(imgs))
+    z = (mu + sd * torch.randn(mu.shape, generator=torch.Generator().manual_seed(5)))
+    assert float(z.std() * vae.config.scaling_factor) == pytest.approx(1.0, rel=0.1)
+    assert T.vae_reconstruction_mse(vae, imgs) == pytest.approx(info["recon_mse"], rel=1e-4)
+
+
+def _unet_run(cfg, tok, **kw):
+    from transformers import CLIPModel
+    torch.manual_seed(0)
+    clip = CLIPModel(sdformat.clip_config(cfg, tok))
+    te, vae = sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg)
+    return T.train_unet(_pairs(), te, vae, tok, cfg, kw.pop("steps", 6), batch_size=8,
+                        warmup=2, progress=False, **kw)
+
+
+def test_unet_learns(cfg, tok):
+    _, info = _unet_run(cfg, tok, steps=40, lr=2e-3, ema_decay=None)
+    l = info["losses"]
+    assert np.mean(l[-10:]) < 0.8 * np.mean(l[:5])
+
+
+def test_determinism(cfg, tok):
+    a, _ = _unet_run(cfg, tok, seed=3)
+    b, _ = _unet_run(cfg, tok, seed=3)
+    c, _ = _unet_run(cfg, tok, seed=4)
+    assert _equal_state(a, b)
+    assert not _equal_state(a, c)
+
+
+def test_resume_after_kill_is_exact(cfg, tok, tmp_path):
+    full, info_full = _unet_run(cfg, tok, seed=1, out_dir=tmp_path / "a", ckpt_every=2)
+    with pytest.raises(T.Interrupted):  # killed during step 5, after the step-4 checkpoint
+        _unet_run(cfg, tok, seed=1, out_dir=tmp_path / "b", ckpt_every=2, stop_after=5)
+    st = torch.load(tmp_path / "b" / "unet.ckpt", weights_only=False)
+    assert st["step"] == 4 and not list((tmp_path / "b").glob("*.tmp"))
+    resumed, info = _unet_run(cfg, tok, seed=1, out_dir=tmp_path / "b", ckpt_every=2)
+    assert info["resumed_from"] == 4
+    assert _equal_state(full, resumed)  # EMA weights, bit-identical
+    assert info["losses"] == info_full["losses"]
+    with pytest.raises(ValueError, match="other hyper-parameters"):
+        _unet_run(cfg, tok, seed=2, out_dir=tmp_path / "b", ckpt_every=2)
+
+
+# ---------------------------------------------------------------- saved folder
+def test_saved_folder_loads(cfg, tok, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from t2i_common.models import load_clip, load_t2i
+
+    pairs = _pairs()
+    clip, _ = T.train_clip(pairs, cfg, tok, 3, batch_size=8, progress=False)
+    vae, _ = T.train_vae(np.stack([p[0] for p in pairs]), cfg, 3, batch_size=8, progress=False)
+    te = sdformat.text_encoder_from_clip(clip)
+    unet, _ = T.train_unet(pairs, te, vae, tok, cfg, 3, batch_size=8, progress=False)
+    sdformat.save_sd_folder(tmp_path / "sd", tok, te, vae, unet, sdformat.build_scheduler(cfg),
+                            clip=clip, cfg=cfg)
+    m = load_t2i(tmp_path / "sd")
+    assert m.scaling_factor == pytest.approx(vae.config.scaling_factor)
+    # the text embeddings the UNet was trained on are the ones the loader produces
+    emb = T.encode_texts(te, tok, ["a red square", ""], cfg.max_length)
+    assert torch.allclose(m.encode_prompts(["a red square", ""]), emb, atol=1e-5)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    out = pipe("a red square", num_inference_steps=2, height=16, width=16, output_type="np")
+    assert out.images.shape == (1, 16, 16, 3)
+    # load_clip's preprocessing equals the training preprocessing
+    emb = load_clip(tmp_path / "sd" / "clip")
+    imgs = [p[0] for p in pairs[:3]]
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(
+            T.clip_features(clip.eval(), T.to_clip_pixels(torch.from_numpy(np.stack(imgs)))), dim=-1)
+    assert torch.allclose(emb.encode_images(imgs), ref, atol=1e-4)
+
+
+# ---------------------------------------------------------------- evaluation
+class _Replay:
+    """A fake T2I model whose 'generations' are given images."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def generate(self, prompts, **kw):
+        return np.stack(self.images[:len(prompts)])
+
+
+def test_generation_fidelity_against_ground_truth():
+    from t2i_common import toyworld as tw
+
+    samples = tw.make_samples(6, 11, kinds=("pair",))
+    prompts = [tw.caption_for(s.scene, "a {c0} {s0} {rel} a {c1} {s1}") for s in samples]
+    res, _ = T.generation_fidelity(_Replay([s.image for s in samples]), prompts)
+    assert res["match"] == 1.0 and res["n"] == 6
+    # wrong relation for every image: the converse relation with the same object order
+    wrong = [tw.caption_for(s.scene, "a {c0} {s0} {rel} a {c1} {s1}")
+             .replace(s.scene.relation[1], tw.CONVERSE[s.scene.relation[1]]) for s in samples]
+    res, _ = T.generation_fidelity(_Replay([s.image for s in samples]), wrong)
+    assert res["both"] == 1.0 and res["relation_ok"] == 0.0 and res["match"] == 0.0
+
+
+class _OracleEmbedder:
+    """Image features = one-hot(true shape, true colour) from the pixel checker; text features =
+    one-hot of the words it names.  Zero-shot accuracy must be 1; with colours permuted 0."""
+
+    def __init__(self, perm=None):
+        from t2i_common import toyworld as tw
+        self.tw, self.perm = tw, perm
+
+    def _vec(self, colour, shape, perm=None):
+        v = torch.zeros(len(self.tw.SHAPES) + len(self.tw.COLOURS))
+        if shape:
+            v[list(self.tw.SHAPES).index(shape)] = 1
+        if colour:
+            k = list(self.tw.COLOURS).index(colour)
+            v[len(self.tw.SHAPES) + (perm[k] if perm else k)] = 1
+        return v
+
+    def encode_images(self, images):
+        return torch.stack([self._vec(*self.tw.classify_object(im), perm=self.perm) for im in images])
+
+    def encode_texts(self, texts):
+        out = []
+        for t in texts:
+            w = t.split()
+            out.append(self._vec(next((x for x in w if x in self.tw.COLOURS), None),
+                                 next((x for x in w if x in self.tw.SHAPES), None)))
+        return torch.stack(out)
+
+
+def test_clip_zero_shot_accuracy_oracle():
+    from t2i_common import toyworld as tw
+
+    samples = tw.make_samples(30, 5, kinds=("single",))
+    acc = T.clip_zero_shot_accuracy(_OracleEmbedder(), samples)
+    assert acc["shape_acc"] == 1.0 and acc["colour_acc"] == 1.0 and acc["joint_acc_full_caption"] == 1.0
+    bad = T.clip_zero_shot_accuracy(_OracleEmbedder(perm=[1, 2, 3, 4, 0]), samples)
+    assert bad["colour_acc"] == 0.0 and bad["shape_acc"] == 1.0
+    with pytest.raises(ValueError, match="single-object"):
+        T.clip_zero_shot_accuracy(_OracleEmbedder(), tw.make_samples(3, 5, kinds=("pair",)))
