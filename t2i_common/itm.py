@@ -49,7 +49,23 @@ SCORE_VERSION = "diffitm-1"
 # identities: images, items, models
 # ------------------------------------------------------------------------------------------------
 def image_key(im) -> str:
-    """Content hash of an image (PIL, uint8 array or path): identical pixels -> identical key."""
+    """Content hash of an image: a file reference (:class:`~t2i_common.formats.ImageRef` or path)
+    hashes the file's bytes and crop box without decoding; PIL images / arrays hash their pixels.
+    Identical content -> identical key (so an image shared by several items is encoded once)."""
+    from pathlib import Path
+
+    from .formats import ImageRef
+
+    if isinstance(im, (str, Path)):
+        im = ImageRef(Path(im))
+    if isinstance(im, ImageRef):
+        p = Path(im.path)
+        if not p.is_file():
+            raise FileNotFoundError(f"image file not found: {p}"
+                                    f"{' (referenced by ' + im.source + ')' if im.source else ''}")
+        h = hashlib.sha1(p.read_bytes())
+        h.update(repr(im.box).encode())
+        return "f" + h.hexdigest()[:19]
     pil = to_pil(im).convert("RGB")
     h = hashlib.sha1(f"{pil.size}".encode())
     h.update(np.asarray(pil).tobytes())
@@ -87,22 +103,27 @@ def _check_items(items, who):
 @dataclass
 class _Prepared:
     keys: list            # per item: list of image keys
-    pils: dict            # image key -> PIL image
+    refs: dict            # image key -> image reference (ImageRef / PIL), loaded when encoded
     ids: list             # per item: content id (cache file name)
 
 
 def _prepare(items) -> _Prepared:
-    keys, pils, ids = [], {}, []
+    """Image keys without keeping decoded images: MatchItems expose their lazy references."""
+    keys, refs, ids = [], {}, []
     for it in items:
         ks = []
-        for im in it.images:
-            pil = to_pil(im).convert("RGB")
-            k = image_key(pil)
-            pils.setdefault(k, pil)
+        for ref in getattr(it, "image_refs", None) or list(it.images):
+            k = image_key(ref)
+            refs.setdefault(k, ref)
             ks.append(k)
         keys.append(ks)
         ids.append(fingerprint({"images": ks, "captions": [str(c) for c in it.captions]}))
-    return _Prepared(keys, pils, ids)
+    return _Prepared(keys, refs, ids)
+
+
+def _load(ref):
+    from .formats import to_pil as load
+    return load(ref)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,12 +144,12 @@ class _Scorer:
         self.unet_evals = 0
         self.vae_images = 0
 
-    def encode(self, keys, pils):
+    def encode(self, keys, refs):
         """VAE posterior (mean, std, both times the scaling factor) of every new image, once."""
         new = [k for k in dict.fromkeys(keys) if k not in self.post]
         if not new:
             return
-        x = self.model.preprocess([pils[k] for k in new])
+        x = self.model.preprocess([_load(refs[k]) for k in new])
         self.vae_images += len(new)
         if self.mode == "mean":
             z = self.model.encode_images(x, mode="mean").float().cpu()
@@ -187,9 +208,9 @@ def _prompt_table(model, items):
     return model.encode_prompts(prompts), {p: i for i, p in enumerate(prompts)}
 
 
-def _grid_chunk(scorer, items, keys, pils, img_retrieval):
+def _grid_chunk(scorer, items, keys, refs, img_retrieval):
     """[I, J, K] distances for a chunk of items; every (image, prompt) pair is evaluated once."""
-    scorer.encode([k for ks in keys for k in ks], pils)
+    scorer.encode([k for ks in keys for k in ks], refs)
     emb, row = _prompt_table(scorer.model, items)
     need: dict[str, list] = {}
     for it, ks in zip(items, keys):
@@ -265,7 +286,9 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
     def fn(ids):
         its = [items[first[i]] for i in ids]
         ks = [prep.keys[first[i]] for i in ids]
-        return [d.float() for d in _grid_chunk(scorer, its, ks, prep.pils, img_retrieval)]
+        out = [d.float() for d in _grid_chunk(scorer, its, ks, prep.refs, img_retrieval)]
+        scorer.post.clear()   # latents live for one chunk (memory stays bounded on large benchmarks)
+        return out
 
     got = map_cached(fn, list(first), rc, desc=f"DiffusionITM S={S}", progress=progress, chunk=chunk)
     return ITMDistances([got[i] for i in prep.ids], scorer.grid, scorer.unet_evals, scorer.vae_images)
@@ -297,8 +320,9 @@ def clip_scores(clip, items, progress: bool = False) -> list:
     once.  float64 [n_images, n_captions] per item."""
     items = _check_items(items, "clip_scores")
     prep = _prepare(items)
-    ukeys = list(prep.pils)
-    img = clip.encode_images([prep.pils[k] for k in ukeys], progress=progress).double()
+    ukeys = list(prep.refs)
+    img = torch.cat([clip.encode_images([_load(prep.refs[k]) for k in ukeys[i:i + 256]])
+                     for i in range(0, len(ukeys), 256)]).double()   # 256 decoded images at a time
     irow = {k: i for i, k in enumerate(ukeys)}
     texts = list(dict.fromkeys(str(c) for it in items for c in it.captions))
     txt = clip.encode_texts(texts, progress=progress).double()
@@ -584,7 +608,7 @@ def adaptive_scores(model, items, S: int = 250, seed: int = 0, policy: AdaptiveP
     def fn(ids):
         its = [items[first[i]] for i in ids]
         kss = [prep.keys[first[i]] for i in ids]
-        scorer.encode([k for ks in kss for k in ks], prep.pils)
+        scorer.encode([k for ks in kss for k in ks], prep.refs)
         emb, row = _prompt_table(model, its)
         races = []
         for it, ks in zip(its, kss):
@@ -619,6 +643,7 @@ def adaptive_scores(model, items, S: int = 250, seed: int = 0, policy: AdaptiveP
                     pos += n_img
                     d = torch.stack([x[0] - x[1] if img_retrieval else x[0] for x in rows])
                     races[r].update(d.numpy())
+        scorer.post.clear()
         return [{"scores": _as_matrix(it, race.scores()), "evals": race.evals,
                  "points": race.n} for it, race in zip(its, races)]
 
@@ -881,9 +906,13 @@ def grid_curve(model, items, S_values, seed: int = 0, img_retrieval: bool = Fals
     return pd.DataFrame(rows)
 
 
-def policy_sweep(n0s=(2, 4, 8), steps=(2, 4, 8), zs=(0.5, 1.0, 1.5, 2.0, 3.0)) -> list:
-    """The :class:`AdaptivePolicy` grid used by the sampling-budget study."""
-    return [AdaptivePolicy(n0=a, step=b, z=z) for a in n0s for b in steps for z in zs]
+def policy_sweep(n0s=(2, 4, 8), steps=(2, 4, 8), zs=(0.5, 1.0, 1.5, 2.0, 3.0),
+                 max_points=(None, 24)) -> list:
+    """The :class:`AdaptivePolicy` grid used by the sampling-budget study, plus the full grid
+    (z = inf, which never eliminates) as the reference row."""
+    return [AdaptivePolicy(n0=a, step=b, z=z, max_points=m)
+            for a in n0s for b in steps for z in zs for m in max_points] + \
+        [AdaptivePolicy(n0=2, step=2, z=math.inf)]
 
 
 def adaptive_curve(items, dists, policies, img_retrieval: bool = False):
@@ -921,32 +950,54 @@ def before_after(before, after):
     return out
 
 
-def budget_summary(grid, adaptive, S_big: int = 250, default: AdaptivePolicy | None = None):
+def budget_summary(grid, adaptive, S_big: int = 250, default: AdaptivePolicy | None = None,
+                   calibration=None):
     """Per task: the S_big grid's accuracy and evaluations per example, the smallest grid S that
-    reaches it, the default policy's accuracy / evaluations / fraction of the grid, and the cheapest
-    swept policy that reaches the grid's accuracy (selected on the same items: optimistic)."""
+    reaches it, the default policy's accuracy / evaluations / fraction of the grid and, with
+    ``calibration`` (an :func:`adaptive_curve` on *other* items of the task, including the z=inf
+    row = the grid), the policy picked there as the cheapest reaching the calibration items' grid
+    accuracy, evaluated on these items.  ``best_*`` is the cheapest policy reaching the grid
+    accuracy picked on these very items (optimistic: selected on the test items)."""
     import pandas as pd
 
     default = default or AdaptivePolicy()
+
+    def row_of(curve, n0, step, z, mp):
+        same_mp = curve.max_points.isna() if mp is None or mp != mp else curve.max_points == mp
+        r = curve[(curve.n0 == n0) & (curve.step == step) & (curve.z == z) & same_mp]
+        if r.empty:
+            raise ValueError(f"budget_summary: policy n0={n0}, step={step}, z={z}, max_points={mp} "
+                             f"is not in the sweep")
+        return r.iloc[0]
+
+    def name(r):
+        mp = "" if r.max_points is None or r.max_points != r.max_points else f",max={int(r.max_points)}"
+        return f"n0={int(r.n0)},step={int(r.step)},z={r.z:g}{mp}"
+
     rows = {}
     for task in grid["task"].unique():
         g, a = grid[grid.task == task], adaptive[adaptive.task == task]
         top = g[g.S == S_big].iloc[0]
         ok = g[g.accuracy >= top.accuracy - 1e-12].sort_values("evals_per_example").iloc[0]
-        d = a[(a.n0 == default.n0) & (a.step == default.step) & (a.z == default.z)]
-        if d.empty:
-            raise ValueError(f"budget_summary: the default policy {default} is not in the sweep")
-        d = d.iloc[0]
-        best = cheapest_matching(a, top.accuracy)
-        rows[task] = {"grid_accuracy": top.accuracy, "grid_evals": top.evals_per_example,
-                      "smallest_S_matching": int(ok.S), "smallest_S_evals": ok.evals_per_example,
-                      "default_accuracy": d.accuracy, "default_evals": d.evals_per_example,
-                      "default_fraction": d.fraction_of_grid,
-                      "cheapest_policy": None if best is None else
-                      f"n0={int(best.n0)},step={int(best.step)},z={best.z:g}",
-                      "cheapest_accuracy": np.nan if best is None else best.accuracy,
-                      "cheapest_evals": np.nan if best is None else best.evals_per_example,
-                      "cheapest_fraction": np.nan if best is None else best.fraction_of_grid}
+        d = row_of(a, default.n0, default.step, default.z, default.max_points)
+        r = {"grid_accuracy": top.accuracy, "grid_evals": top.evals_per_example,
+             "smallest_S_matching": int(ok.S), "smallest_S_evals": ok.evals_per_example,
+             "default_accuracy": d.accuracy, "default_evals": d.evals_per_example,
+             "default_fraction": d.fraction_of_grid}
+        if calibration is not None:
+            c = calibration[calibration.task == task]
+            target = c[~np.isfinite(c.z)].accuracy.iloc[0]
+            pick = cheapest_matching(c[np.isfinite(c.z)], target)
+            if pick is not None:
+                t = row_of(a, pick.n0, pick.step, pick.z, pick.max_points)
+                r.update({"calibrated_policy": name(pick),
+                          "calibrated_accuracy": t.accuracy, "calibrated_evals": t.evals_per_example,
+                          "calibrated_fraction": t.fraction_of_grid})
+        best = cheapest_matching(a[np.isfinite(a.z)], top.accuracy)
+        if best is not None:
+            r.update({"best_policy": name(best),
+                      "best_evals": best.evals_per_example, "best_fraction": best.fraction_of_grid})
+        rows[task] = r
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("task")
 
 

@@ -162,6 +162,26 @@ def hardneg_data_from_negclip(rows, root=None) -> HardNegData:
                        [list(r.neg_captions) for r in rows], [list(r.neg_images) for r in rows])
 
 
+def export_toy_negclip(root, n: int, seed: int = 0, families=("colour", "relation")) -> Path:
+    """Toy hard negatives in the NegCLIP tsv format: ``n`` Winoground-style pairs of
+    :func:`t2i_common.toyworld.winoground_quadruples` (colours swapped, or the two objects trading
+    places), two rows each: the row's hard-negative caption is its partner's caption and its
+    hard-negative image the partner row.  Same layout as ``toyexport.export_negclip``, which writes
+    the colour family only; the relation family is the one the toy model does not already solve."""
+    from . import formats
+    from . import toyworld as tw
+
+    root = Path(root)
+    rows = []
+    for k, (i0, i1, c0, c1) in enumerate(tw.winoground_quadruples(n, seed + 80, families=families)):
+        for j, (img, cap, neg) in enumerate(((i0, c0, c1), (i1, c1, c0))):
+            rel = f"images/negclip_{k:05d}_{j}.png"
+            formats.save_image(img, root / rel)
+            rows.append({"title": cap, "filepath": rel, "neg_captions": [neg],
+                         "neg_images": [2 * k + 1 - j]})
+    return formats.write_negclip_tsv(rows, root / "negclip_toy.tsv")
+
+
 def negclip_val_items(data: HardNegData) -> list:
     """Validation MatchItems from held-out rows, the original's two validation sets: text
     (image vs [positive, first hard-negative caption]) and image ([image, first hard-negative

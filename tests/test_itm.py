@@ -299,3 +299,25 @@ def test_adaptive_curve_and_cheapest():
     best = itm.cheapest_matching(curve, 1.0)
     assert best["z"] == 1.0
     assert itm.cheapest_matching(curve, 1.01) is None
+
+
+def test_budget_summary_with_calibration():
+    import pandas as pd
+
+    grid = pd.DataFrame({"task": ["t"] * 3, "S": [1, 10, 250], "K": [1, 10, 245],
+                         "evals_per_example": [2.0, 20.0, 490.0], "accuracy": [0.6, 0.8, 0.8],
+                         "ties": [0, 0, 0]})
+
+    def curve(rows):
+        return pd.DataFrame([{"task": "t", "n0": n0, "step": 2, "z": z, "max_points": None,
+                              "evals_per_example": e, "fraction_of_grid": e / 490, "accuracy": acc,
+                              "ties": 0} for n0, z, e, acc in rows])
+
+    test = curve([(4, 2.0, 40.0, 0.8), (2, 0.5, 5.0, 0.8), (2, 1.0, 10.0, 0.7), (2, math.inf, 490.0, 0.8)])
+    cal = curve([(4, 2.0, 40.0, 0.9), (2, 0.5, 5.0, 0.7), (2, 1.0, 10.0, 0.9), (2, math.inf, 490.0, 0.9)])
+    s = itm.budget_summary(grid, test, 250, default=itm.AdaptivePolicy(n0=4, step=2, z=2.0),
+                           calibration=cal).loc["t"]
+    assert s.grid_accuracy == 0.8 and s.smallest_S_matching == 10 and s.default_evals == 40
+    # calibration picks the cheapest policy reaching 0.9 there (n0=2, z=1), reported on test items
+    assert s.calibrated_policy == "n0=2,step=2,z=1" and s.calibrated_accuracy == 0.7
+    assert s.best_policy == "n0=2,step=2,z=0.5" and s.best_evals == 5.0

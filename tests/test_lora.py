@@ -1,4 +1,5 @@
 """HardNeg-DiffusionITM: LoRA adapter, the hinged negative loss, the step, save/load, resume."""
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,20 @@ def test_finetune_resumes_exactly(tiny_sd_dir, data, tmp_path):
     assert list(vals["step"]) == [0, 2, 4]
     assert set(vals.columns) >= {"val_text", "val_image", "val_acc"}
     assert (tmp_path / "b" / "lora.safetensors").exists()
+
+
+def test_toy_negclip_pairs_are_reciprocal(tmp_path):
+    from t2i_common import formats, toyworld
+
+    tsv = lora.export_toy_negclip(tmp_path, 4, seed=0, families=("relation",))
+    rows = formats.read_negclip_tsv(tsv)
+    data = lora.hardneg_data_from_negclip(rows, tsv.parent)
+    assert len(data) == 8
+    for i, r in enumerate(rows):
+        j = r.neg_images[0]
+        assert rows[j].neg_images == [i] and r.neg_captions == [rows[j].title]
+        assert sorted(r.title.split()) == sorted(r.neg_captions[0].split())   # same words, other order
+        img = np.asarray(formats.to_pil(data.images[i]))
+        assert toyworld.check_prompt(img, r.title)["relation_ok"]
+    items = lora.negclip_val_items(data)
+    assert [it.task for it in items] == ["text"] * 8 + ["image"] * 8

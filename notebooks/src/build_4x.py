@@ -85,8 +85,8 @@ S = 250, OpenCLIP ViT-H-14)."""),
 model = "toy"              # T2I model: SD-format folder, hub id or alias (toy, sd2.1-base, sd1.5)
 clip = "toy-clip"          # baseline: toy-clip, ViT-B-32/openai, ViT-H-14/laion2b_s32b_b79k, a CLIPModel folder
 task_paths = None          # {task: path} of the real GDBench files (see params yaml); None: toy analogues
-toy_n = 48                 # items per exported toy task
-max_items = 48             # first items per task (None: all)
+toy_n = 100                # items per exported toy task
+max_items = 100            # first items per task (None: all)
 S = 10                     # sampling_steps: grid range(10, 990, 1000 // S) (CLI default 10; paper table 250)
 latent_mode = "mean"       # "mean" (deterministic) or "sample" (original: posterior sample per timestep)
 seed = 0                   # noise bank and toy data
@@ -191,9 +191,10 @@ evaluations reach the accuracy of the S = 250 grid?"""),
         code('''
 model = "toy"              # T2I model: SD-format folder, hub id or alias
 task_paths = None          # {task: path} of real GDBench files; None: toy analogues (40_gdbench's export)
-tasks = ["VG-A"]           # tasks studied (GDBench names; "CLEVR/<subtask>" for one CLEVR subtask)
-toy_n = 48                 # items per exported toy task
-max_items = 40             # items per task
+tasks = ["CLEVR/pair_binding_size", "Classes"]  # GDBench names ("CLEVR/<subtask>": one CLEVR subtask)
+toy_n = 100                # items per exported toy task (the same export as 40_gdbench)
+max_items = 40             # test items per task (the first ones)
+calib_items = 40           # the next items: used only to pick an adaptive policy (calibration split)
 S_big = 250                # the paper's grid
 S_values = [1, 2, 5, 10, 25, 50]  # smaller grids (each with its own bank[k], as the original)
 seed = 0
@@ -217,9 +218,11 @@ data_root = paths.GENERATED / "40_gdbench" if task_paths is None else None
 '''),
         code('''
 task_files = task_paths or itm.export_toy_gdbench(data_root, toy_n, seed)
-data = itm.select_tasks(task_files, tasks, max_items)
+both = itm.select_tasks(task_files, tasks, max_items + calib_items)
+data = {t: v[:max_items] for t, v in both.items()}
+calib = {t: v[max_items:] for t, v in both.items()}
 t2i = models.load_t2i(model, device=device, dtype=getattr(torch, dtype))
-{k: len(v) for k, v in data.items()}
+{t: (len(data[t]), len(calib[t])) for t in tasks}
 '''),
         md(f"## 1. The fixed grid: accuracy against S"),
         code('''
@@ -228,26 +231,40 @@ grid = pd.concat({t: itm.grid_curve(t2i, items, S_values + [S_big], seed=seed, c
 report.save_table(grid.set_index(["task", "S"]), out, "grid_curve")
 grid.round(3)
 '''),
-        md("## 2. Adaptive evaluation, replayed on the S = 250 distances"),
+        md("""
+## 2. Adaptive evaluation, replayed on the S = 250 distances
+
+Each policy of a sweep (`n0` first points, `step` more per round, elimination threshold `z`) is replayed
+on the test items and on a separate **calibration split** (the next items of the same task).  The
+policy reported as *calibrated* is the cheapest one reaching the S = 250 accuracy on the calibration
+items, evaluated on the test items; *best* is picked on the test items themselves (optimistic)."""),
         code('''
 big = {t: itm.diffitm_distances(t2i, items, S=S_big, seed=seed, cache=cache or None).dists
        for t, items in data.items()}
+big_calib = {t: itm.diffitm_distances(t2i, items, S=S_big, seed=seed, cache=cache or None).dists
+             for t, items in calib.items()}
 adaptive = pd.concat({t: itm.adaptive_curve(data[t], big[t], itm.policy_sweep()) for t in data},
                      names=["task"]).reset_index(level=0)
+adaptive_calib = pd.concat({t: itm.adaptive_curve(calib[t], big_calib[t], itm.policy_sweep()) for t in calib},
+                           names=["task"]).reset_index(level=0)
 report.save_table(adaptive.set_index(["task", "n0", "step", "z"]), out, "adaptive_curve")
-adaptive.sort_values(["task", "evals_per_example"]).groupby("task").head(8).round(3)
+report.save_table(adaptive_calib.set_index(["task", "n0", "step", "z"]), out, "adaptive_curve_calibration")
+adaptive.sort_values(["task", "evals_per_example"]).groupby("task").head(6).round(3)
 '''),
         code('''
-summary = itm.budget_summary(grid, adaptive, S_big)
+summary = itm.budget_summary(grid, adaptive, S_big, calibration=adaptive_calib)
 report.save_table(summary, out, "summary")
-summary.round(3)
+summary.T
 '''),
         code('''
 # NBVAL_CHECK_OUTPUT
 for task, r in summary.iterrows():
-    print(f"{task}: S={S_big} grid accuracy {r.grid_accuracy:.3f} at {r.grid_evals:.0f} evals/example; "
-          f"default policy {r.default_accuracy:.3f} at {r.default_evals:.1f} ({r.default_fraction:.3f} of the grid); "
-          f"cheapest matching policy {r.cheapest_evals:.1f} evals ({r.cheapest_fraction:.3f})")
+    print(f"{task}: S={S_big} grid accuracy {r.grid_accuracy:.3f} at {r.grid_evals:.0f} UNet evals/example")
+    print(f"  default policy {itm.AdaptivePolicy()}: accuracy {r.default_accuracy:.3f} at "
+          f"{r.default_evals:.1f} evals ({r.default_fraction:.3f} of the grid)")
+    print(f"  calibrated policy {r.calibrated_policy}: accuracy {r.calibrated_accuracy:.3f} at "
+          f"{r.calibrated_evals:.1f} evals ({r.calibrated_fraction:.3f} of the grid)")
+    print(f"  smallest grid reaching it: S={r.smallest_S_matching} ({r.smallest_S_evals:.0f} evals)")
 '''),
         md("## 3. A live adaptive run spends and returns exactly what the replay says"),
         code('''
@@ -310,9 +327,12 @@ helps on every ARO task (VG-A 62.9 -> 67.6, VG-R 50.0 -> 52.3, COCO-Order 23.5 -
 negatives against 0.625 without.
 
 Here: the toy checkpoint's UNet is fine-tuned on toy hard negatives written as a NegCLIP tsv (pairs of
-scenes whose colours are swapped: each row's hard-negative caption is its partner's caption and its
-hard-negative image the partner's image), then the GDBench toy analogues are scored before and after
-(**transfer**, as in the paper: the evaluation tasks are not the training task)."""),
+scenes whose colours are swapped or whose two objects trade places: each row's hard-negative caption is
+its partner's caption and its hard-negative image the partner's image), then the GDBench toy analogues
+are scored before and after (**transfer**, as in the paper: the evaluation sets are other scenes in
+other formats).  Note the hinge: when a batch's negative error already exceeds its positive error,
+$\\mathcal L = 0$ and only $\\mathcal L_\\text{{pos}}$ sends gradients, so negatives the model already
+rejects teach nothing."""),
         code('''
 model = "toy"              # T2I model to fine-tune: SD-format folder, hub id or alias
 train_tsv = None           # NegCLIP tsv (title, filepath, neg_caption, neg_image); None: toy export
@@ -322,15 +342,15 @@ task_paths = None          # GDBench files for before/after; None: toy analogues
 tasks = ["VG-A", "VG-R", "COCO-Order", "Winoground", "CLEVR/pair_binding_color", "CLEVR/spatial"]
 toy_n = 32                 # items per exported toy task
 max_items = 32             # items per task before/after
-train_n = 400              # toy training pairs (2 rows each)
-val_n = 24                 # toy validation pairs
-steps = 120                # optimizer steps (original: 8 epochs of MS-COCO)
+train_n = 600              # toy training pairs (2 rows each; colour and relation swaps)
+val_n = 32                 # toy validation pairs
+steps = 300                # optimizer steps (original: 8 epochs of MS-COCO; released checkpoint: 5000)
 batch_size = 8             # original 4
 grad_accum = 1             # original 4
 lr = 1e-3                  # original 1e-4 (10x here: a short CPU run)
 rank = 4
 neg_loss_factor = 1.0      # lambda
-val_every = 30
+val_every = 50
 val_S = 4
 S = 10                     # grid for the before/after tables
 seed = 0
@@ -344,7 +364,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from t2i_common import formats, itm, lora, models, paths, report, toyexport
+from t2i_common import formats, itm, lora, models, paths, report
 
 if threads:
     torch.set_num_threads(threads)
@@ -357,8 +377,8 @@ cfg = lora.HardNegConfig(rank=rank, lr=lr, batch_size=batch_size, grad_accum=gra
 '''),
         md("## 1. Training rows with hard negatives (NegCLIP tsv) and the evaluation tasks"),
         code('''
-train_file = Path(train_tsv or toyexport.export_negclip(data_root / "negclip_train", train_n, seed))
-val_file = Path(val_tsv or toyexport.export_negclip(data_root / "negclip_val", val_n, seed + 1000))
+train_file = Path(train_tsv or lora.export_toy_negclip(data_root / "negclip_train", train_n, seed))
+val_file = Path(val_tsv or lora.export_toy_negclip(data_root / "negclip_val", val_n, seed + 1000))
 train = lora.hardneg_data_from_negclip(formats.read_negclip_tsv(train_file), root=image_root or train_file.parent)
 val_items = lora.negclip_val_items(lora.hardneg_data_from_negclip(formats.read_negclip_tsv(val_file),
                                                                   root=image_root or val_file.parent))
