@@ -326,7 +326,7 @@ def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batc
     captions, per_image = _caption_table(data, extra=())
     ids = _tokenize(tokenizer, captions, cfg.max_length)
     torch.manual_seed(seed)
-    clip = init if init is not None else CLIPModel(sdformat.clip_config(cfg, tokenizer))
+    clip = init.requires_grad_(True) if init is not None else CLIPModel(sdformat.clip_config(cfg, tokenizer))
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def loss_fn(model, g):
@@ -367,7 +367,7 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
         raise ValueError(f"train_vae: images must be uint8 [N, {cfg.image_size}, {cfg.image_size}, 3], "
                          f"got {tuple(images.shape)}")
     torch.manual_seed(seed)
-    vae = init if init is not None else build_vae(cfg)
+    vae = init.requires_grad_(True) if init is not None else build_vae(cfg)
 
     def loss_fn(model, g):
         x = to_unit(images[_draw(len(images), batch_size, g)])
@@ -451,6 +451,8 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     latent from the VAE posterior, t ~ U{0..T-1} and eps ~ N(0, I), all from the stage's seeded
     generator; with probability ``caption_dropout`` the caption is "" (SD/CFG).  Returns
     ``(unet, info)`` - the EMA weights when ``ema_decay`` is set (SD ships EMA weights).
+    With ``init`` (e.g. ``load_t2i(...).unet``, frozen by the loader) all its parameters are
+    trained again, in place.
     ``snr_gamma``: optional Min-SNR-gamma loss weight min(SNR_t, gamma) / SNR_t (Hang et al. 2023,
     Eq. 9 for eps-prediction); None = SD's unweighted loss.  It down-weights the low-noise steps,
     which speeds up learning of layout/colour/shape on a small compute budget.
@@ -469,7 +471,7 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     emb = encode_texts(text_encoder, tokenizer, captions, cfg.max_length)
     mu, sd = encode_latent_posteriors(vae, data.images)
     torch.manual_seed(seed)
-    unet = init if init is not None else build_unet(cfg)
+    unet = init.requires_grad_(True) if init is not None else build_unet(cfg)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def loss_fn(model, g):
@@ -631,7 +633,7 @@ class ToyBudget:
     ema_decay: float = 0.998
     snr_gamma: float = 5.0
     #: optional continuation of the UNet from its (EMA) weights, fresh optimizer and schedule
-    unet_extra_steps: int = 0
+    unet_extra_steps: int = 2400
     unet_extra_lr: float = 3e-4
     ckpt_every: int = 50
     n_eval: int = 400

@@ -131,6 +131,18 @@ def test_unet_learns(cfg, tok):
     assert np.mean(l[-10:]) < 0.8 * np.mean(l[:5])
 
 
+def test_finetune_from_returned_or_loaded_model(cfg, tok):
+    from transformers import CLIPModel
+    unet, _ = _unet_run(cfg, tok, steps=3)  # EMA copy, requires_grad off (like load_t2i's)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    torch.manual_seed(0)
+    clip = CLIPModel(sdformat.clip_config(cfg, tok))
+    tuned, info = T.train_unet(_pairs(), sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg),
+                               tok, cfg, 3, batch_size=8, init=unet, ema_decay=None, progress=False)
+    assert tuned is unet and len(info["losses"]) == 3
+    assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
+
+
 def test_determinism(cfg, tok):
     a, _ = _unet_run(cfg, tok, seed=3)
     b, _ = _unet_run(cfg, tok, seed=3)
