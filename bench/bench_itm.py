@@ -12,11 +12,13 @@ the UNet once, ``--batchsize`` 4 examples per call).  Both compute the same scor
   ``sdformat.sd21_base_unet_config()``, SD's VAE, an OpenCLIP-H-sized text encoder; no download),
   512 px, a handful of evaluations (about 15 s per UNet evaluation on one CPU thread).
 
-Part 2 (adaptive evaluation).  On a toy two-caption task (VG-Attribution analogue): accuracy of the
-S=250 grid, the grid at smaller S, and successive elimination (``itm.AdaptivePolicy``) replayed on
-the S=250 distances (exactly what the live version computes, see tests); printed: the UNet
-evaluations the default policy and the cheapest policy of a small sweep need to reach the S=250
-accuracy, as a fraction of the grid's evaluations (target <= 1/10).
+Part 2 (adaptive evaluation).  On a toy two-caption task (CLEVR pair_binding_size analogue, where
+the score needs many timesteps): accuracy of the S=250 grid and of smaller grids, and successive
+elimination (``itm.AdaptivePolicy``) replayed on the S=250 distances (exactly what the live version
+computes; checked at the end).  Printed: the UNet evaluations of the default policy, of the policy
+calibrated on a separate split of the task (cheapest reaching the grid accuracy there), and of the
+cheapest policy picked on the test items themselves (optimistic), as fractions of the S=250 grid's
+evaluations (target <= 1/10).
 
     python bench/bench_itm.py                      # everything
     python bench/bench_itm.py --skip-sd21          # toy parts only
@@ -125,49 +127,41 @@ def components(model, img, S_proj=250, P=2):
           f"(from not re-encoding alone; batching adds little on a CPU)")
 
 
-def adaptive_study(model, items, S_big=250, small_S=(1, 2, 5, 10, 25, 50)):
-    print(f"\n== adaptive evaluation: {len(items)} two-caption items (toy VG-Attribution analogue)")
+def adaptive_study(model, test, calib, task, S_big=250, small_S=(1, 2, 5, 10, 25, 50)):
+    """Grid accuracy against S, every swept policy replayed on the S_big distances of the test and
+    of a calibration split, the summary (:func:`itm.budget_summary`) and a live check."""
+    import pandas as pd
+
+    print(f"\n== adaptive evaluation on the toy {task}: {len(test)} test + {len(calib)} calibration items")
     t0 = time.perf_counter()
-    big = itm.diffitm_distances(model, items, S=S_big, progress=True)
-    print(f"  S={S_big} grid distances: {time.perf_counter() - t0:.1f} s")
-    grid_evals = itm.grid_evaluations(items, S_big)
-    acc_big = itm.retrieval_metrics(items, big.scores())["accuracy"]
-    print(f"  grid S={S_big}: accuracy {acc_big:.3f} with {grid_evals / len(items):.0f} UNet evals/example")
-    for S in small_S:
-        s = itm.diffitm_scores(model, items, S=S, progress=False)
-        print(f"  grid S={S:3d}: accuracy {itm.retrieval_metrics(items, s)['accuracy']:.3f} with "
-              f"{itm.grid_evaluations(items, S) / len(items):5.0f} UNet evals/example")
-    rows = []
-    for n0 in (2, 4, 8):
-        for step in (2, 4, 8):
-            for z in (0.5, 1.0, 1.5, 2.0, 3.0):
-                pol = itm.AdaptivePolicy(n0=n0, step=step, z=z)
-                sc, ev = itm.adaptive_replay(items, big.dists, pol)
-                rows.append((itm.retrieval_metrics(items, sc)["accuracy"], sum(ev), pol))
-    default = itm.AdaptivePolicy()
-    sc, ev = itm.adaptive_replay(items, big.dists, default)
-    acc_d = itm.retrieval_metrics(items, sc)["accuracy"]
-    print(f"  adaptive default {default}: accuracy {acc_d:.3f} with {sum(ev) / len(items):.1f} "
-          f"UNet evals/example = {sum(ev) / grid_evals:.3f} of the S={S_big} grid")
-    ok = [r for r in rows if r[0] >= acc_big]
-    if ok:
-        acc, ev_min, pol = min(ok, key=lambda r: r[1])
-        print(f"  cheapest swept policy reaching the S={S_big} accuracy: {pol}: accuracy {acc:.3f} with "
-              f"{ev_min / len(items):.1f} UNet evals/example = {ev_min / grid_evals:.3f} of the grid "
-              f"(selected on these items)")
-    else:
-        print(f"  no swept policy reaches the S={S_big} accuracy {acc_big:.3f}")
-    live = itm.adaptive_scores(model, items, S=S_big, policy=default, progress=False)
-    same = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(live.scores, sc)) and live.evals == ev
-    print(f"  live adaptive run equals the replay: {same} ({sum(live.evals)} UNet evals)")
-    return {"acc_grid": acc_big, "acc_default": acc_d, "fraction_default": sum(ev) / grid_evals}
+    grid = itm.grid_curve(model, test, list(small_S) + [S_big], progress=False).assign(task=task)
+    big = itm.diffitm_distances(model, test, S=S_big, progress=False).dists
+    big_c = itm.diffitm_distances(model, calib, S=S_big, progress=False).dists
+    print(f"  grid distances: {time.perf_counter() - t0:.1f} s")
+    for _, r in grid.iterrows():
+        print(f"  grid S={r.S:3d}: accuracy {r.accuracy:.3f} with {r.evals_per_example:5.0f} UNet evals/example")
+    curve = itm.adaptive_curve(test, big, itm.policy_sweep()).assign(task=task)
+    cal = itm.adaptive_curve(calib, big_c, itm.policy_sweep()).assign(task=task)
+    r = itm.budget_summary(grid, curve, S_big, calibration=cal).loc[task]
+    print(f"  default {itm.AdaptivePolicy()}: accuracy {r.default_accuracy:.3f} with "
+          f"{r.default_evals:.1f} evals/example = {r.default_fraction:.3f} of the S={S_big} grid")
+    if "calibrated_policy" in r and isinstance(r.calibrated_policy, str):
+        print(f"  calibrated on the other split ({r.calibrated_policy}): accuracy {r.calibrated_accuracy:.3f} "
+              f"with {r.calibrated_evals:.1f} evals/example = {r.calibrated_fraction:.3f} of the grid")
+    if isinstance(r.get("best_policy"), str):
+        print(f"  cheapest policy reaching the S={S_big} accuracy, picked on the test items "
+              f"({r.best_policy}): {r.best_evals:.1f} evals/example = {r.best_fraction:.3f} of the grid")
+    live = itm.adaptive_scores(model, test, S=S_big, policy=itm.AdaptivePolicy(), progress=False)
+    print(f"  live adaptive run equals the replay: {itm.live_vs_replay(test, live, big, itm.AdaptivePolicy())}")
+    return pd.DataFrame([r])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=16, help="toy examples for the throughput part")
+    ap.add_argument("--n", type=int, default=32, help="toy examples for the throughput part")
     ap.add_argument("--S", type=int, default=10)
-    ap.add_argument("--adaptive-n", type=int, default=40, help="toy examples for the adaptive part")
+    ap.add_argument("--adaptive-n", type=int, default=32, help="toy test (and calibration) items")
+    ap.add_argument("--adaptive-task", default="CLEVR/pair_binding_size", help="GDBench toy task")
     ap.add_argument("--skip-sd21", action="store_true")
     ap.add_argument("--skip-adaptive", action="store_true")
     ap.add_argument("--sd21-res", type=int, default=512)
@@ -190,7 +184,12 @@ def main():
     bf16.dtype = torch.bfloat16
     throughput(model, items[:a.n], a.S, label=what, extra={"bf16 weights (opt-in)": bf16})
     if not a.skip_adaptive:
-        adaptive_study(model, items[:a.adaptive_n])
+        with tempfile.TemporaryDirectory() as tmp:
+            files = itm.export_toy_gdbench(tmp, 2 * a.adaptive_n, seed=0)
+            its = itm.select_tasks(files, [a.adaptive_task])[a.adaptive_task]
+            its = [MatchItem(list(it.images), it.captions, it.gold_image, it.gold_caption, it.meta)
+                   for it in its]
+        adaptive_study(model, its[:a.adaptive_n], its[a.adaptive_n:2 * a.adaptive_n], a.adaptive_task)
     if not a.skip_sd21:
         t0 = time.perf_counter()
         big = sd21_model(a.sd21_res)

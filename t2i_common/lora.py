@@ -332,10 +332,11 @@ def make_optimizer(model, cfg: HardNegConfig):
 
 
 def train_step(model, optimizer, data: HardNegData, cfg: HardNegConfig, step: int) -> dict:
-    """One optimizer step (``grad_accum`` micro-batches, clipping, AdamW); returns the mean losses
-    and the negative kinds used."""
+    """One optimizer step (``grad_accum`` micro-batches, clipping, AdamW); returns the mean losses,
+    the fraction of micro-batches whose hinge was open (L_neg < lambda L_pos, so the negative term
+    had a gradient) and the negative kinds used."""
     optimizer.zero_grad(set_to_none=True)
-    tot = {"loss": 0.0, "l_pos": 0.0, "l_neg": 0.0}
+    tot = {"loss": 0.0, "l_pos": 0.0, "l_neg": 0.0, "hinge_open": 0.0}
     kinds = []
     for m in range(cfg.grad_accum):
         b = micro_batch(model, data, cfg, step, m)
@@ -345,6 +346,9 @@ def train_step(model, optimizer, data: HardNegData, cfg: HardNegConfig, step: in
         tot["loss"] += float(loss.detach()) / cfg.grad_accum
         tot["l_pos"] += float(lp.detach()) / cfg.grad_accum
         tot["l_neg"] += float(ln.detach()) / cfg.grad_accum
+        # the negative term sends gradients only while L_neg < lambda * L_pos
+        is_open = float(ln.detach()) < cfg.neg_loss_factor * float(lp.detach())
+        tot["hinge_open"] += float(is_open) / cfg.grad_accum
         kinds.append(b["kind"])
     torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.max_grad_norm)
     optimizer.step()
@@ -377,6 +381,15 @@ def run_dir(root, cfg: HardNegConfig, **identity) -> Path:
     from .cache import fingerprint
 
     return Path(root) / f"lora-{fingerprint({**asdict(cfg), **{k: str(v) for k, v in identity.items()}})}"
+
+
+def hinge_activity(history):
+    """Per negative kind (exact when ``grad_accum`` = 1): steps, mean L_pos and L_neg, and the
+    fraction of steps whose hinge was open (the negative term contributed a gradient)."""
+    tr = history.dropna(subset=["loss"])
+    g = tr.groupby("kinds")
+    return g.agg(steps=("loss", "size"), l_pos=("l_pos", "mean"), l_neg=("l_neg", "mean"),
+                 hinge_open=("hinge_open", "mean"))
 
 
 def _atomic_save(obj, path: Path):

@@ -120,7 +120,9 @@ def test_step_changes_only_lora_and_lowers_loss(fresh, data):
     assert any(not torch.equal(now[n], v) for n, v in lora0.items())
     # the library step does the same kind of update and only touches LoRA weights
     out = lora.train_step(fresh, opt, data, cfg, step=1)
-    assert set(out) == {"loss", "l_pos", "l_neg", "kinds"}
+    assert set(out) == {"loss", "l_pos", "l_neg", "hinge_open", "kinds"}
+    assert out["hinge_open"] == float(out["l_neg"] < out["l_pos"])      # grad_accum 1, lambda 1
+    assert out["loss"] == pytest.approx(out["l_pos"] - min(out["l_neg"], out["l_pos"]), abs=1e-7)
     assert all(torch.equal(now[n], v) for n, v in frozen.items())
 
 
@@ -170,6 +172,8 @@ def test_finetune_resumes_exactly(tiny_sd_dir, data, tmp_path):
     vals = h_res.dropna(subset=["val_acc"])
     assert list(vals["step"]) == [0, 2, 4]
     assert set(vals.columns) >= {"val_text", "val_image", "val_acc"}
+    act = lora.hinge_activity(h_res)
+    assert act["steps"].sum() == cfg.steps and act["hinge_open"].between(0, 1).all()
     assert (tmp_path / "b" / "lora.safetensors").exists()
 
 

@@ -193,8 +193,8 @@ model = "toy"              # T2I model: SD-format folder, hub id or alias
 task_paths = None          # {task: path} of real GDBench files; None: toy analogues (40_gdbench's export)
 tasks = ["CLEVR/pair_binding_size", "Classes"]  # GDBench names ("CLEVR/<subtask>": one CLEVR subtask)
 toy_n = 100                # items per exported toy task (the same export as 40_gdbench)
-max_items = 40             # test items per task (the first ones)
-calib_items = 40           # the next items: used only to pick an adaptive policy (calibration split)
+max_items = 32             # test items per task (the first ones)
+calib_items = 32           # the next items: used only to pick an adaptive policy (calibration split)
 S_big = 250                # the paper's grid
 S_values = [1, 2, 5, 10, 25, 50]  # smaller grids (each with its own bank[k], as the original)
 seed = 0
@@ -340,8 +340,8 @@ val_tsv = None             # held-out NegCLIP-format rows for validation; None: 
 image_root = None          # folder the tsv's filepath column is relative to (None: the tsv's folder)
 task_paths = None          # GDBench files for before/after; None: toy analogues (40_gdbench's export)
 tasks = ["VG-A", "VG-R", "COCO-Order", "Winoground", "CLEVR/pair_binding_color", "CLEVR/spatial"]
-toy_n = 32                 # items per exported toy task
-max_items = 32             # items per task before/after
+toy_n = 100                # items per exported toy task (the same export as 40_gdbench)
+max_items = 64             # items per task before/after
 train_n = 600              # toy training pairs (2 rows each; colour and relation swaps)
 val_n = 32                 # toy validation pairs
 steps = 300                # optimizer steps (original: 8 epochs of MS-COCO; released checkpoint: 5000)
@@ -399,6 +399,13 @@ history = lora.finetune_hardneg(t2i, train, val_items, cfg, out_dir=run)
 report.save_table(history, out, "history")
 history.dropna(subset=["val_acc"])[["step", "val_text", "val_image", "val_acc"]].round(3)
 '''),
+        md("How often did the negatives teach anything?  The hinge is open (the negative term has a "
+           "gradient) only in steps whose mean negative error is below lambda times the positive one."),
+        code('''
+hinge = lora.hinge_activity(history)
+report.save_table(hinge, out, "hinge_activity")
+hinge.round(4)
+'''),
         md("## 4. After: the same tasks with the adapter"),
         code('''
 after = itm.gdbench_table(evals, {"HardNeg-DiffITM": itm.diffitm_method(t2i, S=S, seed=seed, cache=cache or None)})
@@ -412,6 +419,7 @@ for (task, metric), row in table.iterrows():
     print(f"{task:26s} {metric:9s} DiffITM {row['DiffITM']:6.3f} -> HardNeg {row['HardNeg-DiffITM']:6.3f}  ({row['delta']:+.3f})")
 v = history.dropna(subset=["val_acc"])
 print(f"validation accuracy (S={val_S}): {v.val_acc.iloc[0]:.3f} -> {v.val_acc.iloc[-1]:.3f}")
+print("hinge open (fraction of steps):", {k: round(x, 3) for k, x in hinge.hinge_open.items()})
 '''),
         code('''
 fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -431,6 +439,7 @@ report.save_figure(fig, out, "training_curves");
 report.save_results(out, {"table": itm.table_results(table),
                           "validation": {int(r.step): r[["val_text", "val_image", "val_acc"]].to_dict()
                                          for _, r in v.iterrows()},
+                          "hinge_activity": {k: r.to_dict() for k, r in hinge.iterrows()},
                           "settings": {"model": str(model), "S": S, "seed": seed, **vars(cfg)}})
 '''),
         md("## Reading the numbers\n\nINTERPRETATION_42"),
