@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .cache import fingerprint
 from .engine import NoiseBank, denoise_errors
 
 #: Defaults of the original MI code: loc 1, scale 2 and clip 4 (its MI functions never pass the
@@ -334,8 +335,10 @@ def _item_parts(it, i):
 
 def aro_scores(model, items, *, n_samples: int = 100, integration: Integration = Integration(),
                estimator: str = "orthogonal", seed: int = 0, images_per_call: int = 8,
-               cache=None, batch_size=None, progress: bool = True) -> np.ndarray:
-    """i(x; caption option) of each item -> [N, n_options] (the prediction is the argmax).
+               cache=None, batch_size=None, progress: bool = True):
+    """i(x; caption option) of each item -> [N, n_options] (the prediction is the argmax);
+    ``estimator="both"`` returns {"orthogonal": [N, n], "standard": [N, n]} from the same UNet
+    evaluations (cached entries hold both).
 
     Items: :class:`~t2i_common.formats.MatchItem` s with one image (``read_aro_vg``,
     ``read_aro_order``) or ARO dicts ``{"image_options": [img], "caption_options": [...]}``.
@@ -346,8 +349,9 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
     """
     from .cache import map_cached
 
-    if estimator not in ("orthogonal", "standard"):
-        raise ValueError(f"aro_scores: estimator must be 'orthogonal' or 'standard', got {estimator!r}")
+    if estimator not in ("orthogonal", "standard", "both"):
+        raise ValueError(f"aro_scores: estimator must be 'orthogonal', 'standard' or 'both', "
+                         f"got {estimator!r}")
     items = list(items)
     if not items:
         raise ValueError("aro_scores: no items given")
@@ -362,11 +366,18 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
         z = _as_latents(model, [p[0] for p in parts])
         out = pointwise_mi(model, latents=z, captions=[p[1] for p in parts], n_samples=n_samples,
                            integration=integration, seed=seed, streams=ids, batch_size=batch_size)
-        return [out[estimator][j].numpy() for j in range(len(ids))]
+        res = []
+        for j, (_, caps) in enumerate(parts):
+            # identical options get identical scores (UNet rows at different batch positions may
+            # differ in the last bits, which would break exact ties)
+            first = [caps.index(c) for c in caps]
+            res.append({k: out[k][j].numpy()[first] for k in ("orthogonal", "standard")})
+        return res
 
     res = map_cached(score, list(range(len(items))), cache, desc="ARO (MI)", progress=progress,
                      chunk=images_per_call)
-    return np.stack([res[i] for i in range(len(items))])
+    both = {k: np.stack([res[i][k] for i in range(len(items))]) for k in ("orthogonal", "standard")}
+    return both if estimator == "both" else both[estimator]
 
 
 ARO_TASKS = ("VG-A", "VG-R", "COCO-Order", "Flickr-Order")
@@ -439,30 +450,44 @@ def coco_it_items(csv_path=None, instances=None, image_dir=None, mask_size=None,
     return rows[:max_rows] if max_rows else rows
 
 
-def info_method(model, n_samples: int = 100, integration: Integration = Integration(),
-                estimator: str = "orthogonal", seed: int = 0, cache=None, batch_size=None,
-                progress: bool = True):
-    """i(x; caption) as a scoring function ``(items, img_retrieval) -> [1, J] score matrices``,
-    the interface of :func:`t2i_common.itm.gdbench_table` and :func:`relation_testing`.
+def info_methods(model, n_samples: int = 100, integration: Integration = Integration(),
+                 estimators=("orthogonal",), seed: int = 0, cache=None, batch_size=None,
+                 progress: bool = True) -> dict:
+    """i(x; caption) as scoring functions ``(items, img_retrieval) -> [1, J] score matrices``
+    (the interface of :func:`t2i_common.itm.gdbench_table` and :func:`relation_testing`), one per
+    estimator ("orthogonal": the paper's; "standard": the difference of denoising errors).  All
+    estimators of one task come from the same UNet evaluations (computed once, memoised).
     ``cache``: None, or a folder under which a ResultCache keyed by the model, the items and every
     parameter is made per task."""
     from .cache import ResultCache
     from .itm import image_key, model_fingerprint
 
-    def score(items, img_retrieval=False):
-        if img_retrieval:
-            raise ValueError("info_method: MI retrieval scores captions of one image (text retrieval)")
-        rc = None
-        if cache is not None:
-            key = dict(method="info-mi-1", model=model_fingerprint(model), n=int(n_samples),
-                       integration=repr(integration), estimator=estimator, seed=int(seed),
-                       items=[[image_key(_item_parts(it, i)[0]), _item_parts(it, i)[1]]
-                              for i, it in enumerate(items)])
-            rc = ResultCache("info_mi", key, root=cache)
-        s = aro_scores(model, items, n_samples=n_samples, integration=integration, estimator=estimator,
-                       seed=seed, cache=rc, batch_size=batch_size, progress=progress)
-        return [row[None, :] for row in s]
-    return score
+    memo = {}
+
+    def both(items):
+        key = dict(method="info-mi-3", model=model_fingerprint(model), n=int(n_samples),
+                   integration=repr(integration), seed=int(seed),
+                   items=[[image_key(_item_parts(it, i)[0]), _item_parts(it, i)[1]]
+                          for i, it in enumerate(items)])
+        fp = fingerprint(key)
+        if fp not in memo:
+            rc = ResultCache("info_mi", key, root=cache) if cache is not None else None
+            memo[fp] = aro_scores(model, items, n_samples=n_samples, integration=integration,
+                                  estimator="both", seed=seed, cache=rc, batch_size=batch_size,
+                                  progress=progress)
+        return memo[fp]
+
+    def make(est):
+        def score(items, img_retrieval=False):
+            if img_retrieval:
+                raise ValueError("info_methods: MI retrieval scores captions of one image (text retrieval)")
+            return [row[None, :] for row in both(list(items))[est]]
+        return score
+
+    bad = [e for e in estimators if e not in ("orthogonal", "standard")]
+    if bad or not estimators:
+        raise ValueError(f"info_methods: estimators must be 'orthogonal' and/or 'standard', got {estimators}")
+    return {e: make(e) for e in estimators}
 
 
 def relation_methods(model, clip=None, n_samples: int = 100,
@@ -470,8 +495,9 @@ def relation_methods(model, clip=None, n_samples: int = 100,
                      seed: int = 0, cache=None, batch_size=None, progress: bool = True) -> dict:
     """The paper's Table 1 columns as scoring functions: "CLIP" (cosine, when ``clip`` is given),
     "DiffITM" (:func:`t2i_common.itm.diffitm_scores` with grid size ``diffitm_S``; None leaves it
-    out) and "Info (<mode>)" (:func:`info_method`).  ``cache``: None or a folder (per-item
-    results are cached under it)."""
+    out), "Info (<mode>)" (the paper's orthogonal estimator) and, beyond the paper,
+    "Info (<mode>, standard)" (difference of denoising errors; same UNet evaluations), see
+    :func:`info_methods`.  ``cache``: None or a folder (per-item results are cached under it)."""
     from . import itm
 
     out = {}
@@ -480,9 +506,10 @@ def relation_methods(model, clip=None, n_samples: int = 100,
     if diffitm_S:
         out["DiffITM"] = itm.diffitm_method(model, S=diffitm_S, seed=seed, cache=cache,
                                             batch_size=batch_size, progress=progress)
-    out[f"Info ({integration.mode})"] = info_method(model, n_samples, integration, seed=seed,
-                                                    cache=cache, batch_size=batch_size,
-                                                    progress=progress)
+    info = info_methods(model, n_samples, integration, ("orthogonal", "standard"), seed=seed,
+                        cache=cache, batch_size=batch_size, progress=progress)
+    out[f"Info ({integration.mode})"] = info["orthogonal"]
+    out[f"Info ({integration.mode}, standard)"] = info["standard"]
     return out
 
 

@@ -149,6 +149,13 @@ def test_aro_scores_match_pointwise_mi_and_resume(tiny_model, tiny_images, tmp_p
     assert len(cache.done_ids()) == 3
     s2 = it.aro_scores(tiny_model, items, n_samples=3, cache=cache, progress=False)
     assert np.array_equal(s, s2)
+    both = it.aro_scores(tiny_model, items, n_samples=3, estimator="both", progress=False)
+    assert np.allclose(both["orthogonal"], s, rtol=1e-5)
+    assert np.allclose(both["standard"], ref["standard"].numpy(), rtol=1e-5, atol=1e-5)
+    dup = it.aro_scores(tiny_model, [{"image_options": [tiny_images[0]],
+                                      "caption_options": ["a red circle", "a blue square", "a red circle"]}],
+                        n_samples=3, progress=False)
+    assert dup[0, 0] == dup[0, 2] and dup[0, 0] != dup[0, 1]
     with pytest.raises(ValueError, match="caption options"):
         it.aro_scores(tiny_model, items + [{"image_options": [tiny_images[0]],
                                             "caption_options": ["a"]}], n_samples=2)
@@ -219,7 +226,7 @@ def test_relation_testing_with_match_items(tiny_model, tiny_images):
     items = [MatchItem([im], ["a blue square", "a red circle"], 0, 1,
                        {"aro_task": "vg_relation", "relation_name": "above" if i % 2 else "below"})
              for i, im in enumerate(tiny_images)]
-    info = it.info_method(tiny_model, n_samples=3, progress=False)
+    info = it.info_methods(tiny_model, n_samples=3, progress=False)["orthogonal"]
     first = lambda its, img_ret: [np.array([[1.0, 0.0]]) for _ in its]   # noqa: E731
     tie = lambda its, img_ret: [np.array([[0.5, 0.5]]) for _ in its]     # noqa: E731
     df = it.relation_testing({"VG-R": items}, {"Info": info, "first": first, "tie": tie},
