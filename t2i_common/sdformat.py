@@ -35,7 +35,10 @@ def build_tokenizer(words, folder=None, max_length: int = 32):
         show_progress=False)
     bpe.train_from_iterator([" ".join(words)] * 2, trainer)
     model = json.loads(bpe.to_str())["model"]
-    vocab = model["vocab"]
+    # the trainer's ids depend on hash order (PYTHONHASHSEED): renumber deterministically
+    # (specials first, then by token), so a rebuilt tokenizer is identical across processes
+    toks = sorted(model["vocab"], key=lambda t: (t not in SPECIALS, SPECIALS.index(t) if t in SPECIALS else 0, t))
+    vocab = {t: i for i, t in enumerate(toks)}
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     for w in words:

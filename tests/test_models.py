@@ -122,3 +122,16 @@ def test_half_precision_opt_in(tiny_sd_dir):
     assert m.unet.dtype == torch.bfloat16
     e = m.encode_prompts(["a red circle"])
     assert e.dtype == torch.bfloat16
+
+
+def test_tokenizer_identical_across_processes():
+    """build_tokenizer must not depend on the hash seed of the process."""
+    import os
+    import subprocess
+    import sys
+    code = ("from t2i_common.sdformat import build_tokenizer; import json; "
+            "t = build_tokenizer(['a', 'red', 'circle', 'green', 'square', 'left']); "
+            "print(json.dumps(t('a red circle left of a green square').input_ids))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2, 3)}
+    assert len(outs) == 1
