@@ -24,7 +24,7 @@ unit: setup
 	$(BIN)/python -m pytest tests
 
 nbval: setup
-	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --sanitize-with tests/nbval_sanitize.cfg notebooks
+	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 
 test: unit nbval
 
