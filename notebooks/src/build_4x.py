@@ -143,7 +143,7 @@ ax.barh([v + 0.2 for v in y], main["CLIP"], height=0.4, label="CLIP")
 ax.barh([v - 0.2 for v in y], main["DiffITM"], height=0.4, label=f"DiffusionITM (S={S})")
 ax.scatter(main["chance"], list(y), marker="|", color="k", s=120, label="chance", zorder=3)
 ax.set(yticks=list(y), yticklabels=labels, xlabel="accuracy / Winoground score", xlim=(0, 1))
-ax.invert_yaxis(); ax.legend(loc="lower right", fontsize=8)
+ax.invert_yaxis(); ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
 report.save_figure(fig, out, "gdbench");
 '''),
         code('''
@@ -394,7 +394,7 @@ before = itm.gdbench_table(evals, {"DiffITM": itm.diffitm_method(t2i, S=S, seed=
 '''),
         md("## 3. HardNeg LoRA fine-tuning (resumable: a killed run continues from its checkpoint)"),
         code('''
-run = lora.run_dir(data_root, cfg, model=model, train=train_file, val=val_file)
+run = lora.run_dir(data_root, cfg, model=itm.model_fingerprint(t2i), train=train_file, val=val_file)
 history = lora.finetune_hardneg(t2i, train, val_items, cfg, out_dir=run)
 report.save_table(history, out, "history")
 history.dropna(subset=["val_acc"])[["step", "val_text", "val_image", "val_acc"]].round(3)
