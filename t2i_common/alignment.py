@@ -474,16 +474,18 @@ def write_pairs_dataset(pairs, root, name: str, class_subfolders=None) -> str:
     return str(folder / "pairs" / ("*/*.pickle" if class_subfolders is not None else "*.pickle"))
 
 
-def default_cache_path(data_glob, clip_name: str, cache_dir=None) -> Path:
-    """Embedding cache for a glob and a CLIP model: next to a dataset written by
-    :func:`write_pairs_dataset` (``.../<hash>/emb_<clip>.pickle``), else under ``cache_dir``
-    (default ``CACHE/alignment``)."""
+def default_cache_path(data_glob, clip_name: str, resize: int | None = ORIGINAL_RESIZE,
+                       cache_dir=None) -> Path:
+    """Embedding cache for a glob, a CLIP model and a preprocessing: next to a dataset written by
+    :func:`write_pairs_dataset` (``.../<hash>/emb_<clip>_r<resize>.pickle``), else under
+    ``cache_dir`` (default ``CACHE/alignment``)."""
     from . import paths
     g = Path(str(data_glob))
+    tag = f"{_slug(clip_name)}_r{resize or 0}"
     for folder in list(g.parents)[1:3]:
         if (folder / "complete").exists() and (folder / "pairs").is_dir():
-            return folder / f"emb_{_slug(clip_name)}.pickle"
-    return Path(cache_dir or Path(paths.CACHE) / "alignment") / f"{_slug(str(g))}_{_slug(clip_name)}.pickle"
+            return folder / f"emb_{tag}.pickle"
+    return Path(cache_dir or Path(paths.CACHE) / "alignment") / f"{_slug(str(g))}_{tag}.pickle"
 
 
 def glob_ad(data_glob, clip=None, alpha: float = 0.8, cache_path=None, batch_size: int = 512,
@@ -492,7 +494,7 @@ def glob_ad(data_glob, clip=None, alpha: float = 0.8, cache_path=None, batch_siz
     """AD of the pairs of one glob (embeddings cached, see :func:`default_cache_path`), plus the
     mean raw CLIP similarity of the pairs (``mean_clip_sim``)."""
     embedder = load_clip_spec(clip, device)
-    cache_path = cache_path or default_cache_path(data_glob, getattr(embedder, "name", "clip"))
+    cache_path = cache_path or default_cache_path(data_glob, getattr(embedder, "name", "clip"), resize)
     emb = embed_pairs(data_glob, embedder, cache_path, batch_size=batch_size, resize=resize,
                       device=device, progress=progress)
     res = alignment_difficulty(emb.img_emb, emb.txt_emb, alpha, **ad_kwargs)
@@ -664,7 +666,8 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
                          kinds=("single",), attribute: str = "shape", concepts=None,
                          init: str = "finetune", steps: int = 150, batch_size: int = 64,
                          lr: float = 2e-4, n_seeds: int = 2, gen_steps: int = 25,
-                         guidance: float = 3.0, seed: int = 0, clip=None, alpha: float = 0.8,
+                         guidance: float = 3.0, snr_gamma: float | None = 5.0, seed: int = 0,
+                         clip=None, alpha: float = 0.8,
                          resize: int | None = ORIGINAL_RESIZE, root=None, device="cpu",
                          progress: bool = True):
     """Train a UNet on toy data poisoned at each rate, generate the clean prompts, score them.
@@ -674,14 +677,17 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
     pairs through the pickle pipeline (:func:`poisoned_ad`, CLIP ``clip``, default: the model
     folder's CLIP), train the UNet with ``training.train_unet`` on them (the checkpoint's frozen VAE
     and text encoder; ``init="finetune"`` starts from its UNet, ``"scratch"`` from random weights;
-    no EMA), generate every clean single-object prompt (:func:`single_object_prompts`) ``n_seeds``
+    no EMA; ``snr_gamma`` Min-SNR loss weighting as in the toy recipe), generate every clean single-object prompt (:func:`single_object_prompts`) ``n_seeds``
     times (DDIM ``gen_steps``, guidance ``guidance``) and score them with
     ``toyworld.check_prompt`` (:func:`prompt_fidelity`).  The shipped model's own fidelity is
     measured too (``base``).  Each rate's result is cached (``cache.ResultCache``, keyed by the
     weights and every parameter), training is resumable.
 
     Returns ``(table, extra)``: a DataFrame indexed by rate (AD terms, poisoned fraction,
-    fidelity, shape_ok, colour_ok, fidelity on prompts of poisoned / clean concepts, final loss)
+    fidelity, shape_ok, colour_ok, ``fidelity_<concept>`` per value of ``attribute``,
+    ``fidelity_untouched`` on the prompts naming a concept that is neither poisoned nor the
+    target of a poisoned one in ``toyworld.poison``'s concept map (NaN if there is none), final
+    loss)
     and a dict with ``prompts``, ``images`` (rate -> uint8 [P, R, R, 3]), ``base`` (fidelity of
     the shipped model) and ``base_images``.
     """
@@ -703,29 +709,35 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
     embedder = load_clip_spec(clip, device)
     values = list(toyworld.SHAPES if attribute == "shape" else toyworld.COLOURS)
     poisoned_set = set(values if concepts is None else concepts)
+    # poison() rewrites a poisoned concept's word into the next value (its target)
+    touched = poisoned_set | {values[(values.index(c) + 1) % len(values)] for c in poisoned_set}
     prompts = single_object_prompts() * int(n_seeds)
-    is_poison_prompt = np.array([any(w in poisoned_set for w in p.split()) for p in prompts])
+    words = [set(p.split()) for p in prompts]
     samples = toyworld.make_samples(n_train, seed, kinds=kinds)
     key = dict(model=str(m.name), unet=_weights_fingerprint(m.unet), n_train=n_train,
                kinds=list(kinds), attribute=attribute, concepts=sorted(poisoned_set), init=init,
                steps=steps, batch_size=batch_size, lr=lr, n_seeds=n_seeds, gen_steps=gen_steps,
-               guidance=guidance, seed=seed)
+               guidance=guidance, snr_gamma=snr_gamma, seed=seed)
     store = rcache.ResultCache("implosion", key)
 
-    def generate_and_score(unet, tag):
+    def score(imgs):
+        out = prompt_fidelity(imgs, prompts)
+        groups = [(f"fidelity_{v}", [v in w for w in words]) for v in values]
+        groups.append(("fidelity_untouched", [not (w & touched) for w in words]))
+        for name, sel in groups:
+            idx = np.flatnonzero(sel)
+            out[name] = (prompt_fidelity(imgs[idx], [prompts[i] for i in idx])["fidelity"]
+                         if len(idx) else float("nan"))
+        return out
+
+    def generate(unet, tag):
         gm = models.T2IModel(m.tokenizer, m.text_encoder, m.vae, unet, m.scheduler,
                              name=f"{m.name}:{tag}", device=device)
-        imgs = gm.generate(prompts, num_steps=gen_steps, guidance_scale=guidance, seed=seed)
-        score = prompt_fidelity(imgs, prompts)
-        for name, sel in (("poisoned_concepts", is_poison_prompt), ("clean_concepts", ~is_poison_prompt)):
-            score[f"fidelity_{name}"] = (prompt_fidelity(imgs[sel], [p for p, s in zip(prompts, sel) if s])
-                                         ["fidelity"] if sel.any() else float("nan"))
-        return imgs, score
+        return gm.generate(prompts, num_steps=gen_steps, guidance_scale=guidance, seed=seed)
 
     if not store.has("base"):
-        imgs, score = generate_and_score(m.unet, "base")
-        store.save("base", dict(images=torch.from_numpy(imgs), score=score))
-    base = store.load("base")
+        store.save("base", dict(images=torch.from_numpy(generate(m.unet, "base"))))
+    base = store.load("base")["images"].numpy()
     rows, images = [], {}
     for rate in tqdm(rates, desc="implosion (rates)", disable=not progress):
         rid = f"rate{rate:g}"
@@ -739,15 +751,13 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
                 toy_pairs(poisoned, seed), m.text_encoder, m.vae, m.tokenizer, cfg, steps,
                 batch_size=batch_size, lr=lr, seed=seed, out_dir=store.dir / rid, init=unet0,
                 ema_decay=None, warmup=max(1, min(100, steps // 10)), scheduler=m.scheduler,
-                progress=progress)
-            imgs, score = generate_and_score(unet, rid)
-            store.save(rid, dict(images=torch.from_numpy(imgs), score=score,
+                snr_gamma=snr_gamma, progress=progress)
+            store.save(rid, dict(images=torch.from_numpy(generate(unet, rid)),
                                  final_loss=info["final_loss"]))
         res = store.load(rid)
         images[rate] = res["images"].numpy()
         rows.append(dict(rate=rate, poisoned_fraction=ad["poisoned_fraction"],
                          feature_ad=ad["feature_ad"], structure_ad=ad["structure_ad"], ad=ad["ad"],
-                         **res["score"], final_loss=res["final_loss"]))
+                         **score(images[rate]), final_loss=res["final_loss"]))
     table = pd.DataFrame(rows).set_index("rate")
-    return table, dict(prompts=prompts, images=images, base=base["score"],
-                       base_images=base["images"].numpy())
+    return table, dict(prompts=prompts, images=images, base=score(base), base_images=base)

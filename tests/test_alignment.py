@@ -375,6 +375,8 @@ def test_implosion_experiment_runs_and_caches(tiny_sd_dir, tmp_path, monkeypatch
     tab, extra = al.implosion_experiment(tiny_sd_dir, **kw)
     assert tab.index.tolist() == [0.0, 1.0] and tab["poisoned_fraction"].tolist() == [0.0, 1.0]
     assert extra["images"][1.0].shape == (20, 16, 16, 3) and len(extra["prompts"]) == 20
+    assert tab["fidelity_untouched"].isna().all()  # every shape is touched when all are poisoned
+    assert {"fidelity_circle", "fidelity_diamond"} <= set(tab.columns)
     assert ((tab["ad"] - (0.8 * tab["feature_ad"] + 0.2 * tab["structure_ad"])).abs() < 1e-9).all()
     # a second call loads every rate from the cache: no training
     from t2i_common import training
