@@ -689,7 +689,7 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
     target of a poisoned one in ``toyworld.poison``'s concept map (NaN if there is none), final
     loss)
     and a dict with ``prompts``, ``images`` (rate -> uint8 [P, R, R, 3]), ``base`` (fidelity of
-    the shipped model) and ``base_images``.
+    the shipped model), ``base_images`` and ``n_untouched_prompts``.
     """
     import copy
 
@@ -760,4 +760,6 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
                          feature_ad=ad["feature_ad"], structure_ad=ad["structure_ad"], ad=ad["ad"],
                          **score(images[rate]), final_loss=res["final_loss"]))
     table = pd.DataFrame(rows).set_index("rate")
-    return table, dict(prompts=prompts, images=images, base=score(base), base_images=base)
+    n_untouched = sum(1 for w in words if not (w & touched))
+    return table, dict(prompts=prompts, images=images, base=score(base), base_images=base,
+                       n_untouched_prompts=n_untouched)
