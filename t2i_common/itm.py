@@ -482,17 +482,32 @@ class AdaptivePolicy:
     stops when one candidate is left or the grid is exhausted; survivors are ranked by
     - mean_k d_k over the points seen, dropped candidates score -inf.  ``z=inf`` never drops and
     reproduces the grid score.  ``max_points`` caps the points per candidate (default: all K).
+
+    ``variance`` picks the standard error of mean(Delta):
+
+    * ``"iid"``: std(Delta) / sqrt(n), as if the n points were independent draws (Diffusion
+      Classifier's view of random timesteps);
+    * ``"systematic"``: the points are not random draws but a stratified (van der Corput) subset
+      of the K fixed grid points, and the target is the grid's own mean over all K.  Delta_k varies
+      smoothly with t, and a systematic sample cancels that trend, so the iid formula overstates
+      the error.  Here the variance comes from successive differences in t order,
+      sum_i (Delta_(i+1) - Delta_(i))^2 / (2 (n - 1)) (Wolter's estimator for systematic
+      samples), times the finite-population factor (1 - n / K).
     """
 
     n0: int = 4
     step: int = 4
     z: float = 2.0
     max_points: int | None = None
+    variance: str = "iid"
 
     def __post_init__(self):
         if self.n0 < 2 or self.step < 1:
             raise ValueError(f"AdaptivePolicy: need n0 >= 2 (a spread estimate) and step >= 1, got "
                              f"n0={self.n0}, step={self.step}")
+        if self.variance not in ("iid", "systematic"):
+            raise ValueError(f"AdaptivePolicy: variance must be 'iid' or 'systematic', got "
+                             f"{self.variance!r}")
 
 
 class _Race:
@@ -500,6 +515,7 @@ class _Race:
 
     def __init__(self, n_cand: int, K: int, policy: AdaptivePolicy, cost: int):
         self.order = visit_order(K)[:policy.max_points or K]
+        self.K = K
         self.policy, self.cost = policy, cost
         self.alive = list(range(n_cand))
         self.d = np.full((n_cand, len(self.order)), np.nan)
@@ -526,10 +542,17 @@ class _Race:
         keep = []
         for j in self.alive:
             diff = self.d[j, :self.n] - self.d[best, :self.n]
-            se = diff.std(ddof=1) / math.sqrt(self.n)
-            if j == best or not diff.mean() > self.policy.z * se:
+            if j == best or not diff.mean() > self.policy.z * self._se(diff):
                 keep.append(j)
         self.alive = keep
+
+    def _se(self, diff):
+        n = len(diff)
+        if self.policy.variance == "iid":
+            return diff.std(ddof=1) / math.sqrt(n)
+        by_t = diff[np.argsort(self.order[:n], kind="stable")]
+        var = float(np.sum(np.diff(by_t) ** 2)) / (2 * (n - 1))
+        return math.sqrt(var / n * max(0.0, 1.0 - n / self.K))
 
     def scores(self) -> np.ndarray:
         s = np.full(self.d.shape[0], -np.inf)
@@ -907,28 +930,35 @@ def grid_curve(model, items, S_values, seed: int = 0, img_retrieval: bool = Fals
 
 
 def policy_sweep(n0s=(2, 4, 8), steps=(2, 4, 8), zs=(0.5, 1.0, 1.5, 2.0, 3.0),
-                 max_points=(None, 24)) -> list:
+                 max_points=(None, 24), variances=("iid", "systematic")) -> list:
     """The :class:`AdaptivePolicy` grid used by the sampling-budget study, plus the full grid
     (z = inf, which never eliminates) as the reference row."""
-    return [AdaptivePolicy(n0=a, step=b, z=z, max_points=m)
-            for a in n0s for b in steps for z in zs for m in max_points] + \
+    return [AdaptivePolicy(n0=a, step=b, z=z, max_points=m, variance=v)
+            for v in variances for a in n0s for b in steps for z in zs for m in max_points] + \
         [AdaptivePolicy(n0=2, step=2, z=math.inf)]
 
 
 def adaptive_curve(items, dists, policies, img_retrieval: bool = False):
     """Accuracy and UNet evaluations of each policy, replayed on grid distances (exact; see
-    :func:`adaptive_replay`).  ``fraction_of_grid`` = evaluations / the full grid's."""
+    :func:`adaptive_replay`).  ``fraction_of_grid`` = evaluations / the full grid's;
+    ``agreement`` = fraction of items whose pick (first of the top-scored candidates) is the full
+    grid's pick, a less noisy measure of "matches the grid" than equal accuracy."""
     import pandas as pd
 
     K = dists[0].shape[-1]
     full = sum(len(it.images) * (len(it.captions) + int(img_retrieval)) * K for it in items)
+    grid_sc, _ = adaptive_replay(items, dists, AdaptivePolicy(n0=2, step=2, z=math.inf), img_retrieval)
+    grid_pick = [int(np.argmax(candidate_scores(it, s)[0])) for it, s in zip(items, grid_sc)]
     rows = []
     for pol in policies:
         sc, ev = adaptive_replay(items, dists, pol, img_retrieval)
         m = retrieval_metrics(items, sc)
+        agree = np.mean([int(np.argmax(candidate_scores(it, s)[0])) == g
+                         for it, s, g in zip(items, sc, grid_pick)])
         rows.append({"n0": pol.n0, "step": pol.step, "z": pol.z, "max_points": pol.max_points,
+                     "variance": pol.variance,
                      "evals_per_example": sum(ev) / len(items), "fraction_of_grid": sum(ev) / full,
-                     "accuracy": m["accuracy"], "ties": m["ties"]})
+                     "accuracy": m["accuracy"], "ties": m["ties"], "agreement": float(agree)})
     return pd.DataFrame(rows)
 
 
@@ -962,37 +992,41 @@ def budget_summary(grid, adaptive, S_big: int = 250, default: AdaptivePolicy | N
 
     default = default or AdaptivePolicy()
 
-    def row_of(curve, n0, step, z, mp):
+    def row_of(curve, n0, step, z, mp, var="iid"):
         same_mp = curve.max_points.isna() if mp is None or mp != mp else curve.max_points == mp
-        r = curve[(curve.n0 == n0) & (curve.step == step) & (curve.z == z) & same_mp]
+        same_var = curve.variance == var if "variance" in curve else var == "iid"
+        r = curve[(curve.n0 == n0) & (curve.step == step) & (curve.z == z) & same_mp & same_var]
         if r.empty:
-            raise ValueError(f"budget_summary: policy n0={n0}, step={step}, z={z}, max_points={mp} "
+            raise ValueError(f"budget_summary: policy n0={n0}, step={step}, z={z}, max_points={mp}, variance={var} "
                              f"is not in the sweep")
         return r.iloc[0]
 
     def name(r):
         mp = "" if r.max_points is None or r.max_points != r.max_points else f",max={int(r.max_points)}"
-        return f"n0={int(r.n0)},step={int(r.step)},z={r.z:g}{mp}"
+        var = ",systematic" if r.get("variance", "iid") == "systematic" else ""
+        return f"n0={int(r.n0)},step={int(r.step)},z={r.z:g}{mp}{var}"
 
     rows = {}
     for task in grid["task"].unique():
         g, a = grid[grid.task == task], adaptive[adaptive.task == task]
         top = g[g.S == S_big].iloc[0]
         ok = g[g.accuracy >= top.accuracy - 1e-12].sort_values("evals_per_example").iloc[0]
-        d = row_of(a, default.n0, default.step, default.z, default.max_points)
+        d = row_of(a, default.n0, default.step, default.z, default.max_points, default.variance)
         r = {"grid_accuracy": top.accuracy, "grid_evals": top.evals_per_example,
              "smallest_S_matching": int(ok.S), "smallest_S_evals": ok.evals_per_example,
              "default_accuracy": d.accuracy, "default_evals": d.evals_per_example,
-             "default_fraction": d.fraction_of_grid}
+             "default_fraction": d.fraction_of_grid,
+             "default_agreement": d.get("agreement", float("nan"))}
         if calibration is not None:
             c = calibration[calibration.task == task]
             target = c[~np.isfinite(c.z)].accuracy.iloc[0]
             pick = cheapest_matching(c[np.isfinite(c.z)], target)
             if pick is not None:
-                t = row_of(a, pick.n0, pick.step, pick.z, pick.max_points)
+                t = row_of(a, pick.n0, pick.step, pick.z, pick.max_points, pick.get("variance", "iid"))
                 r.update({"calibrated_policy": name(pick),
                           "calibrated_accuracy": t.accuracy, "calibrated_evals": t.evals_per_example,
-                          "calibrated_fraction": t.fraction_of_grid})
+                          "calibrated_fraction": t.fraction_of_grid,
+                          "calibrated_agreement": t.get("agreement", float("nan"))})
         best = cheapest_matching(a[np.isfinite(a.z)], top.accuracy)
         if best is not None:
             r.update({"best_policy": name(best),

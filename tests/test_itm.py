@@ -245,6 +245,33 @@ def test_adaptive_elimination_on_known_distances():
     assert s[0][0, 0] == pytest.approx(-base.mean())
 
 
+
+def test_adaptive_systematic_variance_cancels_a_smooth_trend():
+    """Delta_k = 0.3 + (t_k - 0.5) rises linearly over the grid.  After the first 4 visited points
+    (t = 0, 8/15, 4/15, 12/15: mean Delta 0.2) its iid standard error is 0.17 (no drop at z=2);
+    the systematic one is built from successive differences in t order (4/15 each) times
+    sqrt(1 - n/K): 0.08, so the loser goes at once.  Checked against the formula by hand."""
+    K = 16
+    tk = np.arange(K) / (K - 1)
+    base = np.full(K, 10.0)
+    D = torch.tensor(np.stack([base, base + 0.3 + (tk - 0.5)]))[None]           # [1, 2, K]
+    it = _text_item(2, 0)
+    s_iid, ev_iid = itm.adaptive_replay([it], [D], itm.AdaptivePolicy(n0=4, step=4, z=2.0))
+    s_sys, ev_sys = itm.adaptive_replay([it], [D], itm.AdaptivePolicy(n0=4, step=4, z=2.0,
+                                                                        variance="systematic"))
+    assert ev_sys == [2 * 4] and ev_iid[0] > 2 * 4
+    assert math.isinf(s_sys[0][0, 1]) and s_sys[0][0, 0] == pytest.approx(-10.0)
+    # by hand: visited grid indices 0, 8, 4, 12 -> t order 0, 4, 8, 12
+    seen = sorted(itm.visit_order(K)[:4])
+    delta = 0.3 + (tk[seen] - 0.5)
+    var = np.sum(np.diff(delta) ** 2) / (2 * 3)
+    race = itm._Race(2, K, itm.AdaptivePolicy(variance="systematic"), 1)
+    race.n = 4
+    assert race._se(0.3 + (tk[itm.visit_order(K)[:4]] - 0.5)) == pytest.approx(
+        math.sqrt(var / 4 * (1 - 4 / K)), rel=1e-12)
+    with pytest.raises(ValueError, match="variance"):
+        itm.AdaptivePolicy(variance="bootstrap")
+
 # ------------------------------------------------------------------------------------------------
 # GDBench tasks and tables (toy export -> published formats -> readers)
 # ------------------------------------------------------------------------------------------------

@@ -247,8 +247,8 @@ adaptive = pd.concat({t: itm.adaptive_curve(data[t], big[t], itm.policy_sweep())
                      names=["task"]).reset_index(level=0)
 adaptive_calib = pd.concat({t: itm.adaptive_curve(calib[t], big_calib[t], itm.policy_sweep()) for t in calib},
                            names=["task"]).reset_index(level=0)
-report.save_table(adaptive.set_index(["task", "n0", "step", "z"]), out, "adaptive_curve")
-report.save_table(adaptive_calib.set_index(["task", "n0", "step", "z"]), out, "adaptive_curve_calibration")
+report.save_table(adaptive.set_index(["task", "variance", "n0", "step", "z"]), out, "adaptive_curve")
+report.save_table(adaptive_calib.set_index(["task", "variance", "n0", "step", "z"]), out, "adaptive_curve_calibration")
 adaptive.sort_values(["task", "evals_per_example"]).groupby("task").head(6).round(3)
 '''),
         code('''
@@ -261,9 +261,11 @@ summary.T
 for task, r in summary.iterrows():
     print(f"{task}: S={S_big} grid accuracy {r.grid_accuracy:.3f} at {r.grid_evals:.0f} UNet evals/example")
     print(f"  default policy {itm.AdaptivePolicy()}: accuracy {r.default_accuracy:.3f} at "
-          f"{r.default_evals:.1f} evals ({r.default_fraction:.3f} of the grid)")
+          f"{r.default_evals:.1f} evals ({r.default_fraction:.3f} of the grid), "
+          f"same pick as the grid on {r.default_agreement:.3f} of the items")
     print(f"  calibrated policy {r.calibrated_policy}: accuracy {r.calibrated_accuracy:.3f} at "
-          f"{r.calibrated_evals:.1f} evals ({r.calibrated_fraction:.3f} of the grid)")
+          f"{r.calibrated_evals:.1f} evals ({r.calibrated_fraction:.3f} of the grid), "
+          f"same pick as the grid on {r.calibrated_agreement:.3f} of the items")
     print(f"  smallest grid reaching it: S={r.smallest_S_matching} ({r.smallest_S_evals:.0f} evals)")
 '''),
         md("## 3. A live adaptive run spends and returns exactly what the replay says"),
