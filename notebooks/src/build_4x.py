@@ -344,7 +344,8 @@ task_paths = None          # GDBench files for before/after; None: toy analogues
 tasks = ["VG-A", "VG-R", "COCO-Order", "Winoground", "CLEVR/pair_binding_color", "CLEVR/spatial"]
 toy_n = 100                # items per exported toy task (the same export as 40_gdbench)
 max_items = 64             # items per task before/after
-train_n = 600              # toy training pairs (2 rows each; colour and relation swaps)
+train_n = 600              # toy training pairs (2 rows each)
+negative_families = ["colour", "relation"]  # toy hard-negative families (colour swaps, objects trading places)
 val_n = 32                 # toy validation pairs
 steps = 300                # optimizer steps (original: 8 epochs of MS-COCO; released checkpoint: 5000)
 batch_size = 8             # original 4
@@ -379,8 +380,10 @@ cfg = lora.HardNegConfig(rank=rank, lr=lr, batch_size=batch_size, grad_accum=gra
 '''),
         md("## 1. Training rows with hard negatives (NegCLIP tsv) and the evaluation tasks"),
         code('''
-train_file = Path(train_tsv or lora.export_toy_negclip(data_root / "negclip_train", train_n, seed))
-val_file = Path(val_tsv or lora.export_toy_negclip(data_root / "negclip_val", val_n, seed + 1000))
+train_file = Path(train_tsv or lora.export_toy_negclip(data_root / ("negclip_train_" + "_".join(negative_families)), train_n, seed,
+                                                             families=tuple(negative_families)))
+val_file = Path(val_tsv or lora.export_toy_negclip(data_root / ("negclip_val_" + "_".join(negative_families)), val_n, seed + 1000,
+                                                         families=tuple(negative_families)))
 train = lora.hardneg_data_from_negclip(formats.read_negclip_tsv(train_file), root=image_root or train_file.parent)
 val_items = lora.negclip_val_items(lora.hardneg_data_from_negclip(formats.read_negclip_tsv(val_file),
                                                                   root=image_root or val_file.parent))
