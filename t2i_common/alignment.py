@@ -306,7 +306,7 @@ def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
     # caches written by the original key files by the glob's spelling ('./x/a.pickle')
     by_norm = {str(Path(k)): k for k in cache}
     keys = [by_norm.get(p, p) for p in paths]
-    todo = [(p, k) for p, k in zip(paths, keys) if k not in cache]
+    pending = [(p, k) for p, k in zip(paths, keys) if k not in cache]
     dim = len(next(iter(cache.values()))["img_emb"]) if cache else None
 
     def save():
@@ -316,9 +316,9 @@ def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
 
     unsaved = 0
     try:
-        batches = range(0, len(todo), batch_size)
-        for b, start in enumerate(tqdm(batches, desc="CLIP pairs", disable=not progress or not todo)):
-            chunk = todo[start:start + batch_size]
+        batches = range(0, len(pending), batch_size)
+        for b, start in enumerate(tqdm(batches, desc="CLIP pairs", disable=not progress or not pending)):
+            chunk = pending[start:start + batch_size]
             images, texts = [], []
             for p, _ in chunk:
                 img, text = formats.read_implosion_pickle(p)
@@ -341,7 +341,7 @@ def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
             save()
     img = torch.from_numpy(np.stack([cache[k]["img_emb"] for k in keys]))
     txt = torch.from_numpy(np.stack([cache[k]["txt_emb"] for k in keys]))
-    return PairEmbeddings(paths, img, txt, len(todo))
+    return PairEmbeddings(paths, img, txt, len(pending))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,15 +93,15 @@ def map_cached(fn, ids, cache: ResultCache | None, desc: str = "examples", progr
     list of results (batched work), each saved individually."""
     ids = list(ids)
     out = {}
-    todo = []
+    pending = []
     for i in ids:
         if cache is not None and cache.has(i):
             out[i] = cache.load(i)
         else:
-            todo.append(i)
-    with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=desc, disable=not progress) as bar:
-        for s in range(0, len(todo), chunk):
-            part = todo[s:s + chunk]
+            pending.append(i)
+    with tqdm(total=len(ids), initial=len(ids) - len(pending), desc=desc, disable=not progress) as bar:
+        for s in range(0, len(pending), chunk):
+            part = pending[s:s + chunk]
             vals = fn(part) if chunk > 1 else [fn(part[0])]
             if len(vals) != len(part):
                 raise RuntimeError(f"map_cached: fn returned {len(vals)} results for {len(part)} ids")

@@ -83,33 +83,33 @@ def heun_step(model, x, emb, s0: float, s1: float):
 
 
 @torch.inference_mode()
+def _heun_walk(model, x, prompts, num_steps, rho, up: bool, who: str, what: str, progress):
+    """Heun steps along the Karras schedule of ``model``, up (sigma_min -> sigma_max) or down."""
+    sig = karras_sigmas(num_steps, *sigma_range(model), rho=rho).tolist()
+    if up:
+        sig = sig[::-1]
+    emb = model.encode_prompts(list(prompts))
+    x = torch.as_tensor(x).to(model.device, torch.float32)
+    if len(emb) != len(x):
+        raise ValueError(f"{who}: {len(emb)} prompts for {len(x)} {what}")
+    for i in tqdm(range(len(sig) - 1), disable=not progress, desc=who):
+        x = heun_step(model, x, emb, sig[i], sig[i + 1])
+    return x
+
+
 def invert(model, latents, prompts, *, num_steps: int = 100, rho: float = 7.0,
            progress: bool = False) -> torch.Tensor:
     """Clean latents -> "noise" x(sigma_max) under ``prompts`` (one per latent): Heun steps up the
     Karras schedule (num_steps sigmas, num_steps - 1 steps, 2 UNet calls each)."""
-    sig = karras_sigmas(num_steps, *sigma_range(model), rho=rho).tolist()
-    emb = model.encode_prompts(list(prompts))
-    x = torch.as_tensor(latents).to(model.device, torch.float32)
-    if len(emb) != len(x):
-        raise ValueError(f"invert: {len(emb)} prompts for {len(x)} latents")
-    for i in tqdm(range(len(sig) - 1), disable=not progress, desc="invert"):
-        x = heun_step(model, x, emb, sig[-1 - i], sig[-2 - i])
-    return x
+    return _heun_walk(model, latents, prompts, num_steps, rho, True, "invert", "latents", progress)
 
 
-@torch.inference_mode()
 def regenerate(model, x_T, prompts, *, num_steps: int = 100, rho: float = 7.0,
                progress: bool = False) -> torch.Tensor:
     """x(sigma_max) -> latents at sigma_min under ``prompts`` (one per row): Heun steps down the
     same schedule as :func:`invert`."""
-    sig = karras_sigmas(num_steps, *sigma_range(model), rho=rho).tolist()
-    emb = model.encode_prompts(list(prompts))
-    x = torch.as_tensor(x_T).to(model.device, torch.float32)
-    if len(emb) != len(x):
-        raise ValueError(f"regenerate: {len(emb)} prompts for {len(x)} starting points")
-    for i in tqdm(range(len(sig) - 1), disable=not progress, desc="regenerate"):
-        x = heun_step(model, x, emb, sig[i], sig[i + 1])
-    return x
+    return _heun_walk(model, x_T, prompts, num_steps, rho, False, "regenerate", "starting points",
+                      progress)
 
 
 def change_map(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,7 @@ class _Prepared:
     keys: list            # per item: list of image keys
     refs: dict            # image key -> image reference (ImageRef / PIL), loaded when encoded
     ids: list             # per item: content id (cache file name)
+    first: dict           # content id -> index of its first item (duplicates are scored once)
 
 
 def _prepare(items) -> _Prepared:
@@ -118,7 +119,10 @@ def _prepare(items) -> _Prepared:
             ks.append(k)
         keys.append(ks)
         ids.append(fingerprint({"images": ks, "captions": [str(c) for c in it.captions]}))
-    return _Prepared(keys, refs, ids)
+    first = {}
+    for n, i in enumerate(ids):
+        first.setdefault(i, n)
+    return _Prepared(keys, refs, ids, first)
 
 
 def _load(ref):
@@ -279,9 +283,7 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
     key = dict(version=SCORE_VERSION, model=model_fingerprint(model), S=int(S), seed=int(seed),
                latent_mode=latent_mode, img_retrieval=bool(img_retrieval))
     rc = _make_cache(cache, "diffitm", key)
-    first = {}
-    for n, i in enumerate(prep.ids):
-        first.setdefault(i, n)
+    first = prep.first
 
     def fn(ids):
         its = [items[first[i]] for i in ids]
@@ -624,9 +626,7 @@ def adaptive_scores(model, items, S: int = 250, seed: int = 0, policy: AdaptiveP
     key = dict(version=SCORE_VERSION, model=model_fingerprint(model), S=int(S), seed=int(seed),
                latent_mode=latent_mode, img_retrieval=bool(img_retrieval), policy=vars(policy))
     rc = _make_cache(cache, "diffitm_adaptive", key)
-    first = {}
-    for n, i in enumerate(prep.ids):
-        first.setdefault(i, n)
+    first = prep.first
 
     def fn(ids):
         its = [items[first[i]] for i in ids]

@@ -124,9 +124,9 @@ class T2IModel:
         """Text-encoder hidden states [N, L, D] for ``prompts``; each distinct prompt (the empty
         prompt included) is encoded once per model and cached."""
         prompts = [str(p) for p in prompts]
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
+        pending = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        for i in range(0, len(pending), batch_size):
+            chunk = pending[i:i + batch_size]
             ids = self.tokenize(chunk).input_ids.to(self.device)
             hid = self.text_encoder(ids)[0]
             for p, h in zip(chunk, hid):

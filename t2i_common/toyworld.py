@@ -317,7 +317,7 @@ def random_scene(rng: np.random.Generator, kind: str, exclude_combinations: Iter
 
 
 # ----------------------------------------------------------------------------- captions
-_PLACEHOLDER = re.compile(r"^\{([zcs])(\d)\}$")
+_SLOT = re.compile(r"^\{([zcs])(\d)\}$")
 
 
 def caption_tokens(scene: Scene, template: str | int, rng: np.random.Generator | None = None
@@ -349,7 +349,7 @@ def caption_tokens(scene: Scene, template: str | int, rng: np.random.Generator |
         if w == "{rel}":
             out.extend((r, "relation", related) for r in rel.split())
             continue
-        m = _PLACEHOLDER.match(w)
+        m = _SLOT.match(w)
         if m:
             k = int(m.group(2))
             if k >= n:
