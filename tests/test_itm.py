@@ -272,6 +272,23 @@ def test_adaptive_systematic_variance_cancels_a_smooth_trend():
     with pytest.raises(ValueError, match="variance"):
         itm.AdaptivePolicy(variance="bootstrap")
 
+
+def test_adaptive_curve_agreement_with_the_grid_pick():
+    """Item A: candidate 1 is worse by 1 everywhere (adaptive and grid both pick 0).  Item B:
+    candidate 1 is worse by 1 on the first 4 visited points (zero spread: dropped after round 1)
+    but better by 2 on the other 12, so the grid picks 1: agreement 1/2, accuracy of the grid 1/2."""
+    K = 16
+    base = np.full(K, 5.0)
+    a = torch.tensor(np.stack([base, base + 1.0]))[None]
+    off = np.full(K, -2.0)
+    off[itm.visit_order(K)[:4]] = 1.0
+    b = torch.tensor(np.stack([base, base + off]))[None]
+    items = [_text_item(2, 0), _text_item(2, 0)]
+    curve = itm.adaptive_curve(items, [a, b], [itm.AdaptivePolicy(n0=4, step=4, z=2.0),
+                                                 itm.AdaptivePolicy(n0=2, step=2, z=math.inf)])
+    assert curve.agreement.tolist() == [0.5, 1.0]
+    assert curve.accuracy.tolist() == [1.0, 0.5]
+
 # ------------------------------------------------------------------------------------------------
 # GDBench tasks and tables (toy export -> published formats -> readers)
 # ------------------------------------------------------------------------------------------------
