@@ -675,57 +675,115 @@ def _permute_positions(tokens: list[str], positions: Sequence[int], rng: np.rand
             tokens[p] = vals[j]
 
 
-def shuffle_nouns_and_adj(caption: str, rng: np.random.Generator, pos_tagger: Callable | None = None) -> str:
-    """ARO perturbation 1: permute the nouns among noun positions and the adjectives among adjective positions."""
+def _tagged(caption: str, pos_tagger: Callable | None) -> tuple[list[str], list[str]]:
     tokens = tokenize(caption)
-    tags = _check_tags((pos_tagger or LexiconTagger())(tokens), tokens)
-    _permute_positions(tokens, [i for i, t in enumerate(tags) if t == POS_NOUN], rng)
-    _permute_positions(tokens, [i for i, t in enumerate(tags) if t == POS_ADJ], rng)
-    return " ".join(tokens)
-
-
-def shuffle_allbut_nouns_and_adj(caption: str, rng: np.random.Generator, pos_tagger: Callable | None = None) -> str:
-    """ARO perturbation 2: permute every token that is neither a noun nor an adjective."""
-    tokens = tokenize(caption)
-    tags = _check_tags((pos_tagger or LexiconTagger())(tokens), tokens)
-    _permute_positions(tokens, [i for i, t in enumerate(tags) if t == POS_OTHER], rng)
-    return " ".join(tokens)
+    return tokens, _check_tags((pos_tagger or LexiconTagger())(tokens), tokens)
 
 
 def _trigrams(tokens: list[str]) -> list[list[str]]:
     return [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
 
 
+# token-level perturbations: (tokens, tags, rng) -> tokens; the tags are computed once per caption
+def _nouns_and_adj(tokens: list[str], tags: list[str], rng: np.random.Generator) -> list[str]:
+    out = list(tokens)
+    _permute_positions(out, [i for i, t in enumerate(tags) if t == POS_NOUN], rng)
+    _permute_positions(out, [i for i, t in enumerate(tags) if t == POS_ADJ], rng)
+    return out
+
+
+def _allbut_nouns_and_adj(tokens: list[str], tags: list[str], rng: np.random.Generator) -> list[str]:
+    out = list(tokens)
+    _permute_positions(out, [i for i, t in enumerate(tags) if t == POS_OTHER], rng)
+    return out
+
+
+def _within_trigrams(tokens: list[str], tags: list[str], rng: np.random.Generator) -> list[str]:
+    return [g[j] for g in _trigrams(tokens) for j in rng.permutation(len(g))]
+
+
+def _trigram_order(tokens: list[str], tags: list[str], rng: np.random.Generator) -> list[str]:
+    grams = _trigrams(tokens)
+    return [w for j in rng.permutation(len(grams)) for w in grams[j]]
+
+
+def shuffle_nouns_and_adj(caption: str, rng: np.random.Generator, pos_tagger: Callable | None = None) -> str:
+    """ARO perturbation 1: permute the nouns among noun positions and the adjectives among adjective positions."""
+    return " ".join(_nouns_and_adj(*_tagged(caption, pos_tagger), rng))
+
+
+def shuffle_allbut_nouns_and_adj(caption: str, rng: np.random.Generator, pos_tagger: Callable | None = None) -> str:
+    """ARO perturbation 2: permute every token that is neither a noun nor an adjective."""
+    return " ".join(_allbut_nouns_and_adj(*_tagged(caption, pos_tagger), rng))
+
+
 def shuffle_within_trigrams(caption: str, rng: np.random.Generator, pos_tagger: Callable | None = None) -> str:
     """ARO perturbation 3: cut the tokens into consecutive trigrams and permute inside each."""
-    grams = [[g[j] for j in rng.permutation(len(g))] for g in _trigrams(tokenize(caption))]
-    return " ".join(" ".join(g) for g in grams)
+    return " ".join(_within_trigrams(tokenize(caption), [], rng))
 
 
 def shuffle_trigrams(caption: str, rng: np.random.Generator, pos_tagger: Callable | None = None) -> str:
     """ARO perturbation 4: permute the order of the consecutive trigrams."""
-    grams = _trigrams(tokenize(caption))
-    return " ".join(" ".join(grams[j]) for j in rng.permutation(len(grams)))
+    return " ".join(_trigram_order(tokenize(caption), [], rng))
 
 
 ORDER_PERTURBATIONS = (shuffle_nouns_and_adj, shuffle_allbut_nouns_and_adj, shuffle_within_trigrams,
                        shuffle_trigrams)
+_TOKEN_PERTURBATIONS = (_nouns_and_adj, _allbut_nouns_and_adj, _within_trigrams, _trigram_order)
+
+
+class NoOrderNegative(ValueError):
+    """No draw of an ARO order perturbation changes the caption (e.g. a caption with one noun and
+    one adjective cannot be perturbed by "shuffle nouns and adjectives"); ``perturbation`` names it."""
+
+    def __init__(self, caption: str, perturbation: str, tries: int):
+        self.caption, self.perturbation, self.tries = caption, perturbation, tries
+        super().__init__(f"caption {caption!r}: {tries} draws of {perturbation} all reproduce the caption, so it "
+                         "has no order negative. Fix: drop the caption (read_aro_order does and reports it "
+                         "in .dropped) or use a longer caption")
 
 
 def order_caption_options(caption: str, seed: int, max_words: int = 30,
-                          pos_tagger: Callable | None = None) -> list[str]:
+                          pos_tagger: Callable | None = None, max_tries: int = 100) -> list[str]:
     """``[true, 4 perturbations]`` for one caption, each ``normalize_caption``-ed.
 
     As in ARO, the perturbations act on the raw caption and are normalised afterwards.
     ARO draws from the unseeded global RNG; here every draw comes from
     ``np.random.default_rng(seed)`` (deliberate difference: reproducible captions).
-    A perturbation can equal the true caption (e.g. a caption with one noun): the item
-    then holds a tie, as in the original.
+    A perturbation that reproduces the caption (same tokens after normalisation, e.g. the
+    identity permutation) is not a negative: it is redrawn, retry ``t`` of perturbation
+    ``k`` from ``np.random.default_rng([seed, k, t])`` (so the other perturbations keep their
+    draws), up to ``max_tries`` draws in all. Where every draw reproduces the caption,
+    :class:`NoOrderNegative` is raised. Deliberate difference: the original keeps such
+    "negatives", which makes the item an exact tie.
     """
+    if int(max_tries) < 1:
+        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
     rng = np.random.default_rng(seed)
-    tagger = pos_tagger or LexiconTagger()
-    return [normalize_caption(caption, max_words)] + [
-        normalize_caption(p(caption, rng, tagger), max_words) for p in ORDER_PERTURBATIONS]
+    tokens, tags = _tagged(caption, pos_tagger)
+    true = normalize_caption(caption, max_words)
+    true_tokens = tokenize(true)
+    opts = [true]
+    for k, perturb in enumerate(_TOKEN_PERTURBATIONS):
+        for t in range(int(max_tries)):
+            draw = rng if t == 0 else np.random.default_rng([int(seed), k, t])
+            cand = normalize_caption(" ".join(perturb(tokens, tags, draw)), max_words)
+            if tokenize(cand) != true_tokens:
+                break
+        else:
+            raise NoOrderNegative(caption, ORDER_PERTURBATIONS[k].__name__, int(max_tries))
+        opts.append(cand)
+    return opts
+
+
+class OrderItems(list):
+    """:func:`read_aro_order`'s result: the list of :class:`MatchItem` s, plus ``dropped``, one dict
+    ``{entry, caption_index, caption, perturbation}`` per caption left out because a perturbation
+    could not change it (report ``len(items.dropped)`` beside the accuracy). Slicing gives a plain list."""
+
+    def __init__(self, items: Iterable[MatchItem] = (), dropped: Sequence[dict] = ()):
+        super().__init__(items)
+        self.dropped = list(dropped)
 
 
 ORDER_FILES = {"coco_order": "coco_karpathy_test.json", "flickr_order": "flickr30k_test.json"}
@@ -733,7 +791,7 @@ ORDER_FILES = {"coco_order": "coco_karpathy_test.json", "flickr_order": "flickr3
 
 def read_aro_order(json_path: PathLike, image_root: PathLike | None = None, seed: int = 0, max_words: int = 30,
                    pos_tagger: Callable | None = None, task: str | None = None,
-                   check_images: bool = True) -> list[MatchItem]:
+                   check_images: bool = True) -> OrderItems:
     """COCO-Order / Flickr-Order: one item per (image, caption) with captions ``[true, 4 perturbed]``, gold 0.
 
     ``json_path``: ``coco_karpathy_test.json`` / ``flickr30k_test.json`` (entries
@@ -741,6 +799,8 @@ def read_aro_order(json_path: PathLike, image_root: PathLike | None = None, seed
     json's folder, as in ARO where both live in the dataset root). The item for caption k of
     entry e uses seed ``[seed, e, k]``, so subsets and reorderings keep the same perturbations.
     ``pos_tagger``: words -> NOUN/ADJ/OTHER tags (default :class:`LexiconTagger`, see there).
+    A caption some perturbation cannot change (:func:`order_caption_options`) gives no item;
+    the result's ``dropped`` lists those captions (ARO's protocol for short captions).
     meta: aro_task, image, entry, caption_index.
     """
     json_path = Path(json_path)
@@ -753,17 +813,23 @@ def read_aro_order(json_path: PathLike, image_root: PathLike | None = None, seed
         raise ValueError(f"task must be one of {list(ORDER_FILES)}, got {task!r}")
     image_root = Path(image_root) if image_root is not None else json_path.parent
     tagger = pos_tagger or LexiconTagger()
-    items = []
+    items, dropped = OrderItems(), []
     for e, ent in enumerate(data):
         _require_keys(ent, ("image", "caption"), json_path, f"entry {e}", fix)
         caps = [ent["caption"]] if isinstance(ent["caption"], str) else ent["caption"]
         ref = ImageRef(image_root / ent["image"], source=f"{json_path} entry {e}")
         for k, cap in enumerate(caps):
             seq = np.random.SeedSequence([int(seed), e, k])
-            opts = order_caption_options(cap, int(seq.generate_state(1)[0]), max_words, tagger)
+            try:
+                opts = order_caption_options(cap, int(seq.generate_state(1)[0]), max_words, tagger)
+            except NoOrderNegative as err:
+                dropped.append({"entry": e, "caption_index": k, "caption": cap, "perturbation": err.perturbation})
+                continue
             items.append(MatchItem([ref], opts, 0, 0,
                                    {"aro_task": task, "image": ent["image"], "entry": e, "caption_index": k}))
-    _nonempty(items, json_path)
+    items.dropped = dropped
+    _nonempty(items, json_path, f"check the file ({len(dropped)} caption(s) were dropped because an order "
+                                "perturbation cannot change them)")
     if check_images:
         _check_exists(it.image_refs[0] for it in items)
     return items
@@ -781,7 +847,8 @@ def write_aro_order(entries: Sequence[Mapping], root: PathLike, task: str = "coc
     out = []
     for i, ent in enumerate(entries):
         _require_keys(ent, ("image", "caption"), f"entry {i}", "the entry", "add the missing field")
-        out.append({"image": ent["image"], "caption": list(ent["caption"]),
+        caps = [ent["caption"]] if isinstance(ent["caption"], str) else list(ent["caption"])
+        out.append({"image": ent["image"], "caption": caps,
                     **{k: v for k, v in ent.items() if k not in ("image", "caption")}})
     for rel, img in (images or {}).items():
         save_image(img, root / rel)
