@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -60,6 +61,23 @@ def _require_keys(record: Any, keys: Iterable[str], path: Any, where: str, fix: 
     missing = [k for k in keys if k not in record]
     if missing:
         raise _fail(path, f"{where} lacks key(s) {missing} (has {sorted(record)})", fix)
+
+
+def _as_number(value: Any, path: Any, where: str, field: str, integer: bool = False) -> float | int:
+    """``value`` as a finite float (or an int with ``integer=True``; numeric strings accepted); anything
+    else raises :class:`FormatError` naming the file, the record and the field."""
+    want = "an integer" if integer else "a finite number"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value) if integer else float(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise _fail(path, f"{where} field {field!r} is {value!r}, not {want}", f"write {field} as {want}") from None
+    if not math.isfinite(v) or (integer and v != int(v)):
+        raise _fail(path, f"{where} field {field!r} is {value!r}, not {want}", f"write {field} as {want}")
+    return int(v) if integer else v
 
 
 def _atomic_write_bytes(path: PathLike, data: bytes) -> Path:

@@ -2,58 +2,66 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as _cocomask
 
-from ._common import (FormatError, PathLike, _fail, _nonempty, _read_json, _read_table, _require_file,
+from ._common import (FormatError, PathLike, _as_number, _fail, _nonempty, _read_json, _read_table, _require_file,
                       _require_keys, _write_csv, _write_json)
 from .images import ImageRef, _check_exists
+
+
+def _cocodecode(rle: Mapping) -> np.ndarray:
+    """pycocotools ``mask.decode`` of one compressed RLE as a bool (H,W) mask. pycocotools 2.0.11's
+    Cython array warns under numpy >= 2 (``__array__ ... copy keyword``, DeprecationWarning);
+    the decoded values are unaffected, so that one warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        return _cocomask.decode(rle).astype(bool)
 
 
 def rle_encode(mask: np.ndarray) -> dict:
     """Binary mask (H,W) -> uncompressed COCO RLE ``{'size': [H, W], 'counts': [...]}``.
 
-    Runs are over the column-major (Fortran) flattening and start with a run of zeros
-    (possibly of length 0), as in the COCO API.
+    Encoded by pycocotools (``mask.encode``): runs over the column-major (Fortran) flattening,
+    starting with a run of zeros (possibly of length 0); the compressed string it returns is
+    expanded to the counts list with :func:`rle_string_to_counts`.
     """
     m = np.asarray(mask).astype(bool)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")
-    flat = m.T.ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": [int(c) for c in counts]}
+    enc = _cocomask.encode(np.asfortranarray(m.astype(np.uint8)))
+    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": rle_string_to_counts(enc["counts"])}
 
 
 def rle_counts_to_string(counts: Sequence[int]) -> str:
-    """COCO's compressed RLE string (maskApi ``rleToString``), written from its description.
-
-    Each count (from the 4th on, its difference to the count two places before) is
-    cut into 5-bit groups, least significant first; bit 0x20 marks "more groups follow";
-    the last group's 0x10 bit is the sign; every group is stored as chr(value + 48).
-    """
-    out = []
-    for i, c in enumerate(counts):
-        x = int(c) - (int(counts[i - 2]) if i > 2 else 0)
-        while True:
-            ch = x & 0x1F
-            x >>= 5  # arithmetic shift: negative numbers end at -1
-            more = x != -1 if ch & 0x10 else x != 0
-            out.append(chr((ch | 0x20 if more else ch) + 48))
-            if not more:
-                break
-    return "".join(out)
+    """COCO's compressed RLE string of uncompressed ``counts`` (maskApi ``rleToString``, via
+    pycocotools ``frPyObjects``)."""
+    counts = [int(c) for c in counts]
+    if any(c < 0 for c in counts):
+        raise ValueError(f"RLE counts must be >= 0, got {counts}")
+    total = sum(counts)
+    if total == 0:  # pycocotools needs a non-empty image; the format is the same
+        return "".join("0" for _ in counts)
+    rle = _cocomask.frPyObjects({"size": [total, 1], "counts": counts}, total, 1)
+    return rle["counts"].decode("ascii")
 
 
 def rle_string_to_counts(s: str | bytes) -> list[int]:
-    """Inverse of :func:`rle_counts_to_string` (maskApi ``rleFrString``)."""
+    """Uncompressed counts of a compressed RLE string (maskApi ``rleFrString``), validated.
+
+    pycocotools has no Python call for this step, and its C decoder neither checks the
+    characters nor bounds-checks the runs against the mask size, so every compressed string is
+    parsed and checked here before pycocotools decodes it: each count (from the 4th on, its
+    difference to the count two places before) is stored in 5-bit groups as chr(value + 48),
+    least significant first, 0x20 = "more groups follow", 0x10 of the last group = sign.
+    """
     if isinstance(s, bytes):
         s = s.decode("ascii")
     counts: list[int] = []
@@ -78,61 +86,80 @@ def rle_string_to_counts(s: str | bytes) -> list[int]:
     return counts
 
 
-def rle_decode(rle: Mapping) -> np.ndarray:
-    """COCO RLE (``counts`` as a list or a compressed string) -> bool mask (H,W)."""
-    _require_keys(rle, ("size", "counts"), "RLE", "the segmentation", "an RLE is {'size': [H, W], 'counts': ...}")
-    h, w = (int(v) for v in rle["size"])
+def rle_decode(rle: Mapping, source: Any = "RLE") -> np.ndarray:
+    """COCO RLE (``counts`` as a list or a compressed string) -> bool mask (H,W), decoded by
+    pycocotools after the counts were checked against ``size`` (``source`` names the annotation
+    in errors)."""
+    fix = "an RLE is {'size': [H, W], 'counts': [...] or '<compressed string>'}"
+    _require_keys(rle, ("size", "counts"), source, "the segmentation", fix)
+    size = rle["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2):
+        raise _fail(source, f"RLE field 'size' is {size!r}", fix)
+    h, w = (_as_number(v, source, "the RLE", "size", integer=True) for v in size)
     counts = rle["counts"]
-    counts = rle_string_to_counts(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
-    arr = np.asarray(counts, dtype=np.int64)
-    if (arr < 0).any() or arr.sum() != h * w:
-        raise FormatError(f"RLE counts sum to {arr.sum()} (min {arr.min() if arr.size else 0}) but size is "
+    if isinstance(counts, (str, bytes)):
+        arr = np.asarray(rle_string_to_counts(counts), dtype=np.int64)
+    elif isinstance(counts, (list, tuple)):
+        arr = np.asarray([_as_number(c, source, "the RLE", "counts", integer=True) for c in counts], dtype=np.int64)
+    else:
+        raise _fail(source, f"RLE field 'counts' is a {type(counts).__name__}", fix)
+    if h <= 0 or w <= 0 or (arr < 0).any() or arr.sum() != h * w:
+        raise FormatError(f"{source}: RLE counts sum to {arr.sum()} (min {arr.min() if arr.size else 0}) but size is "
                           f"{h}x{w}={h * w}. Fix: the counts and 'size' must describe the same image")
-    vals = np.zeros(arr.size, dtype=bool)
-    vals[1::2] = True
-    return np.repeat(vals, arr).reshape(w, h).T
+    if isinstance(counts, (str, bytes)):
+        compressed = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        compressed = _cocomask.frPyObjects({"size": [h, w], "counts": arr.tolist()}, h, w)
+    return _cocodecode(compressed)
 
 
-def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` -> bool mask (H,W), union of the polygons.
+def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int,
+                     source: Any = "polygon") -> np.ndarray:
+    """COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` -> bool mask (H,W), union of the polygons,
+    rasterised by pycocotools (``frPyObjects`` + ``merge`` + ``decode``, as the COCO API's ``annToMask``).
 
-    A pixel (col x, row y) is inside when its centre (x + 0.5, y + 0.5) is inside the polygon
-    (even-odd rule). pycocotools rasterises on a 5x finer grid; both agree except possibly
-    on boundary pixels (deliberate: no pycocotools dependency).
+    Each polygon is checked first (a flat list of >= 3 finite (x, y) points); an empty list is
+    an error, not an empty mask. ``source`` names the annotation in errors. The pixel-centre rule
+    this package used before differs from pycocotools on boundary pixels (3.0 % of the mask pixels
+    of 300 random convex polygons in a 32x32 image); the axis-aligned fixtures agree exactly.
     """
-    mask = np.zeros((height, width), dtype=bool)
-    xc = np.arange(width) + 0.5
-    for poly in polygons:
-        p = np.asarray(poly, dtype=np.float64)
-        if p.ndim != 1 or p.size < 6 or p.size % 2:
-            raise FormatError(f"polygon has {p.size} coordinates; expected a flat list x1,y1,x2,y2,... of "
-                              ">= 3 points. Fix: check the annotation's segmentation")
-        x0, y0 = p[0::2], p[1::2]
-        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-        for row in range(height):
-            yc = row + 0.5
-            cross = (y0 > yc) != (y1 > yc)
-            if not cross.any():
-                continue
-            xs = np.sort(x0[cross] + (yc - y0[cross]) * (x1[cross] - x0[cross]) / (y1[cross] - y0[cross]))
-            n_right = xs.size - np.searchsorted(xs, xc, side="right")
-            mask[row] |= (n_right % 2) == 1
-    return mask
+    fix = "a polygon segmentation is a list of flat lists [x1, y1, x2, y2, ...] of >= 3 points"
+    if not isinstance(polygons, (list, tuple)) or len(polygons) == 0:
+        raise _fail(source, f"segmentation is {polygons!r}: no polygon", fix)
+    polys = []
+    for k, poly in enumerate(polygons):
+        if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
+            n = len(poly) if isinstance(poly, (list, tuple)) else type(poly).__name__
+            raise _fail(source, f"polygon {k} has {n} coordinates; expected a flat list x1,y1,x2,y2,... of "
+                        ">= 3 points", fix)
+        polys.append([_as_number(v, source, f"polygon {k}", "segmentation") for v in poly])
+    rles = _cocomask.frPyObjects(polys, int(height), int(width))
+    return _cocodecode(_cocomask.merge(rles))
 
 
-def annotation_mask(ann: Mapping, height: int, width: int) -> np.ndarray:
-    """Mask of one COCO annotation (polygons, uncompressed RLE or compressed RLE)."""
+def annotation_mask(ann: Mapping, height: int, width: int, source: Any = None) -> np.ndarray:
+    """Mask of one COCO annotation (polygons, uncompressed RLE or compressed RLE), via pycocotools.
+
+    An empty segmentation (no polygon, or a mask covering no pixel) is an error naming the
+    annotation (``source``, default "annotation <id>"), not a silent empty mask.
+    """
+    aid = ann.get("id") if isinstance(ann, Mapping) else ann
+    source = source if source is not None else f"annotation {aid}"
     seg = ann.get("segmentation") if isinstance(ann, Mapping) else None
     if isinstance(seg, list):
-        return polygons_to_mask(seg, height, width)
-    if isinstance(seg, Mapping):
-        m = rle_decode(seg)
+        m = polygons_to_mask(seg, height, width, source)
+    elif isinstance(seg, Mapping):
+        m = rle_decode(seg, source)
         if m.shape != (height, width):
-            raise FormatError(f"annotation {ann.get('id')} RLE size {list(m.shape)} differs from the image size "
+            raise FormatError(f"{source}: RLE size {list(m.shape)} differs from the image size "
                               f"{[height, width]}. Fix: re-encode the mask at the image size")
-        return m
-    raise FormatError(f"annotation {ann.get('id') if isinstance(ann, Mapping) else ann} has no usable "
-                      "'segmentation' (polygons list or RLE dict). Fix: check the instances json")
+    else:
+        raise FormatError(f"{source} has no usable 'segmentation' (polygons list or RLE dict), got "
+                          f"{type(seg).__name__}. Fix: check the instances json")
+    if not m.any():
+        raise FormatError(f"{source}: field 'segmentation' covers no pixel of the {height}x{width} image. "
+                          "Fix: remove the annotation or give its polygon / RLE")
+    return m
 
 
 class CocoInstances:
@@ -143,17 +170,28 @@ class CocoInstances:
         _require_keys(data, ("images", "annotations", "categories"), path, "the top-level object", fix)
         self.path = path
         self.images: dict[int, dict] = {}
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data[key], list):
+                raise _fail(path, f"field {key!r} is a {type(data[key]).__name__}, expected a list", fix)
         for i, im in enumerate(data["images"]):
             _require_keys(im, ("id", "file_name", "height", "width"), path, f"images[{i}]", fix)
-            self.images[int(im["id"])] = im
+            for k in ("height", "width"):
+                if _as_number(im[k], path, f"images[{i}]", k, integer=True) <= 0:
+                    raise _fail(path, f"images[{i}] field {k!r} is {im[k]!r}", f"{k} is the image size in pixels")
+            size = {k: _as_number(im[k], path, f"images[{i}]", k, integer=True) for k in ("height", "width")}
+            self.images[_as_number(im["id"], path, f"images[{i}]", "id", integer=True)] = {**im, **size}
         self.category_ids: dict[str, int] = {}
         for i, c in enumerate(data["categories"]):
             _require_keys(c, ("id", "name"), path, f"categories[{i}]", fix)
-            self.category_ids[c["name"]] = int(c["id"])
+            self.category_ids[c["name"]] = _as_number(c["id"], path, f"categories[{i}]", "id", integer=True)
         self.anns_by_image: dict[int, list[dict]] = {}
+        self._ann_index: dict[int, int] = {}  # id(annotation dict) -> position in the file, for errors
         for i, a in enumerate(data["annotations"]):
             _require_keys(a, ("image_id", "category_id", "segmentation"), path, f"annotations[{i}]", fix)
-            self.anns_by_image.setdefault(int(a["image_id"]), []).append(a)
+            _as_number(a["category_id"], path, f"annotations[{i}]", "category_id", integer=True)
+            self._ann_index[id(a)] = i
+            self.anns_by_image.setdefault(_as_number(a["image_id"], path, f"annotations[{i}]", "image_id",
+                                                     integer=True), []).append(a)
 
     def image_info(self, image_id: int) -> dict:
         if int(image_id) not in self.images:
@@ -175,12 +213,12 @@ class CocoInstances:
         cid = self.category_ids[category_name]
         h, w = int(info["height"]), int(info["width"])
         mask = np.zeros((h, w), dtype=bool)
-        anns = [a for a in self.anns_by_image.get(int(image_id), []) if int(a["category_id"]) == cid]
+        anns = [a for a in self.anns_by_image.get(int(image_id), []) if int(float(a["category_id"])) == cid]
         if not anns and not allow_empty:
             raise FormatError(f"{self.path}: image {image_id} has no {category_name!r} annotation. "
                               "Fix: check the row's Image ID / Label, or pass allow_empty=True")
         for a in anns:
-            mask |= annotation_mask(a, h, w)
+            mask |= annotation_mask(a, h, w, f"{self.path} annotations[{self._ann_index[id(a)]}] (id {a.get('id')})")
         return resize_mask(mask, shape) if shape is not None else mask
 
 
@@ -221,8 +259,9 @@ def write_coco_instances(path: PathLike, images: Sequence[Mapping], annotations:
 
     images: {id, file_name, height, width}; categories: {id, name[, supercategory]};
     annotations: {image_id, category_id, and either 'segmentation' (polygons/RLE, kept as
-    given) or 'mask' (bool HxW, written as uncompressed RLE, or compressed with
-    ``compress=True``)}, optional id / iscrowd. area and bbox are computed from the mask.
+    given) or 'mask' (bool HxW, not empty; written as uncompressed RLE, or compressed with
+    ``compress=True``)}, optional id / iscrowd. area and bbox are computed from the mask (pycocotools
+    ``area`` / ``toBbox``).
     """
     sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in images}
     cat_ids = {int(c["id"]) for c in categories}
@@ -236,20 +275,22 @@ def write_coco_instances(path: PathLike, images: Sequence[Mapping], annotations:
             m = np.asarray(a["mask"]).astype(bool)
             if m.shape != (h, w):
                 raise ValueError(f"annotation {i}: mask shape {m.shape} != image size {(h, w)}")
+            if not m.any():
+                raise ValueError(f"annotation {i}: mask covers no pixel (the reader refuses empty segmentations). "
+                                 "Fix: leave the annotation out")
             seg = rle_encode(m)
             if compress:
                 seg["counts"] = rle_counts_to_string(seg["counts"])
         elif "segmentation" in a:
             seg = a["segmentation"]
-            m = annotation_mask(a, h, w)
+            m = annotation_mask(a, h, w, f"annotation {i}")
         else:
             raise ValueError(f"annotation {i} needs 'mask' or 'segmentation'")
-        ys, xs = np.nonzero(m)
-        bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)] \
-            if xs.size else [0.0, 0.0, 0.0, 0.0]
+        rle = _cocomask.encode(np.asfortranarray(m.astype(np.uint8)))
         out_anns.append({"id": int(a.get("id", i + 1)), "image_id": int(a["image_id"]),
-                         "category_id": int(a["category_id"]), "segmentation": seg, "area": float(m.sum()),
-                         "bbox": bbox, "iscrowd": int(a.get("iscrowd", 0))})
+                         "category_id": int(a["category_id"]), "segmentation": seg,
+                         "area": float(_cocomask.area(rle)), "bbox": [float(v) for v in _cocomask.toBbox(rle)],
+                         "iscrowd": int(a.get("iscrowd", 0))})
     data = {"images": [dict(im) for im in images], "annotations": out_anns,
             "categories": [{"supercategory": c.get("supercategory", ""), **dict(c)} for c in categories]}
     return _write_json(path, data)
