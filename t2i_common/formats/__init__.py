@@ -37,8 +37,9 @@ from .implosion import (class_pairs, implosion_pickle_paths, read_embedding_cach
                         read_implosion_pickles, write_embedding_cache, write_implosion_pickles)
 from .aro import (ARO_SYMMETRIC_RELATIONS, VG_FILES, aro_accuracy, aro_group_accuracy, read_aro_vg,
                   write_aro_vg)
-from .captions import (DEFAULT_ADJECTIVES, DEFAULT_NOUNS, POS_ADJ, POS_NOUN, POS_OTHER, LexiconTagger,
-                       normalize_caption, tokenize)
+from .captions import (DEFAULT_ADJECTIVES, DEFAULT_NOUNS, PENN_ADJ_TAGS, PENN_NOUN_TAGS, POS_ADJ, POS_NOUN,
+                       POS_OTHER, SPACY_MODEL, LexiconTagger, SpacyTagger, default_pos_tagger, normalize_caption,
+                       penn_to_pos, pos_tagger_name, tokenize)
 from .aro_order import (ORDER_FILES, ORDER_PERTURBATIONS, NoOrderNegative, OrderItems, order_caption_options,
                         read_aro_order, shuffle_allbut_nouns_and_adj, shuffle_nouns_and_adj, shuffle_trigrams,
                         shuffle_within_trigrams, write_aro_order)

@@ -7,7 +7,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ._common import PathLike, _fail, _nonempty, _read_json, _require_keys, _write_json
-from .captions import POS_ADJ, POS_NOUN, POS_OTHER, LexiconTagger, _check_tags, normalize_caption, tokenize
+from .captions import (POS_ADJ, POS_NOUN, POS_OTHER, _check_tags, default_pos_tagger, normalize_caption,
+                       pos_tagger_name, tokenize)
 from .images import ImageRef, MatchItem, _check_exists, save_image
 
 
@@ -20,7 +21,7 @@ def _permute_positions(tokens: list[str], positions: Sequence[int], rng: np.rand
 
 def _tagged(caption: str, pos_tagger: Callable | None) -> tuple[list[str], list[str]]:
     tokens = tokenize(caption)
-    return tokens, _check_tags((pos_tagger or LexiconTagger())(tokens), tokens)
+    return tokens, _check_tags((pos_tagger or default_pos_tagger())(tokens), tokens)
 
 
 def _trigrams(tokens: list[str]) -> list[list[str]]:
@@ -122,11 +123,13 @@ def order_caption_options(caption: str, seed: int, max_words: int = 30,
 class OrderItems(list):
     """:func:`read_aro_order`'s result: the list of :class:`MatchItem` s, plus ``dropped``, one dict
     ``{entry, caption_index, caption, perturbation}`` per caption left out because a perturbation
-    could not change it (report ``len(items.dropped)`` beside the accuracy). Slicing gives a plain list."""
+    could not change it (report ``len(items.dropped)`` beside the accuracy), and ``pos_tagger``, the
+    name of the tagger the perturbations used. Slicing gives a plain list."""
 
-    def __init__(self, items: Iterable[MatchItem] = (), dropped: Sequence[dict] = ()):
+    def __init__(self, items: Iterable[MatchItem] = (), dropped: Sequence[dict] = (), pos_tagger: str = ""):
         super().__init__(items)
         self.dropped = list(dropped)
+        self.pos_tagger = pos_tagger
 
 
 ORDER_FILES = {"coco_order": "coco_karpathy_test.json", "flickr_order": "flickr30k_test.json"}
@@ -141,10 +144,12 @@ def read_aro_order(json_path: PathLike, image_root: PathLike | None = None, seed
     ``{image, caption: [captions]}``); ``image`` is relative to ``image_root`` (default: the
     json's folder, as in ARO where both live in the dataset root). The item for caption k of
     entry e uses seed ``[seed, e, k]``, so subsets and reorderings keep the same perturbations.
-    ``pos_tagger``: words -> NOUN/ADJ/OTHER tags (default :class:`LexiconTagger`, see there).
+    ``pos_tagger``: words -> NOUN/ADJ/OTHER tags (default: :func:`~.captions.default_pos_tagger`,
+    spaCy's tagger when spaCy and en_core_web_sm are installed, else :class:`LexiconTagger`).
     A caption some perturbation cannot change (:func:`order_caption_options`) gives no item;
     the result's ``dropped`` lists those captions (ARO's protocol for short captions).
-    meta: aro_task, image, entry, caption_index.
+    meta: aro_task, image, entry, caption_index, pos_tagger (the tagger's name, also in the
+    result's ``pos_tagger``: state it beside the accuracy).
     """
     json_path = Path(json_path)
     fix = "pass coco_karpathy_test.json or flickr30k_test.json (entries {image, caption: [...]})"
@@ -155,7 +160,8 @@ def read_aro_order(json_path: PathLike, image_root: PathLike | None = None, seed
     if task not in ORDER_FILES:
         raise ValueError(f"task must be one of {list(ORDER_FILES)}, got {task!r}")
     image_root = Path(image_root) if image_root is not None else json_path.parent
-    tagger = pos_tagger or LexiconTagger()
+    tagger = pos_tagger or default_pos_tagger()
+    tagger_name = pos_tagger_name(tagger)
     items, dropped = OrderItems(), []
     for e, ent in enumerate(data):
         _require_keys(ent, ("image", "caption"), json_path, f"entry {e}", fix)
@@ -169,8 +175,9 @@ def read_aro_order(json_path: PathLike, image_root: PathLike | None = None, seed
                 dropped.append({"entry": e, "caption_index": k, "caption": cap, "perturbation": err.perturbation})
                 continue
             items.append(MatchItem([ref], opts, 0, 0,
-                                   {"aro_task": task, "image": ent["image"], "entry": e, "caption_index": k}))
-    items.dropped = dropped
+                                   {"aro_task": task, "image": ent["image"], "entry": e, "caption_index": k,
+                                    "pos_tagger": tagger_name}))
+    items.dropped, items.pos_tagger = dropped, tagger_name
     _nonempty(items, json_path, f"check the file ({len(dropped)} caption(s) were dropped because an order "
                                 "perturbation cannot change them)")
     if check_images:

@@ -3,7 +3,7 @@ part-of-speech taggers (NOUN / ADJ / OTHER per word)."""
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 
 _PUNCT = re.compile(r'([.!"()*#:;~])')
@@ -52,13 +52,11 @@ class LexiconTagger:
     """Fallback POS tagger: a word is ADJ if in ``adjectives``, NOUN if in ``nouns`` (also after
     stripping a plural -s/-es/-ies->y), else OTHER. Adjectives win ties ("orange").
 
-    The original uses spaCy's tagger (NN*/JJ* tags); spaCy and nltk are not installed here,
-    so this lexicon approximation is the default. A spaCy tagger can be passed instead::
-
-        nlp = spacy.load("en_core_web_sm")
-        tagger = lambda ws: ["NOUN" if t.tag_.startswith("NN") else "ADJ" if t.tag_.startswith("JJ")
-                             else "OTHER" for t in nlp(spacy.tokens.Doc(nlp.vocab, words=ws))]
+    The original uses spaCy's tagger (:class:`SpacyTagger`); :func:`default_pos_tagger` picks
+    spaCy when spaCy and ``en_core_web_sm`` are installed and this lexicon approximation otherwise.
     """
+
+    name = "lexicon"
 
     def __init__(self, nouns: Iterable[str] = DEFAULT_NOUNS, adjectives: Iterable[str] = DEFAULT_ADJECTIVES):
         self.nouns = {w.lower() for w in nouns}
@@ -87,3 +85,62 @@ def _check_tags(tags: Sequence[str], words: Sequence[str]) -> list[str]:
     if len(tags) != len(words) or any(t not in (POS_NOUN, POS_ADJ, POS_OTHER) for t in tags):
         raise ValueError(f"pos_tagger must return one of NOUN/ADJ/OTHER per word; got {tags} for {list(words)}")
     return tags
+
+
+#: spaCy pipeline of ARO's perturbations (``spacy.load("en_core_web_sm")``), used when installed.
+SPACY_MODEL = "en_core_web_sm"
+#: Penn Treebank tags ARO counts as nouns / adjectives (its ``dataset_zoo/perturbations.py``).
+PENN_NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
+PENN_ADJ_TAGS = frozenset({"JJ", "JJR", "JJS"})
+
+
+def penn_to_pos(tag: str) -> str:
+    """NOUN / ADJ / OTHER of a Penn Treebank tag, with ARO's tag sets."""
+    return POS_NOUN if tag in PENN_NOUN_TAGS else POS_ADJ if tag in PENN_ADJ_TAGS else POS_OTHER
+
+
+class SpacyTagger:
+    """POS tags from a loaded spaCy pipeline ``nlp``: the given tokens become a ``Doc`` (so the
+    tags align with :func:`tokenize`'s tokens), the pipeline runs up to its ``tagger`` and each
+    ``token.tag_`` is mapped with :func:`penn_to_pos`. ``name``: "spacy:<lang>_<model>-<version>"."""
+
+    def __init__(self, nlp: Any):
+        self.nlp = nlp
+        meta = getattr(nlp, "meta", None) or {}
+        self.name = f"spacy:{meta.get('lang', '?')}_{meta.get('name', '?')}-{meta.get('version', '?')}"
+
+    def __call__(self, words: Sequence[str]) -> list[str]:
+        from spacy.tokens import Doc
+
+        doc = Doc(self.nlp.vocab, words=list(words))
+        for component, proc in self.nlp.pipeline:
+            doc = proc(doc)
+            if component == "tagger":
+                break
+        return [penn_to_pos(t.tag_) for t in doc]
+
+
+_DEFAULT_TAGGERS: dict[str, Callable] = {}
+
+
+def default_pos_tagger(model: str = SPACY_MODEL) -> Callable:
+    """The tagger the ARO order perturbations use when none is passed: :class:`SpacyTagger` of
+    ``spacy.load(model)`` when spaCy and the model are installed (the original's choice), else
+    :class:`LexiconTagger`. Decided once per process and model; :func:`pos_tagger_name` says which."""
+    if model not in _DEFAULT_TAGGERS:
+        try:
+            import spacy
+
+            nlp = spacy.load(model)
+        except (ImportError, OSError):  # spaCy missing / model not installed (spaCy's E050 is an OSError)
+            _DEFAULT_TAGGERS[model] = LexiconTagger()
+        else:
+            _DEFAULT_TAGGERS[model] = SpacyTagger(nlp)
+    return _DEFAULT_TAGGERS[model]
+
+
+def pos_tagger_name(pos_tagger: Callable | None = None) -> str:
+    """Name of ``pos_tagger`` for tables ("lexicon", "spacy:en_core_web_sm-3.7.1", or a custom
+    callable's ``name`` attribute / function name); ``None`` names :func:`default_pos_tagger`'s choice."""
+    tagger = pos_tagger if pos_tagger is not None else default_pos_tagger()
+    return str(getattr(tagger, "name", None) or getattr(tagger, "__name__", None) or type(tagger).__name__)
