@@ -49,7 +49,9 @@ def test_aro_vg_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="1.png"):  # image folder missing
         F.read_aro_vg(tmp_path)
     corrupt(tmp_path / "images" / "1.png")
-    items = F.read_aro_vg(tmp_path)
+    with pytest.raises(F.FormatError, match=r"1\.png.*entry 0"):  # found while reading (the boxes are checked)
+        F.read_aro_vg(tmp_path)
+    items = F.read_aro_vg(tmp_path, check_images=False)
     with pytest.raises(F.FormatError, match=r"1\.png.*entry 0"):
         items[0].images[0]
     F._write_json(tmp_path / "visual_genome_relation.json", [])
@@ -199,7 +201,8 @@ def test_aro_order_drop_count(tmp_path):
     entries = [{"image": "a.png", "caption": ["a red dog", "the dog chases the cat", "dog"]},
                {"image": "b.png", "caption": "a man rides a horse on the beach"},
                {"image": "c.png", "caption": ["cat"]}]
-    F.write_aro_order(entries, tmp_path, "flickr_order", images={n: solid((3, 3, 3)) for n in ("a.png", "b.png", "c.png")})
+    F.write_aro_order(entries, tmp_path, "flickr_order",
+                      images={n: solid((3, 3, 3)) for n in ("a.png", "b.png", "c.png")})
     items = F.read_aro_order(tmp_path / "flickr30k_test.json")
     assert [(it.meta["entry"], it.meta["caption_index"]) for it in items] == [(0, 1), (1, 0)]
     assert [(d["entry"], d["caption_index"], d["caption"]) for d in items.dropped] == \
@@ -310,7 +313,8 @@ def test_default_tagger_falls_back_to_the_lexicon(monkeypatch, fresh_default_tag
 
 
 def test_reader_states_the_tagger(tmp_path):
-    F.write_aro_order([{"image": "a.png", "caption": ["the dog chases the cat"]}], tmp_path, images={"a.png": solid((1, 1, 1))})
+    F.write_aro_order([{"image": "a.png", "caption": ["the dog chases the cat"]}], tmp_path,
+                      images={"a.png": solid((1, 1, 1))})
 
     def odd_positions_are_nouns(words):
         return ["NOUN" if i % 2 else "OTHER" for i in range(len(words))]

@@ -32,7 +32,8 @@ One module per dataset family; every public name is re-exported here
 """
 from ._common import (FormatError, PathLike, _atomic_write_bytes, _fail, _nonempty, _read_json, _read_table,
                       _require_dir, _require_file, _require_keys, _write_csv, _write_json)
-from .images import IMAGE_EXTS, ImageRef, LazyImages, MatchItem, _check_exists, _find_image, read_images, save_image, to_pil
+from .images import (IMAGE_EXTS, ImageRef, LazyImages, MatchItem, _check_exists, _find_image, clip_box, read_images,
+                     save_image, to_pil)
 from .implosion import (class_pairs, implosion_pickle_paths, read_embedding_cache, read_implosion_pickle,
                         read_implosion_pickles, write_embedding_cache, write_implosion_pickles)
 from .aro import (ARO_SYMMETRIC_RELATIONS, VG_FILES, aro_accuracy, aro_group_accuracy, read_aro_vg,
@@ -53,7 +54,8 @@ from .imagecode import read_imagecode, write_imagecode
 from .flickr import (read_flickr30k_retrieval, read_flickr30k_text_retrieval, write_flickr30k_retrieval,
                      write_flickr30k_text_retrieval)
 from .negclip import NEGCLIP_COLUMNS, NegClipRow, read_negclip_tsv, write_negclip_tsv
-from .bias import GENDER_WORD_PAIRS, MMBIAS_GROUPS, MMBias, read_gender_bias, read_mmbias, write_gender_bias, write_mmbias
+from .bias import (GENDER_WORD_PAIRS, MMBIAS_GROUPS, MMBias, read_gender_bias, read_mmbias, write_gender_bias,
+                   write_mmbias)
 
 __all__ = [n for n in dir() if not n.startswith("_") and n not in (
     "aro", "aro_order", "bias", "captions", "clevr", "coco", "flickr", "imagecode", "images", "implosion",

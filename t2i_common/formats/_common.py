@@ -80,13 +80,23 @@ def _as_number(value: Any, path: Any, where: str, field: str, integer: bool = Fa
     return int(v) if integer else v
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; restored at once
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a killed
+    write never leaves a truncated file. The file gets mode 0666 & ~umask, as ``open()`` would give
+    (``mkstemp`` creates 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
-from ._common import FormatError, PathLike, _fail, _nonempty, _read_json, _require_keys, _write_json
-from .images import ImageRef, MatchItem, _check_exists, save_image
+from ._common import FormatError, PathLike, _as_number, _fail, _nonempty, _read_json, _require_keys, _write_json
+from .images import ImageRef, MatchItem, _check_exists, clip_box, save_image
 
 
 #: Relations that ARO's official VG-Relation macro accuracy leaves out (symmetric or
@@ -54,6 +55,8 @@ def read_aro_vg(root: PathLike, kind: str = "relation", image_dir: PathLike | No
     images are ``image_dir`` (default ``root/images``) / ``image_path``, cropped to
     (bbox_x, bbox_y, bbox_x + bbox_w, bbox_y + bbox_h) as ARO does. Captions are
     ``[false_caption, true_caption]`` (ARO's caption_options order), so gold_caption = 1.
+    With ``check_images`` the boxes are checked against the image sizes (:func:`_check_boxes`: a box
+    entirely outside is an error, one partly outside is clipped and flagged in meta ``bbox_clipped``).
     meta: aro_task, index, image_path, relation_name / attributes (+ attribute_pair 'a1_a2').
     """
     if kind not in VG_FILES:
@@ -68,9 +71,12 @@ def read_aro_vg(root: PathLike, kind: str = "relation", image_dir: PathLike | No
     items = []
     for i, rec in enumerate(data):
         _require_keys(rec, _VG_KEYS[kind], path, f"entry {i}", fix)
-        x, y, w, h = (float(rec[k]) for k in _VG_BBOX)
+        x, y, w, h = (_as_number(rec[k], path, f"entry {i}", k) for k in _VG_BBOX)
         if w <= 0 or h <= 0:
-            raise _fail(path, f"entry {i} has an empty bbox (w={w}, h={h})", "fix the bbox fields")
+            raise _fail(path, f"entry {i} has an empty bbox (bbox_w={w}, bbox_h={h})", "fix the bbox fields")
+        for k in ("true_caption", "false_caption"):
+            if not isinstance(rec[k], str) or not rec[k].strip():
+                raise _fail(path, f"entry {i} field {k!r} is {rec[k]!r}", "captions are non-empty strings")
         ref = ImageRef(image_dir / rec["image_path"], box=(x, y, x + w, y + h), source=f"{path} entry {i}")
         meta = {"aro_task": f"vg_{kind}", "index": i, "image_path": rec["image_path"]}
         if kind == "relation":
@@ -85,7 +91,34 @@ def read_aro_vg(root: PathLike, kind: str = "relation", image_dir: PathLike | No
     _nonempty(items, path)
     if check_images:
         _check_exists(it.image_refs[0] for it in items)
+        _check_boxes(items, path)
     return items
+
+
+def _check_boxes(items: list[MatchItem], path: Path) -> None:
+    """Check each crop box against its image's size (read from the file header): a box entirely
+    outside the image is an error naming the entry; a box partly outside is clipped to the image
+    (deliberate difference: ARO's PIL crop pads it with black) and the item's meta gets
+    ``bbox_clipped`` = the box as annotated."""
+    sizes: dict[Path, tuple[int, int]] = {}
+    for n, it in enumerate(items):
+        ref = it.image_refs[0]
+        if ref.path not in sizes:
+            try:
+                with Image.open(ref.path) as im:
+                    sizes[ref.path] = im.size
+            except (OSError, SyntaxError, ValueError) as e:
+                raise FormatError(f"cannot read image {ref.path} (referenced by {ref.source}): {e}. "
+                                  "Fix: replace the file with a valid PNG/JPEG") from None
+        w, h = sizes[ref.path]
+        box = clip_box(ref.box, w, h)
+        if box is None:
+            raise _fail(path, f"entry {it.meta['index']} fields bbox_x/bbox_y/bbox_w/bbox_h give the box "
+                        f"{tuple(ref.box)}, entirely outside its image {ref.path.name} ({w}x{h})",
+                        "correct the bbox fields (x, y = top-left corner in pixels) or drop the entry")
+        if box != tuple(ref.box):
+            it.image_refs[0] = ImageRef(ref.path, box, ref.source)
+            it.meta["bbox_clipped"] = list(ref.box)
 
 
 def write_aro_vg(records: Sequence[Mapping], root: PathLike, kind: str = "relation") -> Path:

@@ -166,6 +166,13 @@ def read_aro_order(json_path: PathLike, image_root: PathLike | None = None, seed
     for e, ent in enumerate(data):
         _require_keys(ent, ("image", "caption"), json_path, f"entry {e}", fix)
         caps = [ent["caption"]] if isinstance(ent["caption"], str) else ent["caption"]
+        if not isinstance(caps, list) or not caps:
+            raise _fail(json_path, f"entry {e} (image {ent['image']!r}) field 'caption' is {ent['caption']!r}",
+                        "give the image's captions as a non-empty list of strings, or remove the entry")
+        for k, cap in enumerate(caps):
+            if not isinstance(cap, str) or not cap.strip():
+                raise _fail(json_path, f"entry {e} (image {ent['image']!r}) caption {k} is {cap!r}",
+                            "captions are non-empty strings")
         ref = ImageRef(image_root / ent["image"], source=f"{json_path} entry {e}")
         for k, cap in enumerate(caps):
             seq = np.random.SeedSequence([int(seed), e, k])

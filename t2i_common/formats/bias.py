@@ -51,6 +51,10 @@ def read_mmbias(root: PathLike, groups: Sequence[str] | None = None) -> MMBias:
         found = {g: found[g] for g in groups}
     if not found:
         raise FormatError(f"dataset {img_root} has no items (no group folder with images). Fix: {fix}")
+    for k in ("pleasant_phrases", "unpleasant_phrases"):
+        if not isinstance(phrases[k], list) or not all(isinstance(p, str) for p in phrases[k]):
+            raise _fail(root / "textual_phrases.txt", f"field {k!r} is {str(phrases[k])[:60]!r}",
+                        "give a JSON list of phrase strings")
     pleasant, unpleasant = list(phrases["pleasant_phrases"]), list(phrases["unpleasant_phrases"])
     if not pleasant or not unpleasant:
         raise _fail(root / "textual_phrases.txt", "a phrase list is empty", "give both pleasant and unpleasant phrases")

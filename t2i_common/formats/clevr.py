@@ -35,7 +35,7 @@ def read_clevr(root: PathLike, subtasks: Sequence[str] | None = None, check_imag
         for img, pairs in data.items():
             ref = ImageRef(root / "images" / img, source=f"{path} [{img!r}]")
             for j, pair in enumerate(pairs):
-                if not (isinstance(pair, (list, tuple)) and len(pair) >= 2):
+                if not (isinstance(pair, (list, tuple)) and len(pair) >= 2 and all(isinstance(c, str) for c in pair)):
                     raise _fail(path, f"image {img!r} pair {j} is {pair!r}", fix)
                 items.append(MatchItem([ref], [pair[0], pair[1]], 0, 0, {"subtask": sub, "image": img, "pair": j}))
     _nonempty(items, cap_dir)

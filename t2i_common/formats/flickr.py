@@ -36,7 +36,7 @@ def read_flickr30k_retrieval(json_path: PathLike, image_root: PathLike | None = 
     root = Path(image_root) if image_root is not None else json_path.parent
     items = []
     for n, (cap, paths) in enumerate(pairs[::stride]):
-        if not isinstance(paths, list) or not paths:
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
             raise _fail(json_path, f"caption {cap!r} has candidates {paths!r}", fix)
         refs = [ImageRef(_resolve(root, p), source=f"{json_path} [{cap!r}]") for p in paths]
         items.append(MatchItem(refs, [cap], 0, 0, {"caption": cap, "image_paths": list(paths)}))
@@ -57,7 +57,7 @@ def read_flickr30k_text_retrieval(json_path: PathLike, image_root: PathLike | No
     root = Path(image_root) if image_root is not None else json_path.parent
     items = []
     for p, caps in data.items():
-        if not isinstance(caps, list) or not caps:
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
             raise _fail(json_path, f"image {p!r} has captions {caps!r}", fix)
         items.append(MatchItem([ImageRef(_resolve(root, p), source=f"{json_path} [{p!r}]")], caps, 0, 0, {"image": p}))
     _nonempty(items, json_path)

@@ -1,6 +1,7 @@
 """Images (lazy, cropped, validated) and the common image-text matching item :class:`MatchItem`."""
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,15 +10,28 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from ._common import FormatError, PathLike
+from ._common import FormatError, PathLike, _atomic_write_bytes
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
+def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float] | None:
+    """``box`` = (left, top, right, bottom) intersected with the image (0, 0, width, height); None
+    when nothing of it is inside. PIL would fill the outside part of a crop with black pixels."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    c = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+    return c if c[2] > c[0] and c[3] > c[1] else None
+
+
 @dataclass(frozen=True)
 class ImageRef:
-    """An image file loaded on demand, optionally cropped to ``box`` = (left, top, right, bottom)."""
+    """An image file loaded on demand, optionally cropped to ``box`` = (left, top, right, bottom).
+
+    A box partly outside the image is clipped to it (the original crops with PIL, which pads the
+    outside with black pixels that would then be scored); a box entirely outside raises
+    :class:`FormatError` naming the file and the referencing annotation.
+    """
 
     path: Path
     box: tuple[float, float, float, float] | None = None
@@ -35,7 +49,13 @@ class ImageRef:
         except (OSError, SyntaxError, ValueError) as e:
             raise FormatError(f"cannot read image {self.path}{ref}: {e}. "
                               "Fix: replace the file with a valid PNG/JPEG") from None
-        return img.crop(self.box) if self.box is not None else img
+        if self.box is None:
+            return img
+        box = clip_box(self.box, *img.size)
+        if box is None:
+            raise FormatError(f"crop box {tuple(self.box)} lies outside image {self.path} of size "
+                              f"{img.size[0]}x{img.size[1]}{ref}. Fix: correct the annotation's bbox fields")
+        return img.crop(box)
 
 
 def to_pil(image: Any) -> Image.Image:
@@ -62,17 +82,18 @@ def read_images(paths: Iterable[PathLike]) -> list[Image.Image]:
 
 
 def save_image(image: Any, path: PathLike) -> Path:
-    """Write ``image`` (PIL or uint8 array) to ``path``; the format follows the suffix (JPEG at quality 95, 4:4:4)."""
+    """Write ``image`` (PIL or uint8 array) to ``path`` atomically; the format follows the suffix (JPEG at
+    quality 95, 4:4:4)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = to_pil(image)
+    buf = io.BytesIO()
     if path.suffix.lower() in (".jpg", ".jpeg"):
-        img.save(path, quality=95, subsampling=0)
+        img.save(buf, format="JPEG", quality=95, subsampling=0)
     elif path.suffix.lower() == ".png":
-        img.save(path)
+        img.save(buf, format="PNG")
     else:
         raise FormatError(f"cannot write image {path}: unknown suffix. Fix: use one of {IMAGE_EXTS}")
-    return path
+    return _atomic_write_bytes(path, buf.getvalue())
 
 
 def _find_image(folder: Path, name: str, source: str) -> Path:

@@ -101,7 +101,10 @@ def _validate_embedding_cache(cache: Mapping, where: Any, atol: float | None) ->
         _require_keys(entry, ("img_emb", "txt_emb"), where, f"entry {key!r}", fix)
         vecs = {}
         for k in ("img_emb", "txt_emb"):
-            v = np.asarray(entry[k], dtype=np.float32)
+            try:
+                v = np.asarray(entry[k], dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise _fail(where, f"entry {key!r} field {k!r} is not numeric ({e})", fix) from None
             if v.ndim != 1:
                 raise _fail(where, f"entry {key!r} field {k!r} has shape {v.shape}, expected (d,)", fix)
             dim = v.shape[0] if dim is None else dim

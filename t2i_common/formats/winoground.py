@@ -9,8 +9,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ._common import (PathLike, _atomic_write_bytes, _fail, _nonempty, _read_json, _read_table, _require_file,
-                      _require_keys, _write_csv, _write_json)
+from ._common import (PathLike, _as_number, _atomic_write_bytes, _fail, _nonempty, _read_json, _read_table,
+                      _require_file, _require_keys, _write_csv, _write_json)
 from .images import ImageRef, MatchItem, _find_image, save_image
 
 
@@ -44,7 +44,8 @@ def winoground_items(rows: Iterable[Mapping], images_dir: PathLike | None = None
             refs.append(img)
         meta = {k: row[k] for k in WINOGROUND_COLUMNS[5:] if k in row}
         if "num_main_preds" in meta and str(meta["num_main_preds"]).strip() != "":
-            meta["num_main_preds"] = int(meta["num_main_preds"])
+            meta["num_main_preds"] = _as_number(meta["num_main_preds"], source, f"row {n}", "num_main_preds",
+                                                integer=True)
         rid = row["id"]
         meta["id"] = int(rid) if isinstance(rid, str) and rid.strip().lstrip("-").isdigit() else rid
         items.append(MatchItem(refs, [row["caption_0"], row["caption_1"]], 0, 0, meta))
