@@ -98,7 +98,10 @@ def rle_decode(rle: Mapping, source: Any = "RLE") -> np.ndarray:
     h, w = (_as_number(v, source, "the RLE", "size", integer=True) for v in size)
     counts = rle["counts"]
     if isinstance(counts, (str, bytes)):
-        arr = np.asarray(rle_string_to_counts(counts), dtype=np.int64)
+        try:
+            arr = np.asarray(rle_string_to_counts(counts), dtype=np.int64)
+        except FormatError as e:
+            raise FormatError(f"{source}: field 'counts': {e}") from None
     elif isinstance(counts, (list, tuple)):
         arr = np.asarray([_as_number(c, source, "the RLE", "counts", integer=True) for c in counts], dtype=np.int64)
     else:
@@ -353,9 +356,11 @@ def read_coco_it(csv_path: PathLike, instances: PathLike | CocoInstances | None 
                 ref = ImageRef(inst.image_path(image_id, image_dir), source=f"{csv_path} row {i}")
             try:
                 mask = inst.mask(image_id, row["Label"], mask_shape)
-            except (KeyError, FormatError) as e:
-                raise _fail(csv_path, f"row {i}: {e}", "COCO-WL rows (non-category labels) have no masks: "
+            except KeyError as e:  # unknown image id or category name
+                raise _fail(csv_path, f"row {i}: {e.args[0]}", "COCO-WL rows (non-category labels) have no masks: "
                             "read them with instances=None") from None
+            except FormatError as e:  # a broken annotation of the instances file: its message names the fix
+                raise FormatError(f"{csv_path} row {i} (Image ID {image_id}, Label {row['Label']!r}): {e}") from None
         elif image_dir is not None:
             ref = ImageRef(Path(image_dir) / f"{image_id:012d}.jpg", source=f"{csv_path} row {i}")
         items.append(CocoITItem(image_id, row["Label"], row["correct_obj+context"], row["context"],
