@@ -124,12 +124,17 @@ class OrderItems(list):
     """:func:`read_aro_order`'s result: the list of :class:`MatchItem` s, plus ``dropped``, one dict
     ``{entry, caption_index, caption, perturbation}`` per caption left out because a perturbation
     could not change it (report ``len(items.dropped)`` beside the accuracy), and ``pos_tagger``, the
-    name of the tagger the perturbations used. Slicing gives a plain list."""
+    name of the tagger the perturbations used. A slice (``items[:n]``) keeps both, so ``dropped``
+    always describes the whole file."""
 
     def __init__(self, items: Iterable[MatchItem] = (), dropped: Sequence[dict] = (), pos_tagger: str = ""):
         super().__init__(items)
         self.dropped = list(dropped)
         self.pos_tagger = pos_tagger
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        return OrderItems(got, self.dropped, self.pos_tagger) if isinstance(i, slice) else got
 
 
 ORDER_FILES = {"coco_order": "coco_karpathy_test.json", "flickr_order": "flickr30k_test.json"}
