@@ -373,7 +373,7 @@ def localisation_maps(model, items, steps=(50, 100, 200), *, seed: int = 0,
                       cmi_integration: Integration = Integration(),
                       attn_integration: Integration = Integration(clip=DAAM_CLIP),
                       daam_guidance: float = 1.0, groups_per_call: int = 16, batch_size=None,
-                      cache=None, progress: bool = True) -> dict:
+                      cache=None, progress: bool = True, shard=None) -> dict:
     """Heatmaps of each row's word on the latent grid for every method and step count.
 
     ``items``: COCO-IT rows (:class:`~t2i_common.formats.CocoITItem`: image, caption, context,
@@ -387,8 +387,11 @@ def localisation_maps(model, items, steps=(50, 100, 200), *, seed: int = 0,
       clip 3); nested like CMI.
     Returns {method: {n: float32 [N_rows, h, w]}} (the whole-image baseline needs no map).
     ``cache``: None or a folder; per-group results are cached (a killed run resumes).
+    ``shard``: ``(i, n)`` computes shard i of n of the groups (:mod:`t2i_common.distributed`;
+    ``accelerate launch`` is detected by itself); needs ``cache``.
     """
-    from .cache import ResultCache, map_cached
+    from .cache import ResultCache
+    from .distributed import sharded_map
     from .infotheory import information
     from .itm import image_key, model_fingerprint
 
@@ -449,8 +452,8 @@ def localisation_maps(model, items, steps=(50, 100, 200), *, seed: int = 0,
                    groups=[[image_key(g["image"]), g["caption"],
                             [[items[r].word, items[r].context] for r in g["rows"]]] for g in groups])
         rc = ResultCache("localisation", key, root=cache)
-    got = map_cached(run, list(range(len(groups))), rc, desc="localisation (image groups)",
-                     progress=progress, chunk=groups_per_call)
+    got = sharded_map(run, list(range(len(groups))), rc, shard, desc="localisation (image groups)",
+                      progress=progress, chunk=groups_per_call)
     h, w = model.latent_shape[1:]
     out = {m: {n: torch.zeros(len(items), h, w) for n in steps} for m in LOCALISATION_METHODS[1:]}
     for gi, g in enumerate(groups):

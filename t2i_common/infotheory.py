@@ -335,7 +335,7 @@ def _item_parts(it, i):
 
 def aro_scores(model, items, *, n_samples: int = 100, integration: Integration = Integration(),
                estimator: str = "orthogonal", seed: int = 0, images_per_call: int = 8,
-               cache=None, batch_size=None, progress: bool = True):
+               cache=None, batch_size=None, progress: bool = True, shard=None):
     """i(x; caption option) of each item -> [N, n_options] (the prediction is the argmax);
     ``estimator="both"`` returns {"orthogonal": [N, n], "standard": [N, n]} from the same UNet
     evaluations (cached entries hold both).
@@ -343,11 +343,13 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
     Items: :class:`~t2i_common.formats.MatchItem` s with one image (``read_aro_vg``,
     ``read_aro_order``) or ARO dicts ``{"image_options": [img], "caption_options": [...]}``.
     Item i uses noise stream i; ``cache`` (a :class:`~t2i_common.cache.ResultCache`) makes a
-    killed run resume.  The original scores with ``image_level_nll_fast`` (orthogonal estimator,
+    killed run resume.  ``shard``: ``(i, n)`` computes only shard i of n (cluster array jobs;
+    ``accelerate launch`` is detected by itself), see :mod:`t2i_common.distributed`; the result
+    does not depend on the number of shards.  The original scores with ``image_level_nll_fast`` (orthogonal estimator,
     100 samples, logistic loc 1 / scale 2 / clip 4) and stops after 4 batches
     (``if i == 3: break``); we score every item.
     """
-    from .cache import map_cached
+    from .distributed import sharded_map
 
     if estimator not in ("orthogonal", "standard", "both"):
         raise ValueError(f"aro_scores: estimator must be 'orthogonal', 'standard' or 'both', "
@@ -374,8 +376,8 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
             res.append({k: out[k][j].numpy()[first] for k in ("orthogonal", "standard")})
         return res
 
-    res = map_cached(score, list(range(len(items))), cache, desc="ARO (MI)", progress=progress,
-                     chunk=images_per_call)
+    res = sharded_map(score, list(range(len(items))), cache, shard, desc="ARO (MI)",
+                      progress=progress, chunk=images_per_call)
     both = {k: np.stack([res[i][k] for i in range(len(items))]) for k in ("orthogonal", "standard")}
     return both if estimator == "both" else both[estimator]
 
@@ -452,13 +454,13 @@ def coco_it_items(csv_path=None, instances=None, image_dir=None, mask_size=None,
 
 def info_methods(model, n_samples: int = 100, integration: Integration = Integration(),
                  estimators=("orthogonal",), seed: int = 0, cache=None, batch_size=None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, shard=None) -> dict:
     """i(x; caption) as scoring functions ``(items, img_retrieval) -> [1, J] score matrices``
     (the interface of :func:`t2i_common.itm.gdbench_table` and :func:`relation_testing`), one per
     estimator ("orthogonal": the paper's; "standard": the difference of denoising errors).  All
     estimators of one task come from the same UNet evaluations (computed once, memoised).
     ``cache``: None, or a folder under which a ResultCache keyed by the model, the items and every
-    parameter is made per task."""
+    parameter is made per task.  ``shard``: see :func:`aro_scores`."""
     from .cache import ResultCache
     from .itm import image_key, model_fingerprint
 
@@ -474,7 +476,7 @@ def info_methods(model, n_samples: int = 100, integration: Integration = Integra
             rc = ResultCache("info_mi", key, root=cache) if cache is not None else None
             memo[fp] = aro_scores(model, items, n_samples=n_samples, integration=integration,
                                   estimator="both", seed=seed, cache=rc, batch_size=batch_size,
-                                  progress=progress)
+                                  progress=progress, shard=shard)
         return memo[fp]
 
     def make(est):
@@ -492,12 +494,14 @@ def info_methods(model, n_samples: int = 100, integration: Integration = Integra
 
 def relation_methods(model, clip=None, n_samples: int = 100,
                      integration: Integration = Integration(), diffitm_S: int | None = 10,
-                     seed: int = 0, cache=None, batch_size=None, progress: bool = True) -> dict:
+                     seed: int = 0, cache=None, batch_size=None, progress: bool = True,
+                     shard=None) -> dict:
     """The paper's Table 1 columns as scoring functions: "CLIP" (cosine, when ``clip`` is given),
     "DiffITM" (:func:`t2i_common.itm.diffitm_scores` with grid size ``diffitm_S``; None leaves it
     out), "Info (<mode>)" (the paper's orthogonal estimator) and, beyond the paper,
     "Info (<mode>, standard)" (difference of denoising errors; same UNet evaluations), see
-    :func:`info_methods`.  ``cache``: None or a folder (per-item results are cached under it)."""
+    :func:`info_methods`.  ``cache``: None or a folder (per-item results are cached under it).
+    ``shard``: ``(i, n)`` runs shard i of n of the MI passes (:mod:`t2i_common.distributed`)."""
     from . import itm
 
     out = {}
@@ -507,7 +511,7 @@ def relation_methods(model, clip=None, n_samples: int = 100,
         out["DiffITM"] = itm.diffitm_method(model, S=diffitm_S, seed=seed, cache=cache,
                                             batch_size=batch_size, progress=progress)
     info = info_methods(model, n_samples, integration, ("orthogonal", "standard"), seed=seed,
-                        cache=cache, batch_size=batch_size, progress=progress)
+                        cache=cache, batch_size=batch_size, progress=progress, shard=shard)
     out[f"Info ({integration.mode})"] = info["orthogonal"]
     out[f"Info ({integration.mode}, standard)"] = info["standard"]
     return out

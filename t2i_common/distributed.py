@@ -1,0 +1,297 @@
+"""Scale-out of the per-example loops: shards, the deterministic split by id, map and reduce.
+
+A heavy loop (scoring a benchmark, MI passes, embedding a dataset) runs as N processes, each
+computing its share of the examples and writing every finished example to the shared
+per-example cache (:class:`t2i_common.cache.ResultCache`, one atomic file per example, so
+processes never write the same file and a killed process loses only the example in flight).
+The final result is then *reduced from the cache*: it is the same whatever N was, and a rerun
+after a lost shard recomputes only the examples that are missing.
+
+Where the process's share comes from (:func:`resolve_shard`, first match wins):
+
+1. an explicit ``shard=(i, n)`` argument (a cluster array job: task i of n, each an independent
+   process; see ``scripts/slurm_shards.sbatch``);
+2. the environment variable ``T2I_SHARD="i/n"`` (set by ``python -m t2i_common.runner --shard
+   i/n`` for the notebook kernel, so a notebook runs its heavy part per shard unchanged);
+3. ``accelerate.PartialState()`` when the process was started by ``accelerate launch
+   --num_processes N`` (rank = process index, all N processes alive together).
+
+Both can combine: an array job whose tasks each run ``accelerate launch`` with w processes is
+shard ``(i * w + r, n * w)``.
+
+The split (:func:`owner_of_chunks`): the caller's id list (dataset order, the same in every
+process) is cut into consecutive chunks of ``chunk`` ids (one UNet batch) and chunk k belongs to
+shard ``k mod n``.  Each example belongs to exactly one shard, the shares differ by at most one
+chunk, and - because a chunk is the same batch whatever N is - every example is computed in the
+same batch as in a one-process run, so results are byte-identical to it (on CPU, where a batch
+composition can change the last bits of a convolution, this matters).  Noise never depends on the
+process: every loop draws it from generators keyed by the example (``NoiseBank(shape,
+seed).draw(K, stream=example)``, ``infotheory.draw_samples(..., stream=example)``).
+
+After its share, a process started by ``accelerate launch`` waits for the others
+(``wait_for_everyone``) and every process reduces the complete result from the cache.  An
+array-job shard cannot wait (the other tasks may not even have started): it returns the result
+with the other shards' examples as NaN placeholders (:func:`placeholder`) and says so in a
+warning; the figures of such a run are meaningless and the runner keeps them apart; the plain
+run afterwards (no shard) finds every example in the cache and makes the tables without
+computing anything.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+#: environment variable read by :func:`resolve_shard` (the runner sets it for a notebook kernel)
+SHARD_ENV = "T2I_SHARD"
+
+
+class ShardError(ValueError):
+    """Bad ``shard`` value or a sharded loop without a cache."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place: ``rank`` of ``world`` shards.  ``live``: all ranks run at the same
+    time in one process group (``accelerate launch``), so they can wait for each other."""
+
+    rank: int = 0
+    world: int = 1
+    live: bool = False
+    source: str = "single"
+
+    @property
+    def single(self) -> bool:
+        return self.world == 1
+
+    def __str__(self):
+        return f"shard {self.rank}/{self.world} ({self.source})"
+
+
+def parse_shard(value, name: str = "shard"):
+    """``(i, n)`` from ``(i, n)``, ``[i, n]``, ``"i/n"``, ``"i,n"`` or ``"[i, n]"``; None stays None.
+
+    Raises :class:`ShardError` naming ``name`` for anything else: i and n integers, n >= 1,
+    0 <= i < n."""
+    if value is None:
+        return None
+    v = value
+    if isinstance(v, str):
+        s = v.strip().strip("[]()")
+        parts = [p for p in s.replace("/", ",").split(",") if p.strip()]
+        try:
+            v = [int(p) for p in parts]
+        except ValueError:
+            v = None
+    ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
+    if not ok:
+        raise ShardError(f"{name} must be a pair (i, n) of integers - shard i of n, counted from "
+                         f"0 - e.g. {name}=(0, 4), -p {name} '[0, 4]' or {SHARD_ENV}=0/4; "
+                         f"got {value!r}")
+    i, n = int(v[0]), int(v[1])
+    if n < 1 or not 0 <= i < n:
+        raise ShardError(f"{name}=({i}, {n}) is out of range: need n >= 1 and 0 <= i < n "
+                         f"(shards are numbered 0 .. n-1; a Slurm array 0-{max(n, 1) - 1} gives "
+                         f"i=$SLURM_ARRAY_TASK_ID)")
+    return i, n
+
+
+def accelerate_cpu() -> bool:
+    """Whether ``accelerate`` should run on CPU processes (gloo): ``ACCELERATE_USE_CPU`` (set by
+    ``accelerate launch --cpu``) or no CUDA device.  Every PartialState / Accelerator of the
+    package is made with this flag, so they agree (accelerate's state is a singleton)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def launched_world() -> int:
+    """Number of processes started together by ``accelerate launch`` / torchrun (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _accelerate_state():
+    """(rank, world) of ``accelerate launch``; (0, 1) in a plain process (no process group made)."""
+    if launched_world() <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    st = PartialState(cpu=accelerate_cpu())
+    return st.process_index, st.num_processes
+
+
+def resolve_shard(shard=None) -> Shard:
+    """This process's :class:`Shard` from ``shard``, ``$T2I_SHARD`` and ``accelerate launch``
+    (module docstring); without any of them the single shard (0, 1)."""
+    r, w = _accelerate_state()
+    explicit, source = parse_shard(shard), "shard"
+    if explicit is None and os.environ.get(SHARD_ENV):
+        explicit, source = parse_shard(os.environ[SHARD_ENV], name=SHARD_ENV), SHARD_ENV
+    if explicit is None:
+        return Shard(r, w, live=w > 1, source="accelerate" if w > 1 else "single")
+    i, n = explicit
+    if w > 1:
+        return Shard(i * w + r, n * w, live=n == 1, source=f"{source}+accelerate")
+    return Shard(i, n, live=n == 1, source=source)
+
+
+def chunks_of(ids, chunk: int = 1) -> list:
+    """Consecutive groups of ``chunk`` ids in the given order (the batches of a one-process run)."""
+    ids = list(ids)
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return [ids[s:s + int(chunk)] for s in range(0, len(ids), int(chunk))]
+
+
+def owner_of_chunks(n_chunks: int, world: int) -> list:
+    """Shard of each chunk: round robin, chunk k -> k mod world."""
+    return [k % int(world) for k in range(int(n_chunks))]
+
+
+def shard_ids(ids, shard=None, chunk: int = 1) -> list:
+    """The ids of ``ids`` that belong to ``shard`` (a :class:`Shard`, ``(i, n)`` or None)."""
+    sh = shard if isinstance(shard, Shard) else resolve_shard(shard)
+    parts = chunks_of(ids, chunk)
+    return [i for k, part in enumerate(parts) if k % sh.world == sh.rank for i in part]
+
+
+def placeholder(value):
+    """A NaN copy of a result (floats and float arrays/tensors -> NaN; ints, bools, strings kept),
+    standing in for an example another shard computes."""
+    if isinstance(value, dict):
+        return {k: placeholder(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(placeholder(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return torch.full_like(value, float("nan")) if value.is_floating_point() else value.clone()
+    if isinstance(value, np.ndarray):
+        return np.full_like(value, np.nan) if np.issubdtype(value.dtype, np.floating) else value.copy()
+    if isinstance(value, (float, np.floating)):
+        return float("nan")
+    return value
+
+
+@dataclass
+class MapStats:
+    """What one :func:`sharded_map` call did in this process."""
+    shard: Shard
+    total: int = 0          # ids of the whole loop
+    mine: int = 0           # ids of this shard
+    computed: int = 0       # ids computed by this call
+    reused: int = 0         # ids of this shard found in the cache
+    missing: int = 0        # ids still absent after this call (other shards' work)
+
+
+#: stats of the last :func:`sharded_map` call of this process (tests count recomputation here)
+last_stats: MapStats | None = None
+
+
+def _compute(fn, part, chunk):
+    vals = fn(part) if chunk > 1 else [fn(part[0])]
+    if len(vals) != len(part):
+        raise RuntimeError(f"sharded_map: fn returned {len(vals)} results for {len(part)} ids")
+    return vals
+
+
+def sharded_map(fn, ids, cache, shard=None, *, desc: str = "examples", progress: bool = True,
+                chunk: int = 1) -> dict:
+    """``{id: fn(id)}`` over ``ids``, this process computing only its shard's uncached ids.
+
+    ``fn`` takes one id (``chunk=1``) or a list of up to ``chunk`` ids and returns as many results.
+    ``cache``: a :class:`~t2i_common.cache.ResultCache` (required with more than one shard: it is
+    how the shards meet).  ``shard``: see :func:`resolve_shard`.  With one shard this is
+    :func:`t2i_common.cache.map_cached` (the same batches on a cold cache).  With ``accelerate
+    launch`` all ranks return the complete result (reduced from the cache after a barrier);
+    with an array-job shard the other shards' examples are :func:`placeholder` values unless
+    already in the cache.
+    """
+    global last_stats
+    sh = shard if isinstance(shard, Shard) else resolve_shard(shard)
+    ids = list(ids)
+    if len(set(map(str, ids))) != len(ids):
+        raise ValueError(f"sharded_map ({desc}): ids must be unique (as strings); got {len(ids)} "
+                         f"ids of which {len(set(map(str, ids)))} distinct")
+    enabled = cache is not None and getattr(cache, "enabled", True)
+    if not sh.single and not enabled:
+        raise ShardError(f"{desc}: running as {sh} needs a result cache (the shards exchange "
+                         f"results through it): pass cache=... (a folder) or run without shard")
+    chunk = int(chunk)
+    parts = chunks_of(ids, chunk)
+    stats = MapStats(sh, total=len(ids))
+    out = {}
+    todo = []
+    for k, part in enumerate(parts):
+        if k % sh.world != sh.rank:
+            continue
+        stats.mine += len(part)
+        pend = []
+        for i in part:
+            if enabled and cache.has(i):
+                out[i] = cache.load(i)
+                stats.reused += 1
+            else:
+                pend.append(i)
+        if pend:
+            todo.append(pend)
+    label = desc if sh.single else f"{desc} [{sh.rank}/{sh.world}]"
+    with tqdm(total=stats.mine, initial=stats.reused, desc=label, disable=not progress) as bar:
+        for part in todo:
+            vals = _compute(fn, part, chunk)
+            for i, v in zip(part, vals):
+                if enabled:
+                    cache.save(i, v)
+                out[i] = v
+                stats.computed += 1
+            bar.update(len(part))
+    if not sh.single:
+        if sh.live:
+            from accelerate import PartialState
+            PartialState(cpu=accelerate_cpu()).wait_for_everyone()
+        out = reduce_cached(ids, cache, have=out, allow_missing=not sh.live,
+                            compute=lambda i: _compute(fn, [i], chunk)[0], desc=desc)
+        stats.missing = sum(1 for i in ids if not cache.has(i))
+        if stats.missing:
+            warnings.warn(f"{desc}: {sh} computed its {stats.mine} examples; {stats.missing} of "
+                          f"{len(ids)} belong to other shards and are NaN placeholders here. Run "
+                          f"every shard, then the same call without shard to reduce.", stacklevel=2)
+    last_stats = stats
+    return {i: out[i] for i in ids}
+
+
+def reduce_cached(ids, cache, *, have=None, allow_missing: bool = False, compute=None,
+                  desc: str = "examples") -> dict:
+    """The complete ``{id: result}`` of ``ids`` from the cache (``have``: results already in
+    memory).  Missing ids raise a ValueError naming how many and how to fill them, unless
+    ``allow_missing`` (then they are :func:`placeholder` copies of a cached result; with nothing
+    cached at all, ``compute(id)`` computes the first missing id for the result's shape)."""
+    ids = list(ids)
+    out = dict(have or {})
+    missing = []
+    for i in ids:
+        if i in out:
+            continue
+        if cache is not None and cache.has(i):
+            out[i] = cache.load(i)
+        else:
+            missing.append(i)
+    if missing and not allow_missing:
+        where = getattr(cache, "dir", "the cache")
+        raise ValueError(f"{desc}: {len(missing)} of {len(ids)} examples are not in {where} "
+                         f"(first missing: {missing[:5]}); rerun the missing shards (or the call "
+                         f"without shard, which computes only them)")
+    if missing:
+        if not out:
+            first = missing.pop(0)
+            if compute is None:
+                raise ValueError(f"{desc}: no example is cached yet; pass compute= to make one")
+            out[first] = compute(first)
+            cache.save(first, out[first])
+        tmpl = next(iter(out.values()))
+        for i in missing:
+            out[i] = placeholder(tmpl)
+    return out

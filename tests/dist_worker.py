@@ -1,0 +1,110 @@
+"""Worker of tests/test_distributed.py, started by ``accelerate launch --cpu --num_processes N``.
+
+``score``: MI relation-testing scores (:func:`t2i_common.infotheory.aro_scores`) of toy items on
+the toy checkpoint, sharded over the launched processes through the shared cache; each rank
+writes its complete result and its :class:`~t2i_common.distributed.MapStats` to ``--out``.
+``--kill-rank R --kill-after K``: rank R dies (``os._exit``) when it starts its (K+1)-th batch,
+after K batches are in the cache (a lost process).
+``train``: a few data-parallel steps of the toy UNet (:func:`t2i_common.training.train_unet`);
+the main process writes the loss curve and the weights.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def toy_items(n: int, seed: int = 3):
+    """n ARO-style items: a toy image with its caption and the caption with two words swapped."""
+    from t2i_common import toyworld as tw
+
+    items = []
+    for s in tw.make_samples(n, seed, kinds=("single",)):
+        cap = s.captions[0]
+        words = cap.split()
+        alt = " ".join(words[:-2] + [words[-1], words[-2]])
+        items.append({"image_options": [s.image], "caption_options": [cap, alt]})
+    return items
+
+
+def score(a):
+    from t2i_common import distributed, infotheory
+    from t2i_common.cache import ResultCache
+    from t2i_common.models import load_t2i
+
+    model = load_t2i("toy")
+    items = toy_items(a.n)
+    rank = distributed.resolve_shard().rank
+    if a.kill_after is not None and rank == a.kill_rank:
+        inner, calls = infotheory.pointwise_mi, [0]
+
+        def dying(*args, **kw):
+            if calls[0] == a.kill_after:
+                os._exit(3)
+            calls[0] += 1
+            return inner(*args, **kw)
+
+        infotheory.pointwise_mi = dying
+    rc = ResultCache("dist_test", dict(n=a.n, samples=a.samples), root=a.cache)
+    res = infotheory.aro_scores(model, items, n_samples=a.samples, estimator="both", cache=rc,
+                                images_per_call=a.chunk, progress=False)
+    st = distributed.last_stats
+    out = Path(a.out)
+    np.savez(out / f"scores_rank{rank}.npz", **res)
+    (out / f"stats_rank{rank}.json").write_text(json.dumps(dict(
+        rank=st.shard.rank, world=st.shard.world, source=st.shard.source, mine=st.mine,
+        computed=st.computed, reused=st.reused, missing=st.missing)))
+
+
+def train(a):
+    from accelerate import PartialState
+
+    from t2i_common import sdformat
+    from t2i_common import training as T
+    from tests.test_training import _pairs
+    from tests.conftest import TINY_WORDS
+    from transformers import CLIPModel
+
+    cfg = sdformat.TinySDConfig.tiny()
+    tok = sdformat.build_tokenizer(TINY_WORDS, max_length=cfg.max_length)
+    torch.manual_seed(0)
+    clip = CLIPModel(sdformat.clip_config(cfg, tok))
+    te, vae = sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg)
+    unet, info = T.train_unet(_pairs(), te, vae, tok, cfg, a.steps, batch_size=a.batch, lr=2e-3,
+                              warmup=2, ema_decay=None, seed=1, progress=False,
+                              grad_accum=a.grad_accum, out_dir=a.ckpt, ckpt_every=a.ckpt_every,
+                              stop_after=a.stop_after)
+    if PartialState().is_main_process:
+        torch.save(dict(losses=info["losses"], state=unet.state_dict(), world=info["world_size"],
+                        resumed_from=info["resumed_from"]), Path(a.out) / "train.pt")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("task", choices=["score", "train"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=2)
+    p.add_argument("--kill-rank", type=int, default=1)
+    p.add_argument("--kill-after", type=int, default=None)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--ckpt-every", type=int, default=2)
+    p.add_argument("--stop-after", type=int, default=None)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    (score if a.task == "score" else train)(a)
+
+
+if __name__ == "__main__":
+    main()
