@@ -295,3 +295,71 @@ def reduce_cached(ids, cache, *, have=None, allow_missing: bool = False, compute
         for i in missing:
             out[i] = placeholder(tmpl)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# data-parallel training (Accelerate)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """Rows of one training step's global batch that this process computes in one micro-step.
+
+    Every process draws the *whole* global batch from the same seeded generator (identical on all
+    ranks) and keeps ``rows``; with P = processes x micro-steps equal pieces, the mean of the
+    pieces' mean losses is the global batch's mean loss, and DDP's gradient average over the
+    processes (plus the 1/micro-steps scaling) is its gradient.  ``gather``: a differentiable
+    all-gather over the processes for losses that couple the whole batch (contrastive), None
+    with one process."""
+
+    rows: slice
+    batch: int
+    n_pieces: int = 1
+    gather: object = None
+
+
+def batch_pieces(batch_size: int, world: int, grad_accum: int, rank: int) -> list:
+    """This rank's ``grad_accum`` pieces of a global batch of ``batch_size`` rows (rank-major:
+    rank r owns rows [r B / world, (r + 1) B / world)).  The global batch must split evenly."""
+    B, W, A = int(batch_size), int(world), int(grad_accum)
+    if A < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if B % (W * A):
+        raise ValueError(f"batch_size={B} does not split into {W} processes x grad_accum={A} equal "
+                         f"micro-batches: choose a batch_size that is a multiple of {W * A} (the "
+                         f"global batch stays batch_size whatever the number of processes)")
+    b = B // (W * A)
+    gather = _all_gather_with_grad if W > 1 else None
+    return [Piece(slice((rank * A + m) * b, (rank * A + m + 1) * b), B, W * A, gather)
+            for m in range(A)]
+
+
+def _all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of equally shaped tensors; gradients flow back to
+    each rank's own part (summed over the ranks' losses, which DDP then averages)."""
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(t.contiguous()))
+
+
+class LossModule(torch.nn.Module):
+    """``loss_fn(model, g, piece)`` as a module, so that DDP (which synchronises gradients of what
+    runs inside its ``forward``) and mixed-precision autocast see the whole loss computation,
+    including calls such as ``vae.encode`` that are not the model's own ``forward``."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, g, piece):
+        return self.loss_fn(self.model, g, piece)
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An ``accelerate.Accelerator`` for the package's training loops: CPU processes when there is
+    no GPU or ``ACCELERATE_USE_CPU`` is set (see :func:`accelerate_cpu`), ``mixed_precision`` one
+    of "no", "fp16", "bf16"; data parallel when started by ``accelerate launch``."""
+    from accelerate import Accelerator
+
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    return Accelerator(cpu=accelerate_cpu(), mixed_precision=mixed_precision)

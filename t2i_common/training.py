@@ -17,9 +17,11 @@ Three stages, each a plain step loop over random mini-batches of an in-memory da
   posteriors and text-encoder hidden states are computed once for the whole training set; the loop
   then only runs the UNet.  Optional EMA of the weights.
 
-Every stage is seeded (one CPU ``torch.Generator`` drives all sampling), shows a tqdm bar, and
-writes an atomic checkpoint (weights, optimizer, step, generator state, EMA, loss history) every
-``ckpt_every`` steps, so an interrupted run resumes and ends with bit-identical weights.  The same
+Every stage runs through :func:`t2i_common.trainloop._fit` (Accelerate: one process by default,
+data parallel under ``accelerate launch``), is seeded (one CPU ``torch.Generator`` drives all
+sampling, identical on every process), shows a tqdm bar, and writes an atomic checkpoint
+(weights, optimizer, step, generator state, EMA, loss history) every ``ckpt_every`` steps, so an
+interrupted run resumes and ends with bit-identical weights.  The same
 functions fine-tune an existing model (``init=``), e.g. on poisoned data for the implosion study.
 
 :func:`build_toy_checkpoint` runs the whole recipe on toy-world data and writes ``data/toy-sd``;
@@ -28,11 +30,7 @@ functions fine-tune an existing model (``init=``), e.g. on poisoned data for the
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from . import sdformat
+# the generic loop lives in trainloop; its names stay importable from here
+from .trainloop import Interrupted, _fit, atomic_torch_save, lr_at  # noqa: F401
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -155,125 +155,18 @@ def _draw(n, batch_size, g, weights=None):
     return torch.multinomial(weights, batch_size, replacement=True, generator=g)
 
 
+def _rows(piece) -> slice:
+    """Rows of the global batch this process computes (all rows without a piece)."""
+    return slice(None) if piece is None else piece.rows
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
 def _tokenize(tokenizer, texts, max_length):
     return tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
                      return_tensors="pt").input_ids
-
-
-# ------------------------------------------------------------------------------------------------
-# the generic resumable loop
-# ------------------------------------------------------------------------------------------------
-def _fingerprint(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def atomic_torch_save(obj, path):
-    """torch.save to ``path.tmp`` then rename: a kill mid-write never leaves a torn checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class Interrupted(RuntimeError):
-    """Raised by the loop when ``stop_after`` steps were run in this call (simulated kill)."""
-
-
-def lr_at(step, steps, lr, warmup):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 10 % of ``lr`` at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-def _fit(name, model, loss_fn, *, steps, lr, seed, out_dir=None, ckpt_every=500, resume=True,
-         warmup=100, weight_decay=0.0, grad_clip=1.0, ema_decay=None, progress=True,
-         hparams=None, stop_after=None, desc=None):
-    """Run ``steps`` optimisation steps of ``loss_fn(model, g) -> scalar``; returns (model, ema, info).
-
-    ``g`` is the single CPU generator all sampling must use.  A checkpoint ``out_dir/name.ckpt``
-    holds everything needed to continue bit-exactly; with ``resume`` it is picked up (its
-    ``hparams`` fingerprint must match, otherwise a ValueError names the file).  ``stop_after``
-    ends this call after that many steps *without* writing a checkpoint (a simulated kill).
-    """
-    from tqdm.auto import tqdm
-
-    if steps < 0:
-        raise ValueError(f"{name}: steps must be >= 0, got {steps}")
-    g = torch.Generator().manual_seed(int(seed))
-    torch.manual_seed(int(seed))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            betas=(0.9, 0.999), weight_decay=weight_decay)
-    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
-    fp = _fingerprint(dict(hparams or {}, name=name, steps=steps, lr=lr, seed=seed, warmup=warmup,
-                           weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay))
-    ck = Path(out_dir) / f"{name}.ckpt" if out_dir is not None else None
-    start, losses, wall = 0, [], 0.0
-    if resume and ck is not None and ck.exists():
-        st = torch.load(ck, map_location="cpu", weights_only=False)
-        if st["fingerprint"] != fp:
-            raise ValueError(f"{ck} was written with other hyper-parameters ({st['hparams']}); "
-                             f"delete it or use another out_dir to start afresh")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        g.set_state(st["generator"])
-        torch.set_rng_state(st["torch_rng"])
-        if ema is not None:
-            ema.load_state_dict(st["ema"])
-        start, losses, wall = st["step"], st["losses"], st["wall_s"]
-
-    def save(step):
-        if ck is None:
-            return
-        atomic_torch_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                               generator=g.get_state(), torch_rng=torch.get_rng_state(),
-                               ema=ema.state_dict() if ema is not None else None, losses=losses,
-                               wall_s=wall, fingerprint=fp, hparams=dict(hparams or {}, lr=lr,
-                                                                           steps=steps, seed=seed)),
-                          ck)
-
-    model.train()
-    t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc or name,
-               disable=not progress, mininterval=5.0)
-    done_here = 0
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = loss_fn(model, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        if ema is not None:
-            d = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm.detach(), 1 - d)
-                for be, bm in zip(ema.buffers(), model.buffers()):
-                    be.copy_(bm)
-        losses.append(float(loss.detach()))
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        done_here += 1
-        if stop_after is not None and done_here >= stop_after:
-            raise Interrupted(f"{name}: stopped after {done_here} steps (step {step + 1}/{steps})")
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            wall += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            save(step + 1)
-    bar.close()
-    model.eval()
-    info = dict(steps=steps, resumed_from=start, wall_s=round(wall, 2), losses=losses,
-                final_loss=float(np.mean(losses[-max(1, min(100, len(losses) // 10)):]))
-                if losses else None)
-    return model, ema, info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +201,8 @@ def clip_contrastive_loss(img_f, txt_f, logit_scale, caption_ids=None):
 def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batch_size: int = 256,
                lr: float = 1e-3, seed: int = 0, out_dir=None, ckpt_every: int = 200,
                resume: bool = True, init=None, weights=None, progress: bool = True,
-               stop_after=None, warmup: int = 100):
+               stop_after=None, warmup: int = 100, grad_accum: int = 1,
+               mixed_precision: str = "no"):
     """Train a toy CLIP (``transformers.CLIPModel`` from ``sdformat.clip_config``) contrastively.
 
     ``pairs``: see :func:`as_pairs`; images must be ``cfg.image_size`` square.  ``init``: a CLIPModel
@@ -316,6 +210,9 @@ def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batc
     (e.g. colour-balanced batches).  Returns ``(clip, info)``; ``info`` has losses and wall time.
     Weight decay 0.1 on all weights, AdamW, cosine schedule; CLIP's own recipe uses 0.2 and a
     32k batch - we are 100x smaller on both.
+    Data parallel under ``accelerate launch`` (see :func:`_fit`): each process embeds its rows
+    and the features are all-gathered (with gradients) so the loss is the global batch's; the
+    contrastive loss couples the whole batch, so ``grad_accum`` must stay 1.
     """
     from transformers import CLIPModel
 
@@ -329,17 +226,26 @@ def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batc
     clip = init.requires_grad_(True) if init is not None else CLIPModel(sdformat.clip_config(cfg, tokenizer))
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
-    def loss_fn(model, g):
+    if int(grad_accum) != 1:
+        raise ValueError(f"train_clip: grad_accum must be 1 (the contrastive loss couples the whole "
+                         f"batch), got {grad_accum}; use more processes or a smaller batch_size")
+
+    def loss_fn(model, g, piece=None):
         idx = _draw(len(data), batch_size, g, w)
         cap = _pick_captions(per_image, idx, g)
-        img_f, txt_f = clip_features(model, to_clip_pixels(data.images[idx]), ids[cap])
-        return clip_contrastive_loss(img_f, txt_f, model.logit_scale, cap)
+        r, dev = _rows(piece), _device_of(model)
+        img_f, txt_f = clip_features(model, to_clip_pixels(data.images[idx[r]]).to(dev),
+                                     ids[cap[r]].to(dev))
+        if piece is not None and piece.gather is not None:  # features of the whole global batch
+            img_f, txt_f = piece.gather(img_f), piece.gather(txt_f)
+        return clip_contrastive_loss(img_f, txt_f, model.logit_scale, cap.to(dev))
 
     hp = dict(stage="clip", n=len(data), batch_size=batch_size, cfg=asdict(cfg),
               fine_tune=init is not None, weighted=weights is not None)
     clip, _, info = _fit("clip", clip, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
                          ckpt_every=ckpt_every, resume=resume, warmup=warmup, weight_decay=0.1,
-                         progress=progress, hparams=hp, stop_after=stop_after, desc="toy CLIP")
+                         progress=progress, hparams=hp, stop_after=stop_after, desc="toy CLIP",
+                         batch_size=batch_size, mixed_precision=mixed_precision)
     info["logit_scale"] = float(clip.logit_scale.detach().exp())
     return clip, info
 
@@ -350,7 +256,8 @@ def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batc
 def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int = 64,
               lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0, out_dir=None,
               ckpt_every: int = 200, resume: bool = True, init=None, progress: bool = True,
-              stop_after=None, warmup: int = 100, scale_images: int = 2048):
+              stop_after=None, warmup: int = 100, scale_images: int = 2048,
+              grad_accum: int = 1, mixed_precision: str = "no"):
     """Train ``sdformat.build_vae(cfg)`` (or fine-tune ``init``) on uint8 [N, H, W, 3] images.
 
     Loss: MSE + L1 of the reconstruction from a posterior sample, plus ``kl_weight`` x KL to N(0, I)
@@ -358,6 +265,7 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
     training, ``scaling_factor = 1 / std`` of posterior samples of up to ``scale_images`` training
     images is written into the config (SD 1.x's 0.18215 was found the same way).
     Returns ``(vae, info)`` with ``info["scaling_factor"]`` and ``info["recon_mse"]`` (train set).
+    Data parallel / ``grad_accum`` / ``mixed_precision``: see :func:`_fit`.
     """
     from .sdformat import build_vae
 
@@ -369,10 +277,14 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
     torch.manual_seed(seed)
     vae = init.requires_grad_(True) if init is not None else build_vae(cfg)
 
-    def loss_fn(model, g):
-        x = to_unit(images[_draw(len(images), batch_size, g)])
+    def loss_fn(model, g, piece=None):
+        idx = _draw(len(images), batch_size, g)
+        r = _rows(piece)
+        x = to_unit(images[idx[r]]).to(_device_of(model))
         post = model.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        # the posterior noise of the whole global batch, then this process's rows
+        noise = torch.randn((len(idx),) + tuple(post.mean.shape[1:]), generator=g)[r]
+        z = post.mean + post.std * noise.to(x.device)
         rec = model.decode(z).sample
         kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).sum(dim=(1, 2, 3)).mean()
         return F.mse_loss(rec, x) + (rec - x).abs().mean() + kl_weight * kl
@@ -381,7 +293,8 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
               cfg=asdict(cfg), fine_tune=init is not None)
     vae, _, info = _fit("vae", vae, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
                         ckpt_every=ckpt_every, resume=resume, warmup=warmup, progress=progress,
-                        hparams=hp, stop_after=stop_after, desc="VAE")
+                        hparams=hp, stop_after=stop_after, desc="VAE", batch_size=batch_size,
+                        grad_accum=grad_accum, mixed_precision=mixed_precision)
     g = torch.Generator().manual_seed(seed + 1)
     sub = images[torch.randperm(len(images), generator=g)[:scale_images]]
     with torch.no_grad():
@@ -443,7 +356,8 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
                seed: int = 0, out_dir=None, ckpt_every: int = 200, resume: bool = True,
                init=None, ema_decay: float | None = 0.999, weights=None, progress: bool = True,
                stop_after=None, warmup: int = 100, scheduler=None,
-               snr_gamma: float | None = None, ckpt_name: str = "unet"):
+               snr_gamma: float | None = None, ckpt_name: str = "unet", grad_accum: int = 1,
+               mixed_precision: str = "no"):
     """Train ``sdformat.build_unet(cfg)`` (or fine-tune ``init``) with the eps-prediction loss.
 
     ``text_encoder`` and ``vae`` are frozen; their outputs for the whole training set are computed
@@ -457,6 +371,8 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     Eq. 9 for eps-prediction); None = SD's unweighted loss.  It down-weights the low-noise steps,
     which speeds up learning of layout/colour/shape on a small compute budget.
     ``ckpt_name``: checkpoint file stem in ``out_dir`` (a continuation stage needs its own).
+    ``accelerate launch --num_processes N`` makes it data parallel over the same global
+    ``batch_size``; ``grad_accum`` micro-batches per process, ``mixed_precision``: see :func:`_fit`.
     """
     from .sdformat import build_scheduler, build_unet
 
@@ -474,18 +390,20 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     unet = init.requires_grad_(True) if init is not None else build_unet(cfg)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
-    def loss_fn(model, g):
+    def loss_fn(model, g, piece=None):
         idx = _draw(len(data), batch_size, g, w)
         cap = draw_captions(per_image, idx, g, caption_dropout)
         z0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g)) * sf
         t = torch.randint(T, (len(idx),), generator=g)
         eps = torch.randn(z0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
+        r, dev = _rows(piece), _device_of(model)   # this process's rows of the global batch
+        cap, z0, t, eps = cap[r], z0[r].to(dev), t[r], eps[r].to(dev)
+        a = abar[t].view(-1, 1, 1, 1).to(dev)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        pred = model(zt, t, encoder_hidden_states=emb[cap]).sample
+        pred = model(zt, t.to(dev), encoder_hidden_states=emb[cap].to(dev)).sample
         if snr_gamma is None:
             return F.mse_loss(pred, eps)
-        snr = abar[t] / (1 - abar[t])
+        snr = (abar[t] / (1 - abar[t])).to(dev)
         lw = snr.clamp(max=snr_gamma) / snr
         return (lw * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
 
@@ -496,7 +414,8 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     unet, ema, info = _fit(ckpt_name, unet, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
                            ckpt_every=ckpt_every, resume=resume, warmup=warmup,
                            ema_decay=ema_decay, progress=progress, hparams=hp,
-                           stop_after=stop_after, desc="UNet")
+                           stop_after=stop_after, desc="UNet", batch_size=batch_size,
+                           grad_accum=grad_accum, mixed_precision=mixed_precision)
     info["dropout_fraction_expected"] = caption_dropout
     return (ema if ema is not None else unet).eval(), info
 
