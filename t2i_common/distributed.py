@@ -354,12 +354,20 @@ class LossModule(torch.nn.Module):
         return self.loss_fn(self.model, g, piece)
 
 
-def make_accelerator(mixed_precision: str = "no"):
+def make_accelerator(mixed_precision: str | None = None):
     """An ``accelerate.Accelerator`` for the package's training loops: CPU processes when there is
-    no GPU or ``ACCELERATE_USE_CPU`` is set (see :func:`accelerate_cpu`), ``mixed_precision`` one
-    of "no", "fp16", "bf16"; data parallel when started by ``accelerate launch``."""
+    no GPU or ``ACCELERATE_USE_CPU`` is set (see :func:`accelerate_cpu`); data parallel when
+    started by ``accelerate launch``.  ``mixed_precision``: "no", "fp16" or "bf16"; None takes
+    ``accelerate launch --mixed_precision`` (else "no").  In a single plain process a loop may ask
+    for another precision than the previous one (accelerate's state is reset for it)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    if mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    if mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or None (accelerate "
+                         f"launch's flag), got {mixed_precision!r}")
+    want = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    st = AcceleratorState._shared_state
+    if launched_world() <= 1 and st.get("_mixed_precision") not in (None, want):
+        AcceleratorState._reset_state()
     return Accelerator(cpu=accelerate_cpu(), mixed_precision=mixed_precision)

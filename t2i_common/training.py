@@ -202,7 +202,7 @@ def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batc
                lr: float = 1e-3, seed: int = 0, out_dir=None, ckpt_every: int = 200,
                resume: bool = True, init=None, weights=None, progress: bool = True,
                stop_after=None, warmup: int = 100, grad_accum: int = 1,
-               mixed_precision: str = "no"):
+               mixed_precision: str | None = None):
     """Train a toy CLIP (``transformers.CLIPModel`` from ``sdformat.clip_config``) contrastively.
 
     ``pairs``: see :func:`as_pairs`; images must be ``cfg.image_size`` square.  ``init``: a CLIPModel
@@ -257,7 +257,7 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
               lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0, out_dir=None,
               ckpt_every: int = 200, resume: bool = True, init=None, progress: bool = True,
               stop_after=None, warmup: int = 100, scale_images: int = 2048,
-              grad_accum: int = 1, mixed_precision: str = "no"):
+              grad_accum: int = 1, mixed_precision: str | None = None):
     """Train ``sdformat.build_vae(cfg)`` (or fine-tune ``init``) on uint8 [N, H, W, 3] images.
 
     Loss: MSE + L1 of the reconstruction from a posterior sample, plus ``kl_weight`` x KL to N(0, I)
@@ -357,7 +357,7 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
                init=None, ema_decay: float | None = 0.999, weights=None, progress: bool = True,
                stop_after=None, warmup: int = 100, scheduler=None,
                snr_gamma: float | None = None, ckpt_name: str = "unet", grad_accum: int = 1,
-               mixed_precision: str = "no"):
+               mixed_precision: str | None = None):
     """Train ``sdformat.build_unet(cfg)`` (or fine-tune ``init``) with the eps-prediction loss.
 
     ``text_encoder`` and ``vae`` are frozen; their outputs for the whole training set are computed

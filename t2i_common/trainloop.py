@@ -59,7 +59,7 @@ def lr_at(step, steps, lr, warmup):
 def _fit(name, model, loss_fn, *, steps, lr, seed, out_dir=None, ckpt_every=500, resume=True,
          warmup=100, weight_decay=0.0, grad_clip=1.0, ema_decay=None, progress=True,
          hparams=None, stop_after=None, desc=None, batch_size=None, grad_accum=1,
-         mixed_precision="no"):
+         mixed_precision=None):
     """Run ``steps`` optimisation steps of ``loss_fn(model, g, piece) -> scalar``; returns
     (model, ema, info).
 
@@ -69,7 +69,8 @@ def _fit(name, model, loss_fn, *, steps, lr, seed, out_dir=None, ckpt_every=500,
     started by ``accelerate launch --num_processes N`` it is data parallel (rank r computes its
     B/N rows; DDP averages the gradients, so the step is that of the global batch), with
     ``grad_accum`` micro-batches per process and step, and ``mixed_precision`` ("no", "fp16",
-    "bf16").  One process with ``grad_accum=1`` computes exactly what it did before Accelerate
+    "bf16"; None: ``accelerate launch --mixed_precision``, else "no").  One process with
+    ``grad_accum=1`` in full precision computes exactly what it did before Accelerate
     (bit-identical).  A ``loss_fn(model, g)`` of two arguments is accepted for one piece.
 
     A checkpoint ``out_dir/name.ckpt`` (written atomically by the main process; the unwrapped
@@ -170,7 +171,7 @@ def _fit(name, model, loss_fn, *, steps, lr, seed, out_dir=None, ckpt_every=500,
     model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False).model
     model.eval()
     info = dict(steps=steps, resumed_from=start, wall_s=round(wall, 2), losses=losses,
-                world_size=W, grad_accum=int(grad_accum), mixed_precision=mixed_precision,
+                world_size=W, grad_accum=int(grad_accum), mixed_precision=acc.mixed_precision,
                 final_loss=float(np.mean(losses[-max(1, min(100, len(losses) // 10)):]))
                 if losses else None)
     return model, ema, info

@@ -6,7 +6,8 @@ writes its complete result and its :class:`~t2i_common.distributed.MapStats` to 
 ``--kill-rank R --kill-after K``: rank R dies (``os._exit``) when it starts its (K+1)-th batch,
 after K batches are in the cache (a lost process).
 ``train``: a few data-parallel steps of the toy UNet (:func:`t2i_common.training.train_unet`);
-the main process writes the loss curve and the weights.
+the main process writes the loss curve and the weights (``--stage vae`` / ``clip``: those
+stages).
 """
 import argparse
 import json
@@ -76,10 +77,16 @@ def train(a):
     torch.manual_seed(0)
     clip = CLIPModel(sdformat.clip_config(cfg, tok))
     te, vae = sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg)
-    unet, info = T.train_unet(_pairs(), te, vae, tok, cfg, a.steps, batch_size=a.batch, lr=2e-3,
-                              warmup=2, ema_decay=None, seed=1, progress=False,
-                              grad_accum=a.grad_accum, out_dir=a.ckpt, ckpt_every=a.ckpt_every,
-                              stop_after=a.stop_after)
+    kw = dict(batch_size=a.batch, lr=2e-3, warmup=2, seed=1, progress=False, out_dir=a.ckpt,
+              ckpt_every=a.ckpt_every)
+    if a.stage == "unet":
+        unet, info = T.train_unet(_pairs(), te, vae, tok, cfg, a.steps, ema_decay=None,
+                                  grad_accum=a.grad_accum, **kw)
+    elif a.stage == "vae":
+        unet, info = T.train_vae(np.stack([p[0] for p in _pairs()]), cfg, a.steps,
+                                 grad_accum=a.grad_accum, **kw)
+    else:
+        unet, info = T.train_clip(_pairs(), cfg, tok, a.steps, **kw)
     if PartialState().is_main_process:
         torch.save(dict(losses=info["losses"], state=unet.state_dict(), world=info["world_size"],
                         resumed_from=info["resumed_from"]), Path(a.out) / "train.pt")
@@ -100,7 +107,7 @@ def main():
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--ckpt-every", type=int, default=2)
-    p.add_argument("--stop-after", type=int, default=None)
+    p.add_argument("--stage", choices=["unet", "vae", "clip"], default="unet")
     a = p.parse_args()
     torch.set_num_threads(1)
     (score if a.task == "score" else train)(a)
