@@ -40,6 +40,12 @@ from . import paths
 _STEM = re.compile(r"^\d\d_\w+$")
 
 
+def _did_you_mean(name, options) -> str:
+    low = {str(o).lower(): o for o in options}
+    close = difflib.get_close_matches(str(name).lower(), list(low), n=1, cutoff=0.6)
+    return f"; did you mean {low[close[0]]!r}?" if close else "."
+
+
 class RunnerError(SystemExit):
     """A user error of the runner (bad name, parameter or file); the message says the fix."""
 
@@ -68,9 +74,8 @@ def find_notebooks(names=None) -> list[Path]:
             continue
         hits = [q for q in allnb if q.stem == n] or [q for q in allnb if q.stem.startswith(n)]
         if not hits:
-            close = difflib.get_close_matches(n, [q.stem for q in allnb], n=1)
             raise RunnerError(f"no notebook named {n!r} in {_show(paths.NOTEBOOKS)}"
-                              f"{'; did you mean ' + repr(close[0]) + '?' if close else ''} "
+                              f"{_did_you_mean(n, [q.stem for q in allnb])} "
                               f"Available: {', '.join(q.stem for q in allnb)}")
         out.extend(hits)
     return list(dict.fromkeys(out))
@@ -180,10 +185,8 @@ def check_parameters(nb_path: Path, params: dict, source: str = "") -> None:
     known = notebook_parameters(nb_path)
     for k in params:
         if k not in known:
-            close = difflib.get_close_matches(k, list(known), n=1)
             raise RunnerError(f"{nb_path.stem} has no parameter {k!r}{source}"
-                              f"{'; did you mean ' + repr(close[0]) + '?' if close else ''} "
-                              f"Its parameters are: {', '.join(known)}")
+                              f"{_did_you_mean(k, known)} Its parameters are: {', '.join(known)}")
     for k, v in params.items():
         default, helptext = known[k]
         # None is accepted where the default is None, the help says so ("None: all"), or the
@@ -231,10 +234,8 @@ def read_params_file(file) -> tuple[str, dict]:
                           f"parameters ({others}); put every parameter under its notebook's section")
     for k in looks_like:
         if str(k) not in stems:
-            close = difflib.get_close_matches(str(k), sorted(stems), n=1)
             raise RunnerError(f"parameter file {f}: section {k!r} is not a notebook"
-                              f"{'; did you mean ' + repr(close[0]) + '?' if close else ''} "
-                              f"Notebooks: {', '.join(sorted(stems))}")
+                              f"{_did_you_mean(k, sorted(stems))} Notebooks: {', '.join(sorted(stems))}")
         if data[k] is not None and not isinstance(data[k], dict):
             raise RunnerError(f"parameter file {f}: section {k!r} must be a mapping of "
                               f"parameters, got {data[k]!r}")
@@ -327,6 +328,8 @@ def _show(p) -> str:
 
 def _rel(p) -> str:
     """A path for a committed file: repository-relative, else just the name (no machine path)."""
+    if not Path(p).is_absolute():
+        return Path(p).as_posix()
     p = Path(p).resolve()
     try:
         return p.relative_to(Path(paths.ROOT).resolve()).as_posix()
