@@ -307,6 +307,37 @@ def coalesce_streams(outputs: list) -> list:
     return out
 
 
+def _widget_bar_text(model_id: str, state: dict) -> str | None:
+    """The final text of a tqdm widget bar (HBox of description HTML, FloatProgress, counts HTML)
+    from the saved widget state, for the ``text/plain`` fallback renderers without widgets show."""
+    import html
+
+    box = state.get(model_id, {}).get("state", {})
+    kids = [state.get(str(c).removeprefix("IPY_MODEL_"), {}) for c in box.get("children", [])]
+    if len(kids) != 3 or kids[1].get("model_name") != "FloatProgressModel":
+        return None
+    left = html.unescape(kids[0].get("state", {}).get("value", ""))
+    right = html.unescape(kids[2].get("state", {}).get("value", ""))
+    bar = kids[1].get("state", {})
+    frac = float(bar.get("value", 0)) / float(bar.get("max") or 1)
+    filled = max(0, min(10, int(frac * 10)))
+    return f"{left}|{'█' * filled}{' ' * (10 - filled)}|{right}".replace("\u2007", " ")
+
+
+def _widget_fallbacks(nb) -> None:
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}) \
+        .get("state", {})
+    if not state:
+        return
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            view = o.get("data", {}).get("application/vnd.jupyter.widget-view+json")
+            if view:
+                text = _widget_bar_text(view.get("model_id", ""), state)
+                if text is not None:
+                    o["data"]["text/plain"] = text
+
+
 def kernelspec_metadata(name: str) -> dict:
     """``metadata.kernelspec`` as JupyterLab writes it when it starts kernel ``name``."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -347,7 +378,8 @@ def normalise(nb, kernel_name: str | None = None):
     merges consecutive stream outputs (with ``\\r`` overwriting), gives every cell an id (nbformat
     4.5) and saves with ``nbformat.write`` (indent 1, sorted keys, trailing newline).  Machine
     paths papermill records (``metadata.papermill.input_path``/``output_path``) become
-    repository-relative."""
+    repository-relative.  The ``text/plain`` fallback of a progress-bar widget (what viewers without
+    widgets show) becomes the bar's final state instead of its first one."""
     import nbformat
 
     nb.nbformat, nb.nbformat_minor = 4, max(5, int(nb.get("nbformat_minor", 5)))
@@ -358,6 +390,7 @@ def normalise(nb, kernel_name: str | None = None):
         for k in ("input_path", "output_path"):
             if pm.get(k):
                 pm[k] = _rel(pm[k])
+    _widget_fallbacks(nb)
     for i, cell in enumerate(nb.cells):
         if not cell.get("id"):
             cell["id"] = hashlib.sha1(f"{i}\n{cell.source}".encode()).hexdigest()[:8]

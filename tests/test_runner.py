@@ -200,6 +200,8 @@ def test_runner_output_holds_only_what_the_user_needs(nbdir, capfd):
     assert [o.output_type for o in outputs] == ["display_data"]  # a widget bar, no stderr text
     assert "application/vnd.jupyter.widget-view+json" in outputs[0].data
     assert nb.metadata.widgets  # the widget state JupyterLab restores the bars from
+    # viewers without widgets show the bar's final state, not its first one
+    assert re.match(r"100%\|█{10}\| 3/3 \[", outputs[0].data["text/plain"])
 
 
 def test_executed_notebook_is_in_jupyterlab_normal_form(nbdir, tmp_path):
@@ -283,7 +285,7 @@ def test_committed_notebook_opens_unmodified_and_shows_no_machine_path(nb):
 
 # ---- thread-count stability of the checked lines ------------------------------------------------------
 def _sanitizers():
-    cp = configparser.ConfigParser()
+    cp = configparser.ConfigParser(interpolation=None)
     cp.read(REPO / "tests" / "nbval_sanitize.cfg")
     return [(re.compile(cp[s]["regex"]), cp[s]["replace"]) for s in cp.sections()]
 
@@ -303,6 +305,15 @@ def checked_outputs(path) -> list[str]:
             text = rx.sub(rep, text)
         out.append(text)
     return out
+
+
+def test_threads_option_reaches_the_kernel(nbdir, tmp_path):
+    _nb(nbdir / "05_threads.ipynb", [("n = 0", ["parameters"]),
+                                     ("import torch\nprint(torch.get_num_threads())", None)])
+    for n in (1, 2):
+        assert runner.main(["05", "--threads", str(n), "--output-dir", str(tmp_path / f"o{n}")]) == 0
+        nb = nbf.read(tmp_path / f"o{n}" / "05_threads.ipynb", as_version=4)
+        assert nb.cells[-1].outputs[0]["text"] == f"{n}\n"
 
 
 def test_checked_lines_identical_with_1_and_2_threads(tmp_path, monkeypatch):
