@@ -491,8 +491,16 @@ def run_one(nb: Path, params: dict, out: Path, kernel: str | None = None, progre
     return dt
 
 
-def _failure_message(nb: Path, err) -> str:
+def _failure_message(nb: Path, err, injected: bool = False) -> str:
+    """Name the failing cell by its index in the source notebook (papermill counts the cell it
+    injects after the parameters cell when parameters are given)."""
     cell = getattr(err, "cell_index", None)
+    if injected and cell is not None:
+        import nbformat
+        cells = nbformat.read(str(nb), as_version=4).cells
+        tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+        if tagged and cell > tagged[0]:
+            cell -= 1
     count = getattr(err, "exec_count", None)
     ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
     where = f"cell {cell}" if cell is not None else "a cell"
@@ -572,7 +580,7 @@ def main(argv=None) -> int:
         except SystemExit:
             raise
         except Exception as err:
-            print(_failure_message(nb, err), file=sys.stderr, flush=True)
+            print(_failure_message(nb, err, injected=bool(params)), file=sys.stderr, flush=True)
             print(f"runner: the partially executed notebook is at "
                   f"{_show(paths.RUNS / 'failed' / nb.name)}", file=sys.stderr)
             return 1

@@ -150,8 +150,9 @@ def test_hub_probe_does_not_wait_for_a_hanging_resolver(monkeypatch):
 
     from t2i_common import models
 
-    def hang(*a, **k):
-        time.sleep(30)
+    def hang(*a, **k):  # a resolver that blocks, then gives up
+        time.sleep(5)
+        raise OSError("name resolution timed out")
     monkeypatch.setattr(socket, "create_connection", hang)
     t0 = time.time()
     assert models.hub_reachable(timeout=0.5) is False

@@ -182,6 +182,9 @@ def test_failure_names_cell_and_keeps_committed_notebook(nbdir, tmp_path, capsys
     assert "RuntimeError: boom" in err and "runs/failed/02_fail.ipynb" in err
     assert (nbdir / "02_fail.ipynb").read_bytes() == committed
     assert (tmp_path / "runs" / "failed" / "02_fail.ipynb").exists()
+    # with parameters papermill injects a cell; the message still counts the notebook's own cells
+    assert runner.main(["02_fail", "-p", "y", "3"]) == 1
+    assert "02_fail FAILED in cell 2" in capsys.readouterr().err
 
 
 # ---- what the user sees -----------------------------------------------------------------------------
