@@ -213,8 +213,8 @@ def export_flickr_retrieval(root, n: int, seed: int = 0, n_candidates: int = 10)
 
 def toy_pos_tagger(words):
     """Part-of-speech tags for toy captions from the world's ground truth (shape nouns -> NOUN,
-    colour and size words -> ADJ, others -> OTHER); the ARO order perturbations use spaCy tags on
-    real captions, which are not available offline (pass this as ``pos_tagger`` to
-    ``formats.read_aro_order`` for toy data)."""
+    colour and size words -> ADJ, others -> OTHER). ``formats.read_aro_order`` tags with spaCy when
+    it and en_core_web_sm are installed, else with a lexicon (``formats.pos_tagger_name()`` says
+    which); pass this as ``pos_tagger`` for tags that are exact on toy captions."""
     nouns, adjs = set(tw.SHAPES), set(tw.COLOURS) | set(tw.SIZES)
     return ["NOUN" if w in nouns else "ADJ" if w in adjs else "OTHER" for w in words]
