@@ -182,7 +182,7 @@ def check_writable(path, what: str = "embedding cache", flag: str = "--emb_path"
     """Raise before any long work if ``path`` cannot be written: a folder, a parent that is a file
     or cannot be created, or a folder without write permission (probed by creating a file)."""
     path = Path(path)
-    fix = f"Fix: pass a {what} path ({flag}) in a folder you can write"
+    fix = f"Fix: pass a path for the {what} ({flag}) in a folder you can write"
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder, not a file. Fix: pass a file path "
                                 f"such as {path / 'emb.pickle'} ({flag})")
