@@ -72,13 +72,13 @@ def _as_pair(u, v, normalize: bool = False, names=("image embeddings u", "text e
         raise ValueError("no embeddings given (n = 0); AD needs at least one text-image pair")
     if U.dtype != V.dtype:
         U, V = U.double(), V.double()
-    for t, name in ((U, names[0]), (V, names[1])):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contain NaN or inf values")
+    norms = [U.norm(dim=1), V.norm(dim=1)]  # finite exactly when every entry of the row is
+    for nrm, name in zip(norms, names):
+        if not torch.isfinite(nrm).all():
+            raise ValueError(f"{name} contain NaN or inf values (or overflow in the row norm)")
     if normalize:
         return torch.nn.functional.normalize(U, dim=1), torch.nn.functional.normalize(V, dim=1)
-    for t, name in ((U, names[0]), (V, names[1])):
-        norms = t.norm(dim=1)
+    for norms, name in zip(norms, names):
         if (norms - 1).abs().max() > 1e-2:
             raise ValueError(f"{name} are not L2-normalised (row norms {float(norms.min()):.4g}.."
                              f"{float(norms.max()):.4g}); AD is defined on unit vectors: pass "

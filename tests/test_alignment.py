@@ -118,6 +118,11 @@ def test_mismatched_and_unnormalised_embeddings():
         al.structure_ad(u[0], u[0])
     with pytest.raises(ValueError, match="n = 0"):
         al.structure_ad(u[:0], u[:0])
+    for bad in (np.nan, np.inf):
+        w = u.copy()
+        w[3, 2] = bad
+        with pytest.raises(ValueError, match="text embeddings v contain NaN or inf"):
+            al.alignment_difficulty(u, w, normalize=True)
 
 
 def test_sampled_estimator_ci_covers_exact_and_is_unbiased():
