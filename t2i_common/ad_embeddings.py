@@ -256,8 +256,9 @@ def _glob_paths(data_glob, cache_path) -> list:
     paths = [str(p) for p in formats.implosion_pickle_paths(data_glob)]
     if cache_path is None:
         return paths
-    own = {os.path.abspath(p) for p in (cache_path, meta_path(cache_path), ad_json_path(cache_path))}
-    kept = [p for p in paths if os.path.abspath(p) not in own]
+    own = {os.path.realpath(p)
+           for p in (cache_path, meta_path(cache_path), ad_json_path(cache_path))}
+    kept = [p for p in paths if os.path.realpath(p) not in own]
     if not kept:
         raise FileNotFoundError(f"no pickle files match {str(data_glob)!r} besides the embedding "
                                 f"cache {cache_path}. Fix: pass the glob of the pair pickles")
