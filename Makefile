@@ -1,5 +1,7 @@
 # One-command set-up + run.  `make figures` regenerates every table and figure on the toy world;
-# `make test` runs the unit tests and the notebook regression tests.  Both create .venv first.
+# `make test` runs the unit tests (among them tests/test_runner.py's check that notebook 00_tour's
+# checked lines are identical with 1 and 2 torch threads) and the notebook regression tests.
+# Both create .venv first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -23,8 +25,11 @@ figures: setup
 unit: setup
 	$(BIN)/python -m pytest tests
 
+# nbval re-executes the notebooks; their figures go to a temporary folder (T2I_FIGURES) so the
+# committed reference under figures/ is never rewritten by a test run.
 nbval: setup
-	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
+	T2I_FIGURES=$$(mktemp -d) $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 
 test: unit nbval
 

@@ -12,11 +12,14 @@ u_k with the graph of text embeddings v_k (k = 1..n, L2-normalised CLIP embeddin
 Where this package deliberately differs from the original ``compute_AD.py``:
 
 * the structure term is computed exactly with blocked matrix products (tiles of U U^T - V V^T,
-  abs, sum, float64 accumulation) instead of a Python loop over rows; an unbiased sampled
-  estimator with a normal-approximation confidence interval is offered for very large n;
-* image preprocessing is deterministic: resize 512 (bilinear, shorter side) + *centre* crop 512,
-  then the CLIP preprocess.  The original crops at a random, unseeded position (for square images
-  both crops are the identity, so the embeddings agree);
+  abs, per-row sums in the embeddings' dtype, accumulated in float64) instead of a Python loop
+  over rows, with the tile side picked from n so that small n wastes no work on the discarded
+  lower triangle; it is never slower than the original (``bench/bench_alignment.py``: n = 500 to
+  20,000, d = 64 and 512).  An unbiased sampled estimator with a normal-approximation confidence
+  interval is offered for very large n;
+* the data side (pickles -> CLIP embeddings -> the original's embedding cache, with a provenance
+  sidecar; deterministic preprocessing, the original's uint8 round trip as a parity option) is
+  :mod:`t2i_common.ad_embeddings`, whose names are re-exported here;
 * the CLIP model is loaded once (the original reloads it every batch), a glob whose size is a
   multiple of the batch size does not crash on an empty last batch, the cache is actually resumed
   (files already embedded are skipped) and the three numbers are saved as json, not only printed.
@@ -26,19 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .ad_embeddings import (ORIGINAL_RESIZE, PREPROCESSING, CacheProvenanceWarning,  # noqa: F401
+                            PairEmbeddings, ad_json_path, check_writable, embed_pairs,
+                            load_clip_spec, original_preprocess, read_cache_arrays,
+                            uint8_round_trip)
+
 #: CLIP similarity range the original maps onto [0, 1] for the feature term (LAION scaling)
 LAION_SIM_RANGE = (0.2, 0.45)
-#: image side the original resizes to and crops before the CLIP preprocess
-ORIGINAL_RESIZE = 512
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,10 +60,8 @@ def _as_pair(u, v, normalize: bool = False, names=("image embeddings u", "text e
         t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
         if t.ndim != 2:
             raise ValueError(f"{name} must be a matrix [n, d]; got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            t = t.float()
         if t.dtype not in (torch.float32, torch.float64):
-            t = t.float()  # fp16/bf16 embeddings are cast to fp32 like the original
+            t = t.float()  # fp16/bf16 (the original's CLIP output) and integers: fp32
         out.append(t)
     U, V = out
     if U.shape != V.shape:
@@ -68,13 +72,13 @@ def _as_pair(u, v, normalize: bool = False, names=("image embeddings u", "text e
         raise ValueError("no embeddings given (n = 0); AD needs at least one text-image pair")
     if U.dtype != V.dtype:
         U, V = U.double(), V.double()
-    for t, name in ((U, names[0]), (V, names[1])):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contain NaN or inf values")
+    norms = [U.norm(dim=1), V.norm(dim=1)]  # finite exactly when every entry of the row is
+    for nrm, name in zip(norms, names):
+        if not torch.isfinite(nrm).all():
+            raise ValueError(f"{name} contain NaN or inf values (or overflow in the row norm)")
     if normalize:
         return torch.nn.functional.normalize(U, dim=1), torch.nn.functional.normalize(V, dim=1)
-    for t, name in ((U, names[0]), (V, names[1])):
-        norms = t.norm(dim=1)
+    for norms, name in zip(norms, names):
         if (norms - 1).abs().max() > 1e-2:
             raise ValueError(f"{name} are not L2-normalised (row norms {float(norms.min()):.4g}.."
                              f"{float(norms.max()):.4g}); AD is defined on unit vectors: pass "
@@ -90,43 +94,57 @@ def laion_scale(sim):
     return ((sim - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
+def _feature(U, V, scale: bool) -> float:
+    s = (U * V).sum(dim=1).double()
+    return float((1.0 - (laion_scale(s) if scale else s)).mean())
+
+
 def feature_ad(u, v, scale: bool = True, normalize: bool = False) -> float:
     """Feature term D_fea = mean_k (1 - s~_k) with s_k = <u_k, v_k> (LAION-scaled if ``scale``,
     as the original does for every dataset; ``scale=False`` uses the raw cosine similarity)."""
-    U, V = _as_pair(u, v, normalize)
-    s = (U * V).sum(dim=1).double()
-    if scale:
-        s = laion_scale(s)
-    return float((1.0 - s).mean())
+    return _feature(*_as_pair(u, v, normalize), scale)
 
 
-def structure_ad(u, v, block_size: int = 2048, normalize: bool = False,
+def auto_block_size(n: int) -> int:
+    """Tile side for n pairs: n / 8 rounded up to a power of two, within 128..2048.  A diagonal
+    tile computes its lower half only to discard it (a fraction ~ block / (n + block) of the
+    work), so small n gets small tiles; large n gets 2048 (large products, few Python steps)."""
+    return int(min(2048, max(128, 2 ** math.ceil(math.log2(max(n, 8) / 8)))))
+
+
+def _structure(U, V, block_size, progress: bool) -> float:
+    from tqdm.auto import tqdm
+
+    n = U.shape[0]
+    b = auto_block_size(n) if block_size is None else int(block_size)
+    if b < 1:
+        raise ValueError(f"block_size must be >= 1 (or None: picked from n), got {block_size}")
+    A = torch.cat([U, V], dim=1)
+    B = torch.cat([U, -V], dim=1)
+    starts = range(0, n, b)
+    total = torch.zeros((), dtype=torch.float64, device=U.device)
+    tiles = [(i0, j0) for i0 in starts for j0 in starts if j0 >= i0]
+    for i0, j0 in tqdm(tiles, disable=not progress, desc="structure AD tiles"):
+        g = A[i0:i0 + b] @ B[j0:j0 + b].T
+        if i0 == j0:
+            g.triu_(diagonal=1)
+        total += g.abs_().sum(dim=1).sum(dtype=torch.float64)
+    return float(2.0 * total / n ** 2)
+
+
+def structure_ad(u, v, block_size: int | None = None, normalize: bool = False,
                  progress: bool = False) -> float:
     """Structure term D_stru = (2 / n^2) sum_{i<j} |<u_i,u_j> - <v_i,v_j>|, exact.
 
     Computed tile by tile: a tile of U U^T - V V^T is one matrix product [U, V] [U, -V]^T; only the
     tiles on and above the diagonal are formed (strict upper triangle on the diagonal tiles), their
-    absolute values summed in float64.  The products run in the embeddings' dtype (float32 like the
-    original; pass float64 tensors for a float64 product) on the embeddings' device, so GPU tensors
-    are computed on the GPU.  O(n^2 d) time, O(block_size^2) extra memory.
+    absolute values summed per row in the embeddings' dtype (at most ``block_size`` terms, as the
+    original sums each row in float32) and the row sums accumulated in float64.  The products run
+    in the embeddings' dtype (float32 like the original; pass float64 tensors for float64) on the
+    embeddings' device, so GPU tensors are computed on the GPU.  ``block_size`` None: picked from
+    n (:func:`auto_block_size`).  O(n^2 d) time, O(block_size^2) extra memory.
     """
-    from tqdm.auto import tqdm
-
-    U, V = _as_pair(u, v, normalize)
-    n = U.shape[0]
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    A = torch.cat([U, V], dim=1)
-    B = torch.cat([U, -V], dim=1)
-    starts = range(0, n, block_size)
-    total = torch.zeros((), dtype=torch.float64, device=U.device)
-    tiles = [(i0, j0) for i0 in starts for j0 in starts if j0 >= i0]
-    for i0, j0 in tqdm(tiles, disable=not progress, desc="structure AD tiles"):
-        g = A[i0:i0 + block_size] @ B[j0:j0 + block_size].T
-        if i0 == j0:
-            g = g.triu(diagonal=1)
-        total += g.abs().sum(dtype=torch.float64)
-    return float(2.0 * total / n ** 2)
+    return _structure(*_as_pair(u, v, normalize), block_size, progress)
 
 
 @dataclass
@@ -141,8 +159,6 @@ class SampledEstimate:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
 def structure_ad_sampled(u, v, num_pairs: int = 1_000_000, seed: int = 0, confidence: float = 0.95,
                          chunk_size: int = 1 << 18, normalize: bool = False) -> SampledEstimate:
     """Unbiased Monte-Carlo estimate of D_stru for very large n, with a confidence interval.
@@ -182,7 +198,7 @@ def structure_ad_sampled(u, v, num_pairs: int = 1_000_000, seed: int = 0, confid
 
 
 def alignment_difficulty(u, v, alpha: float = 0.8, *, scale: bool = True, structure: str = "exact",
-                         num_pairs: int = 1_000_000, seed: int = 0, block_size: int = 2048,
+                         num_pairs: int = 1_000_000, seed: int = 0, block_size: int | None = None,
                          normalize: bool = False, progress: bool = False) -> dict:
     """AD = alpha * D_fea + (1 - alpha) * D_stru (paper's AD; original default alpha = 0.8).
 
@@ -196,9 +212,9 @@ def alignment_difficulty(u, v, alpha: float = 0.8, *, scale: bool = True, struct
         raise ValueError(f"alpha must lie in [0, 1] (trade-off of feature and structure AD; the "
                          f"original's default is 0.8), got {alpha}")
     U, V = _as_pair(u, v, normalize)
-    out = dict(feature_ad=feature_ad(U, V, scale=scale))
+    out = dict(feature_ad=_feature(U, V, scale))
     if structure == "exact":
-        out["structure_ad"] = structure_ad(U, V, block_size=block_size, progress=progress)
+        out["structure_ad"] = _structure(U, V, block_size, progress)
     elif structure == "sampled":
         est = structure_ad_sampled(U, V, num_pairs=num_pairs, seed=seed)
         out.update(structure_ad=est.estimate, structure_ad_stderr=est.stderr,
@@ -210,149 +226,10 @@ def alignment_difficulty(u, v, alpha: float = 0.8, *, scale: bool = True, struct
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# CLIP embeddings of implosion pickles, with the original's embedding cache
-# ------------------------------------------------------------------------------------------------
-def load_clip_spec(clip=None, device="cpu"):
-    """A CLIP embedder from a spec: an object with ``encode_images``/``encode_texts`` (returned as
-    is), a local CLIPModel folder, an open_clip ``ARCH/TAG`` string (``ViT-B-32/openai``, the
-    original's default; ``ViT-H-14/laion2b_s32b_b79k``), a Hugging Face id or a
-    ``models.load_clip`` alias.  None: the toy CLIP."""
-    from . import models
-    if hasattr(clip, "encode_images") and hasattr(clip, "encode_texts"):
-        return clip
-    if clip is None:
-        return models.load_clip(None, device=device)
-    spec = str(clip)
-    if not Path(spec).expanduser().exists() and "/" in spec:
-        arch, tag = spec.split("/", 1)
-        import open_clip
-        if arch in open_clip.list_models():
-            return models.load_clip(arch, pretrained=tag, device=device)
-    return models.load_clip(spec, device=device)
-
-
-def original_preprocess(image, resize: int | None = ORIGINAL_RESIZE):
-    """The original's image step before the CLIP preprocess, made deterministic.
-
-    compute_AD.py resizes the shorter side to 512 (bilinear) and takes a *random, unseeded* 512
-    crop; we take the *centre* crop (identical for square images, the common case).  ``resize=None``
-    skips the step (images go straight to the CLIP preprocess).  Grayscale (H, W) images become RGB.
-    We also skip the original's float round trip back to uint8 (which truncates instead of rounding).
-    """
-    from PIL import Image
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    arr = np.asarray(image)
-    pil = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").convert("RGB")
-    if resize:
-        pil = TF.resize(pil, int(resize), interpolation=InterpolationMode.BILINEAR)
-        pil = TF.center_crop(pil, int(resize))
-    return pil
-
-
-@dataclass
-class PairEmbeddings:
-    """CLIP embeddings of the pairs of one glob, in the glob's (sorted) order."""
-    paths: list
-    img_emb: torch.Tensor  # [n, d], L2-normalised
-    txt_emb: torch.Tensor  # [n, d], L2-normalised
-    num_new: int  # pairs embedded by this call (the rest came from the cache)
-
-    def __len__(self):
-        return len(self.paths)
-
-
-def _meta_path(cache_path) -> Path:
-    return Path(str(cache_path) + ".meta.json")
-
-
-def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
-                resize: int | None = ORIGINAL_RESIZE, save_every: int = 10, device="cpu",
-                progress: bool = True) -> PairEmbeddings:
-    """Normalised CLIP embeddings of every implosion pickle matching ``data_glob``.
-
-    Pickles (``{'img', 'text'}``) are read through ``formats`` one batch at a time (``batch_size``,
-    512 as in the original), images preprocessed by :func:`original_preprocess`, then embedded
-    with ``clip`` (see :func:`load_clip_spec`; loaded once).  With ``cache_path`` the embeddings go
-    to a pickle in the original's format ``{filepath: {'img_emb': (d,), 'txt_emb': (d,)}}``,
-    written every ``save_every`` batches and at the end (also when a bad file stops the run, so
-    nothing computed is lost); files already in the cache are not embedded again (resume).  A
-    sidecar ``<cache>.meta.json`` records the CLIP model and preprocessing; resuming a cache made
-    with a different one raises.
-    """
-    from tqdm.auto import tqdm
-
-    from . import formats
-
-    if batch_size < 1 or save_every < 1:
-        raise ValueError(f"batch_size and save_every must be >= 1, got {batch_size}, {save_every}")
-    paths = [str(p) for p in formats.implosion_pickle_paths(data_glob)]
-    embedder = load_clip_spec(clip, device=device)
-    meta = dict(clip=str(getattr(embedder, "name", type(embedder).__name__)),
-                resize=resize, crop="center" if resize else None)
-    cache: dict = {}
-    if cache_path is not None:
-        cache_path = Path(cache_path)
-        mp = _meta_path(cache_path)
-        if mp.exists():
-            old = json.loads(mp.read_text())
-            if old != meta:
-                raise ValueError(f"embedding cache {cache_path} was made with {old}, not {meta}: "
-                                 f"pass another cache path or delete {cache_path} and {mp}")
-        if cache_path.exists():
-            cache = formats.read_embedding_cache(cache_path)
-    # caches written by the original key files by the glob's spelling ('./x/a.pickle')
-    by_norm = {str(Path(k)): k for k in cache}
-    keys = [by_norm.get(p, p) for p in paths]
-    pending = [(p, k) for p, k in zip(paths, keys) if k not in cache]
-    dim = len(next(iter(cache.values()))["img_emb"]) if cache else None
-
-    def save():
-        if cache_path is not None and cache:
-            formats.write_embedding_cache(cache, cache_path)
-            _meta_path(cache_path).write_text(json.dumps(meta, indent=1) + "\n")
-
-    unsaved = 0
-    try:
-        batches = range(0, len(pending), batch_size)
-        for b, start in enumerate(tqdm(batches, desc="CLIP pairs", disable=not progress or not pending)):
-            chunk = pending[start:start + batch_size]
-            images, texts = [], []
-            for p, _ in chunk:
-                img, text = formats.read_implosion_pickle(p)
-                images.append(original_preprocess(img, resize))
-                texts.append(text)
-            ie = embedder.encode_images(images, batch_size=batch_size).float().cpu().numpy()
-            te = embedder.encode_texts(texts, batch_size=batch_size).float().cpu().numpy()
-            if dim is not None and ie.shape[1] != dim:
-                raise ValueError(f"embedding cache {cache_path} holds d={dim} embeddings but "
-                                 f"{meta['clip']} gives d={ie.shape[1]}: use another cache path")
-            dim = ie.shape[1]
-            for (_, k), a, t in zip(chunk, ie, te):
-                cache[k] = {"img_emb": a.reshape(-1), "txt_emb": t.reshape(-1)}
-            unsaved += len(chunk)
-            if (b + 1) % save_every == 0:
-                save()
-                unsaved = 0
-    finally:
-        if unsaved:
-            save()
-    img = torch.from_numpy(np.stack([cache[k]["img_emb"] for k in keys]))
-    txt = torch.from_numpy(np.stack([cache[k]["txt_emb"] for k in keys]))
-    return PairEmbeddings(paths, img, txt, len(pending))
-
 
 # ------------------------------------------------------------------------------------------------
 # The original's interface: glob -> embeddings -> AD (function and command line)
 # ------------------------------------------------------------------------------------------------
-def ad_json_path(emb_path) -> Path:
-    """Where :func:`compute_ad` saves the three numbers: next to the cache, ``<cache>.ad.json``."""
-    p = Path(emb_path)
-    return p.with_name(p.name + ".ad.json") if p.suffix != ".pickle" else p.with_suffix(".ad.json")
-
-
 def _report(res: dict) -> None:
     print(f"feature AD = {res['feature_ad']:.6f}, structure AD = {res['structure_ad']:.6f}, "
           f"AD (alpha = {res['alpha']}) = {res['ad']:.6f}  [n = {res['n']}]")
@@ -361,25 +238,34 @@ def _report(res: dict) -> None:
 def compute_ad(data_glob_path, save_emb_path, alpha: float = 0.8, clip=None,
                batch_size: int = 512, resize: int | None = ORIGINAL_RESIZE, structure: str = "exact",
                num_pairs: int = 1_000_000, seed: int = 0, scale: bool = True, device="cpu",
-               progress: bool = True, verbose: bool = True) -> dict:
+               progress: bool = True, verbose: bool = True, *, preprocess: str = "package",
+               trust_cache: bool = False) -> dict:
     """The original ``compute_AD.py`` run: embed the pairs of ``data_glob_path`` (cache at
-    ``save_emb_path``, resumed), compute feature AD, structure AD and AD for ``alpha``, print them
-    and save them as json next to the cache (:func:`ad_json_path`).
+    ``save_emb_path``, resumed; ``preprocess``, ``trust_cache``: see :func:`embed_pairs`), compute
+    feature AD, structure AD and AD for ``alpha``, print them and save them as json next to the
+    cache (:func:`ad_json_path`).
 
     Unlike the original (which uses every entry of the cache file), AD is computed over the files
     the glob matches, so one cache may serve several globs.  Returns the :func:`alignment_difficulty`
-    dict plus ``data_glob``, ``emb_path``, ``clip`` and ``json_path``."""
+    dict plus ``data_glob``, ``emb_path``, ``clip`` (None for a cache of unknown provenance, then
+    ``cache_provenance`` says so), ``resize``, ``preprocess`` and ``json_path``."""
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:  # fail before embedding anything
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if structure not in ("exact", "sampled"):
+        raise ValueError(f"structure must be 'exact' or 'sampled', got {structure!r}")
     emb = embed_pairs(data_glob_path, clip, save_emb_path, batch_size=batch_size, resize=resize,
-                      device=device, progress=progress)
+                      device=device, progress=progress, preprocess=preprocess,
+                      trust_cache=trust_cache)
     res = alignment_difficulty(emb.img_emb, emb.txt_emb, alpha, scale=scale, structure=structure,
                                num_pairs=num_pairs, seed=seed)
-    meta = json.loads(_meta_path(save_emb_path).read_text())
     jp = ad_json_path(save_emb_path)
-    res.update(data_glob=str(data_glob_path), emb_path=str(save_emb_path), clip=meta["clip"],
-               resize=resize, structure_method=structure, json_path=str(jp))
+    known = emb.clip is not None
+    res.update(data_glob=str(data_glob_path), emb_path=str(save_emb_path), clip=emb.clip,
+               resize=resize if known else None, preprocess=preprocess if known else None,
+               structure_method=structure, json_path=str(jp))
+    if emb.provenance:
+        res["cache_provenance"] = emb.provenance
     jp.write_text(json.dumps(res, indent=1) + "\n")
     if verbose:
         _report(res)
@@ -389,13 +275,10 @@ def compute_ad(data_glob_path, save_emb_path, alpha: float = 0.8, clip=None,
 def compute_ad_from_embeddings(save_emb_path, alpha: float = 0.8, verbose: bool = True,
                                **kwargs) -> dict:
     """AD of every entry of an embedding cache (the original's ``compute_AD(save_emb_path, alpha)``,
-    which reads the cache written by its embedding step); ``kwargs`` go to
-    :func:`alignment_difficulty`."""
-    from . import formats
-    cache = formats.read_embedding_cache(save_emb_path)
-    u = np.stack([e["img_emb"] for e in cache.values()])
-    v = np.stack([e["txt_emb"] for e in cache.values()])
-    res = alignment_difficulty(u, v, alpha, **kwargs)
+    which reads the cache written by its embedding step); the cache is validated on the stacked
+    arrays (:func:`read_cache_arrays`); ``kwargs`` go to :func:`alignment_difficulty`."""
+    _, u, v = read_cache_arrays(save_emb_path)
+    res = alignment_difficulty(torch.from_numpy(u), torch.from_numpy(v), alpha, **kwargs)
     if verbose:
         _report(res)
     return res
@@ -419,6 +302,11 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=512)
     p.add_argument("--resize", type=int, default=ORIGINAL_RESIZE,
                    help="resize + centre crop side before the CLIP preprocess (0: none)")
+    p.add_argument("--preprocess", choices=PREPROCESSING, default="package",
+                   help="'original': add the original's uint8 round trip of the image (parity)")
+    p.add_argument("--trust_cache", action="store_true",
+                   help="use an existing cache of unknown (no .meta.json) or other recorded "
+                        "provenance together with new embeddings; recorded in the sidecar")
     p.add_argument("--structure", choices=("exact", "sampled"), default="exact")
     p.add_argument("--num_pairs", type=int, default=1_000_000, help="pairs for --structure sampled")
     p.add_argument("--seed", type=int, default=0, help="seed for --structure sampled")
@@ -427,18 +315,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    """The command line; notes (e.g. a cache of unknown provenance) go to stderr as ``note: ...``."""
     args = parse_args(argv)
-    return compute_ad(args.data_dir, args.emb_path, args.alpha, clip=args.clip,
-                      batch_size=args.batch_size, resize=args.resize or None,
-                      structure=args.structure, num_pairs=args.num_pairs, seed=args.seed,
-                      device=args.device)
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        sys.exit(f"error: {err}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = compute_ad(args.data_dir, args.emb_path, args.alpha, clip=args.clip,
+                         batch_size=args.batch_size, resize=args.resize or None,
+                         structure=args.structure, num_pairs=args.num_pairs, seed=args.seed,
+                         device=args.device, verbose=False, preprocess=args.preprocess,
+                         trust_cache=args.trust_cache)
+    for w in caught:
+        kind = "note" if issubclass(w.category, CacheProvenanceWarning) else w.category.__name__
+        print(f"{kind}: {w.message}", file=sys.stderr)
+    _report(res)
+    return res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,13 +365,13 @@ def write_pairs_dataset(pairs, root, name: str, class_subfolders=None) -> str:
 
 
 def default_cache_path(data_glob, clip_name: str, resize: int | None = ORIGINAL_RESIZE,
-                       cache_dir=None) -> Path:
+                       cache_dir=None, preprocess: str = "package") -> Path:
     """Embedding cache for a glob, a CLIP model and a preprocessing: next to a dataset written by
-    :func:`write_pairs_dataset` (``.../<hash>/emb_<clip>_r<resize>.pickle``), else under
-    ``cache_dir`` (default ``CACHE/alignment``)."""
+    :func:`write_pairs_dataset` (``.../<hash>/emb_<clip>_r<resize>.pickle``, ``..._orig.pickle``
+    for ``preprocess="original"``), else under ``cache_dir`` (default ``CACHE/alignment``)."""
     from . import paths
     g = Path(str(data_glob))
-    tag = f"{_slug(clip_name)}_r{resize or 0}"
+    tag = f"{_slug(clip_name)}_r{resize or 0}" + ("_orig" if preprocess == "original" else "")
     for folder in list(g.parents)[1:3]:
         if (folder / "complete").exists() and (folder / "pairs").is_dir():
             return folder / f"emb_{tag}.pickle"
@@ -490,20 +380,22 @@ def default_cache_path(data_glob, clip_name: str, resize: int | None = ORIGINAL_
 
 def glob_ad(data_glob, clip=None, alpha: float = 0.8, cache_path=None, batch_size: int = 512,
             resize: int | None = ORIGINAL_RESIZE, device="cpu", progress: bool = False,
-            **ad_kwargs) -> dict:
+            preprocess: str = "package", **ad_kwargs) -> dict:
     """AD of the pairs of one glob (embeddings cached, see :func:`default_cache_path`), plus the
     mean raw CLIP similarity of the pairs (``mean_clip_sim``)."""
     embedder = load_clip_spec(clip, device)
-    cache_path = cache_path or default_cache_path(data_glob, getattr(embedder, "name", "clip"), resize)
+    cache_path = cache_path or default_cache_path(data_glob, getattr(embedder, "name", "clip"),
+                                                  resize, preprocess=preprocess)
     emb = embed_pairs(data_glob, embedder, cache_path, batch_size=batch_size, resize=resize,
-                      device=device, progress=progress)
+                      device=device, progress=progress, preprocess=preprocess)
     res = alignment_difficulty(emb.img_emb, emb.txt_emb, alpha, **ad_kwargs)
     res["mean_clip_sim"] = float((emb.img_emb * emb.txt_emb).sum(1).mean())
     return res
 
 
 def ad_table(datasets: dict, clips, alpha: float = 0.8, batch_size: int = 512,
-             resize: int | None = ORIGINAL_RESIZE, device="cpu", progress: bool = True):
+             resize: int | None = ORIGINAL_RESIZE, device="cpu", progress: bool = True,
+             preprocess: str = "package"):
     """AD of several datasets (name -> glob of implosion pickles) under several CLIP models
     (specs for :func:`load_clip_spec`); each model is loaded once.  Returns a DataFrame indexed by
     (dataset, clip) with n, mean_clip_sim, feature_ad, structure_ad, ad."""
@@ -517,7 +409,8 @@ def ad_table(datasets: dict, clips, alpha: float = 0.8, batch_size: int = 512,
     for spec in clips:
         embedder = load_clip_spec(spec, device)
         for name, g in tqdm(list(datasets.items()), desc=f"AD ({spec})", disable=not progress):
-            r = glob_ad(g, embedder, alpha, batch_size=batch_size, resize=resize, device=device)
+            r = glob_ad(g, embedder, alpha, batch_size=batch_size, resize=resize, device=device,
+                        preprocess=preprocess)
             rows.append(dict(dataset=name, clip=str(spec if spec is not None else "toy-clip"),
                              n=r["n"], mean_clip_sim=r["mean_clip_sim"],
                              feature_ad=r["feature_ad"], structure_ad=r["structure_ad"], ad=r["ad"]))
@@ -763,3 +656,10 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
     n_untouched = sum(1 for w in words if not (w & touched))
     return table, dict(prompts=prompts, images=images, base=score(base), base_images=base,
                        n_untouched_prompts=n_untouched)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, KeyError) as err:
+        sys.exit(f"error: {err}")

@@ -56,6 +56,42 @@ def auto_batch_size(model, n_cond: int = 1) -> int:
     return int(max(n_cond, min(512, 0.7 * free / max(per, 1.0))))
 
 
+def _check_timesteps(model, t: torch.Tensor, given) -> torch.Tensor:
+    """Discrete timesteps must be integers in [0, T) of the model's training schedule."""
+    g = torch.as_tensor(given)
+    if g.is_floating_point() and not torch.equal(g, g.round()):
+        raise ValueError(f"denoise_errors: timesteps must be integers, got {g.flatten()[:5].tolist()}"
+                         f"; round them or pass logsnr for continuous noise levels")
+    T = int(getattr(model, "num_train_timesteps", len(model.alphas_cumprod)))
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+        bad = sorted({int(v) for v in t.flatten() if not 0 <= int(v) < T})[:5]
+        raise ValueError(f"denoise_errors: timesteps {bad} are outside [0, {T}) of the model's "
+                         f"training schedule; use t in 0..{T - 1}")
+    return t
+
+
+def _check_model_shapes(model, latents, cond_emb) -> None:
+    """Latent channels and embedding width against the UNet, before any UNet call."""
+    cfg = getattr(getattr(model, "unet", None), "config", None)
+    if cfg is None:
+        return
+    C = int(cfg.in_channels)
+    if latents.shape[1] != C:
+        raise ValueError(f"denoise_errors: latents {tuple(latents.shape)} have {latents.shape[1]} "
+                         f"channels but the UNet expects {C} (model.latent_shape "
+                         f"{tuple(getattr(model, 'latent_shape', ()))}); pass VAE latents from "
+                         f"model.encode_images, not images")
+    if cond_emb.ndim != 3:
+        raise ValueError(f"denoise_errors: cond_emb must be [U, L, D] prompt embeddings (from "
+                         f"model.encode_prompts), got {tuple(cond_emb.shape)}")
+    D = cfg.cross_attention_dim
+    D = int(D[0] if isinstance(D, (list, tuple)) else D)
+    if cond_emb.shape[-1] != D:
+        raise ValueError(f"denoise_errors: cond_emb {tuple(cond_emb.shape)} has width "
+                         f"{cond_emb.shape[-1]} but the UNet's cross-attention expects {D}; encode "
+                         f"the prompts with the same model (model.encode_prompts)")
+
+
 def _as_2d(x, B, name, dtype):
     x = torch.as_tensor(x, dtype=dtype).cpu()
     if x.ndim == 1:
@@ -98,28 +134,40 @@ def denoise_errors(model, latents, cond_emb, cond_idx, *, timesteps=None, logsnr
     if latents.ndim != 4:
         raise ValueError(f"denoise_errors: latents must be [B, C, h, w], got {tuple(latents.shape)}")
     B = latents.shape[0]
+    if B == 0:
+        raise ValueError("denoise_errors: no latents given (latents has B=0 images)")
+    _check_model_shapes(model, latents, cond_emb)
     cond_idx = torch.as_tensor(cond_idx, dtype=torch.long).cpu()
     if cond_idx.ndim == 1:
         cond_idx = cond_idx.unsqueeze(0).expand(B, -1)
     if cond_idx.ndim != 2 or cond_idx.shape[0] != B:
         raise ValueError(f"denoise_errors: cond_idx must be [P] or [B={B}, P], got {tuple(cond_idx.shape)}")
+    if cond_idx.shape[1] == 0:
+        raise ValueError("denoise_errors: the condition list is empty (cond_idx has P=0 entries); "
+                         "give at least one row of cond_emb per image")
     if int(cond_idx.max()) >= cond_emb.shape[0] or int(cond_idx.min()) < 0:
-        raise ValueError(f"denoise_errors: cond_idx refers to row {int(cond_idx.max())} but cond_emb "
-                         f"has {cond_emb.shape[0]} rows")
+        bad = int(cond_idx.max()) if int(cond_idx.max()) >= cond_emb.shape[0] else int(cond_idx.min())
+        raise ValueError(f"denoise_errors: cond_idx refers to row {bad} but cond_emb "
+                         f"has {cond_emb.shape[0]} rows (valid: 0..{cond_emb.shape[0] - 1})")
     P = cond_idx.shape[1]
     if timesteps is None and logsnr is None:
         raise ValueError("denoise_errors: give timesteps or logsnr")
     if timesteps is not None:
-        t = _as_2d(timesteps, B, "timesteps", torch.long)
+        t = _check_timesteps(model, _as_2d(timesteps, B, "timesteps", torch.long), timesteps)
         if logsnr is None:
             abar = model.alphas_cumprod[t]
         else:
             abar = torch.sigmoid(_as_2d(logsnr, B, "logsnr", torch.float64))
     else:
         a = _as_2d(logsnr, B, "logsnr", torch.float64)
+        if not torch.isfinite(a).all():
+            raise ValueError("denoise_errors: logsnr holds NaN or infinite values; give finite "
+                             "log signal-to-noise ratios")
         t = model.logsnr_to_t(a)
         abar = torch.sigmoid(a)
     K = t.shape[1]
+    if K == 0:
+        raise ValueError("denoise_errors: no noise levels given (timesteps/logsnr has K=0 entries)")
     if noise is None:
         raise ValueError("denoise_errors: noise is required (draw it from a NoiseBank)")
     noise = torch.as_tensor(noise)

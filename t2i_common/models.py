@@ -11,6 +11,8 @@ raises :class:`WeightsNotAvailable` saying how to point at a local folder.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -36,12 +38,200 @@ class WeightsNotAvailable(FileNotFoundError):
     """Raised when a model name cannot be resolved to weights on this machine."""
 
 
-def _offline_error(name, what, err=None):
-    msg = (f"{what} weights for {name!r} are not available offline"
-           f"{' (' + type(err).__name__ + ')' if err else ''}. Download them on a machine with "
-           f"internet (e.g. `huggingface-cli download {name} --local-dir /path/to/folder`) and pass "
-           f"that local folder instead of the name, e.g. load_t2i('/path/to/folder').")
-    return WeightsNotAvailable(msg)
+class ModelFolderError(ValueError):
+    """A local model folder exists but one of its components is damaged or inconsistent."""
+
+
+def _download_enabled(allow_download):
+    if allow_download is not None:
+        return bool(allow_download)
+    from huggingface_hub import constants
+    return not (constants.is_offline_mode()
+                or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"))
+
+
+def _offline_error(name, kind, err=None, reason="not available offline"):
+    """The error for weights that are not on this machine, with the fix for their kind.
+
+    kind: "t2i" (an SD hub id), "clip-hf" (a Hugging Face CLIP id) or "clip-open" (an open_clip
+    ``ARCH/TAG``)."""
+    why = f" ({type(err).__name__}: {str(err).splitlines()[0][:200]})" if err else ""
+    if kind == "clip-open":
+        arch, tag = name.split("/", 1)
+        fix = (f"open_clip looks for them in the Hugging Face cache (HF_HOME, default "
+               f"~/.cache/huggingface). Either fill that cache on a machine with internet "
+               f"(`python -c \"import open_clip; open_clip.create_model_and_transforms('{arch}', "
+               f"pretrained='{tag}')\"`) and copy it here, or pass a local open_clip checkpoint "
+               f"file as the tag: load_clip('{arch}', pretrained='/path/to/{arch}.safetensors') "
+               f"(notebook parameter clip: {arch}//path/to/{arch}.safetensors), or a local "
+               f"transformers CLIPModel folder: load_clip('/path/to/clip-folder').")
+    elif kind == "clip-hf":
+        fix = (f"Download the folder on a machine with internet (`huggingface-cli download {name} "
+               f"--local-dir /path/to/clip-folder`), copy it here and pass it: "
+               f"load_clip('/path/to/clip-folder') (notebook parameter clip: /path/to/clip-folder).")
+    else:
+        fix = (f"Download the folder on a machine with internet (`huggingface-cli download {name} "
+               f"--local-dir /path/to/sd-folder`), copy it here and pass it: "
+               f"load_t2i('/path/to/sd-folder') (notebook parameter model: /path/to/sd-folder).")
+    what = "Stable Diffusion" if kind == "t2i" else "CLIP"
+    return WeightsNotAvailable(f"{what} weights for {name!r} are {reason}{why}. {fix}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint (HF_ENDPOINT) answers a TCP connection within
+    ``timeout`` seconds.  Name resolution runs in a thread, because a resolver without network
+    can block for minutes; huggingface_hub would retry for 76-340 s before failing."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    ok = []
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode for the block (cache only, no request); open_clip's own
+    "Failed to download" log lines of this cache-only attempt are dropped (the caller raises a
+    clearer error if the weights are not cached)."""
+    import logging
+
+    from huggingface_hub import constants
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    drop = logging.Filter()
+    drop.filter = lambda rec: "Failed to download" not in rec.getMessage()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+        root.removeFilter(drop)
+
+
+#: SD-format components: subfolder -> (class role, files it needs: each tuple is "one of")
+SD_COMPONENTS = {
+    "tokenizer": [("tokenizer.json", "vocab.json")],
+    "text_encoder": [("config.json",), ("*.safetensors", "*.bin")],
+    "vae": [("config.json",), ("*.safetensors", "*.bin")],
+    "unet": [("config.json",), ("*.safetensors", "*.bin")],
+    "scheduler": [("scheduler_config.json",)],
+}
+
+
+def check_sd_folder(root) -> None:
+    """Raise FileNotFoundError naming every missing or empty component of an SD-format folder."""
+    root = Path(root)
+    problems = []
+    for sub, needs in SD_COMPONENTS.items():
+        d = root / sub
+        if not d.is_dir():
+            problems.append(f"{sub}/ is missing")
+            continue
+        if not any(d.iterdir()):
+            problems.append(f"{sub}/ is empty")
+            continue
+        for alternatives in needs:
+            if not any(any(d.glob(a)) for a in alternatives):
+                problems.append(f"{sub}/ has no {' or '.join(alternatives)}")
+    if (root / "tokenizer" / "vocab.json").exists() and not (root / "tokenizer" / "merges.txt").exists() \
+            and not (root / "tokenizer" / "tokenizer.json").exists():
+        problems.append("tokenizer/ has vocab.json but no merges.txt")
+    if problems:
+        raise FileNotFoundError(
+            f"the SD-format folder {root} is incomplete: {'; '.join(problems)}. Copy the missing "
+            f"component folder(s) from the original checkpoint (as written by "
+            f"StableDiffusionPipeline.save_pretrained: tokenizer/, text_encoder/, vae/, unet/, "
+            f"scheduler/, each with its config and weights).")
+
+
+def _weights_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.glob("*") if p.suffix in (".safetensors", ".bin"))
+
+
+def _component_error(root, sub, err) -> ModelFolderError:
+    """A loading failure of one local component, naming the file when it is a weights or
+    config file that cannot be read."""
+    return _load_error(Path(root) / sub, f"component {sub}/ of {root}", err,
+                       f"check {sub}/config.json and the weights beside it against the original "
+                       f"checkpoint")
+
+
+def _load_error(d: Path, what: str, err, fallback: str) -> ModelFolderError:
+    text = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    bad_json = []
+    for f in sorted(d.glob("*.json")):
+        try:
+            json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError):
+            bad_json.append(str(f))
+    if bad_json:
+        return ModelFolderError(f"{what}: {', '.join(bad_json)} is not valid "
+                                f"JSON ({text}); restore the file from the original checkpoint")
+    weights = _weights_files(d)
+    broken = []
+    for w in weights:
+        if w.suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+                with safe_open(str(w), "pt") as fh:
+                    for k in fh.keys():
+                        fh.get_slice(k)
+            except Exception:
+                broken.append(w)
+    if not broken and any(k in text.lower() for k in ("safetensor", "deserializ", "unpickl",
+                                                       "checkpoint file", "eof", "truncat")):
+        broken = weights
+    if broken:
+        return ModelFolderError(f"{what}: the weights file "
+                                f"{', '.join(str(w) for w in broken)} could not be read ({text}); it "
+                                f"is damaged or incomplete (an interrupted copy or download): copy it "
+                                f"again from the original checkpoint")
+    return ModelFolderError(f"{what} could not be loaded ({text}); {fallback}")
+
+
+def _check_consistent(root, tok, te, vae, unet) -> None:
+    """Cross-component checks that would otherwise fail late inside torch."""
+    te_len = int(te.config.max_position_embeddings)
+    if tok.model_max_length > te_len:
+        raise ModelFolderError(
+            f"{root}: tokenizer/ pads prompts to model_max_length={tok.model_max_length} but "
+            f"text_encoder/ has only {te_len} positions; set \"model_max_length\": {te_len} in "
+            f"tokenizer/tokenizer_config.json (or use the tokenizer of this text encoder)")
+    if len(tok) > int(te.config.vocab_size):
+        raise ModelFolderError(
+            f"{root}: tokenizer/ has {len(tok)} tokens but text_encoder/ embeds only "
+            f"{te.config.vocab_size} (config.json vocab_size): they come from different "
+            f"checkpoints; use the tokenizer saved with this text encoder")
+    width = int(te.config.hidden_size)
+    cross = unet.config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    if int(cross) != width:
+        raise ModelFolderError(
+            f"{root}: unet/config.json cross_attention_dim={cross} but text_encoder/ produces "
+            f"{width}-wide embeddings (hidden_size): the UNet and the text encoder come from "
+            f"different checkpoints (SD 1.x: 768, SD 2.x: 1024)")
+    if int(unet.config.in_channels) != int(vae.config.latent_channels):
+        raise ModelFolderError(
+            f"{root}: unet/config.json in_channels={unet.config.in_channels} but vae/ has "
+            f"latent_channels={vae.config.latent_channels}; only text-to-image UNets whose input "
+            f"is the VAE latent are supported (not inpainting/depth variants)")
 
 
 def resolve_t2i(name_or_path) -> tuple[str, bool]:
@@ -56,8 +246,15 @@ def resolve_t2i(name_or_path) -> tuple[str, bool]:
                 f"Point at the folder written by `StableDiffusionPipeline.save_pretrained` (it holds "
                 f"model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
         return str(p), True
-    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+    if p == paths.DEFAULT_T2I:
+        raise WeightsNotAvailable(f"the toy checkpoint {p} is missing; restore data/toy-sd from git "
+                                  f"(`git checkout -- data/toy-sd`) or rebuild it with notebook "
+                                  f"01_toy_world (retrain=True)")
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith("/"):
         return s, False  # a hub id
+    if s.startswith((".", "/", "~")) or os.sep in s:
+        raise FileNotFoundError(f"model folder {p} does not exist; check the path (relative paths "
+                                f"are relative to the current folder; notebooks run in notebooks/)")
     raise WeightsNotAvailable(
         f"unknown model {name_or_path!r}: not a local folder, not a hub id (owner/name), not an "
         f"alias ({', '.join(sorted(T2I_ALIASES))}). Pass the path of a local Stable-Diffusion-format "
@@ -240,33 +437,41 @@ def load_t2i(name_or_path=None, device="cpu", dtype=torch.float32,
     from transformers import CLIPTextModel, CLIPTokenizer
 
     loc, local = resolve_t2i(name_or_path or paths.DEFAULT_T2I)
-    if local and loc == str(paths.DEFAULT_T2I) and not Path(loc).exists():
-        raise WeightsNotAvailable(f"the toy checkpoint {loc} is missing; run notebooks/01_toy_world "
-                                  f"with retrain=True or restore data/toy-sd from git")
-    if allow_download is None:
-        allow_download = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
+    allow_download = _download_enabled(allow_download)
+    loaders = [("tokenizer", lambda kw: CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw)),
+               ("text_encoder", lambda kw: CLIPTextModel.from_pretrained(
+                   loc, subfolder="text_encoder", torch_dtype=dtype, **kw)),
+               ("vae", lambda kw: AutoencoderKL.from_pretrained(loc, subfolder="vae",
+                                                                torch_dtype=dtype, **kw)),
+               ("unet", lambda kw: UNet2DConditionModel.from_pretrained(
+                   loc, subfolder="unet", torch_dtype=dtype, **kw)),
+               ("scheduler", lambda kw: DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw))]
 
-    def _load(local_only):
-        kw = dict(local_files_only=local_only)
-        tok = CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw)
-        te = CLIPTextModel.from_pretrained(loc, subfolder="text_encoder", torch_dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(loc, subfolder="vae", torch_dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(loc, subfolder="unet", torch_dtype=dtype, **kw)
-        sch = DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw)
-        return tok, te, vae, unet, sch
-
-    try:
-        parts = _load(True)
-    except Exception as err:  # not in the local cache / not a complete folder
-        if local:
-            raise FileNotFoundError(f"could not load the SD-format folder {loc}: {err}. Check that "
-                                    f"it holds tokenizer/, text_encoder/, vae/, unet/, scheduler/.") from err
-        if not allow_download:
-            raise _offline_error(loc, "Stable Diffusion", err) from err
+    if local:
+        check_sd_folder(loc)
+        parts = []
+        for sub, fn in loaders:
+            try:
+                parts.append(fn(dict(local_files_only=True)))
+            except Exception as err:
+                raise _component_error(loc, sub, err) from err
+    else:
+        def _load(local_only):
+            return [fn(dict(local_files_only=local_only)) for _, fn in loaders]
         try:
-            parts = _load(False)
-        except Exception as err2:
-            raise _offline_error(loc, "Stable Diffusion", err2) from err2
+            with _hub_offline():
+                parts = _load(True)  # the local HF cache
+        except Exception as err:
+            if not allow_download:
+                raise _offline_error(loc, "t2i", err) from err
+            if not hub_reachable():
+                raise _offline_error(loc, "t2i", reason="neither in the local Hugging Face cache nor "
+                                     "downloadable: the hub cannot be reached from this machine") from err
+            try:
+                parts = _load(False)
+            except Exception as err2:
+                raise _offline_error(loc, "t2i", err2, reason="not downloadable") from err2
+    _check_consistent(loc, *parts[:4])
     return T2IModel(*parts, name=loc, device=device, dtype=dtype)
 
 
@@ -351,44 +556,97 @@ def _hf_clip(loc, device, dtype, local_only):
 def load_clip(name=None, pretrained: str | None = None, device="cpu", dtype=torch.float32,
               allow_download: bool | None = None) -> CLIPEmbedder:
     """Load CLIP: an open_clip architecture with a pretrained tag (``ViT-B-32``/``openai``,
-    ``ViT-H-14``/``laion2b_s32b_b79k``, or a local checkpoint file as tag), a Hugging Face CLIP id,
-    a local folder in transformers' CLIPModel format (the toy CLIP), or an alias
-    (toy-clip, clip-vit-b-32, openclip-vit-h-14).  Default: the toy CLIP."""
+    ``ViT-H-14``/``laion2b_s32b_b79k``, or a local checkpoint file as tag; also written as one
+    string ``ARCH/TAG``), a Hugging Face CLIP id, a local folder in transformers' CLIPModel format
+    (the toy CLIP), or an alias (toy-clip, clip-vit-b-32, openclip-vit-h-14).  Default: the toy
+    CLIP.  Hub weights come from the local cache first; a download is tried only if
+    ``allow_download`` (default: unless HF_HUB_OFFLINE is set) and the hub answers."""
     name = str(name or paths.DEFAULT_CLIP)
     if name in CLIP_ALIASES and pretrained is None:
         name, pretrained = CLIP_ALIASES[name]
-    if allow_download is None:
-        allow_download = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
+    allow_download = _download_enabled(allow_download)
     p = Path(name).expanduser()
     if p.exists():
+        if p.is_file():
+            raise FileNotFoundError(
+                f"{p} is a file; an open_clip checkpoint file is the pretrained tag of its "
+                f"architecture: load_clip('ViT-B-32', pretrained='{p}') (or clip: ViT-B-32/{p}); "
+                f"a transformers CLIP is given as its folder")
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"{p} is not a CLIP model folder: it has no config.json. Pass a "
                                     f"folder written by transformers' CLIPModel.save_pretrained or an "
                                     f"open_clip name with a pretrained tag.")
-        return _hf_clip(str(p), device, dtype, True)
-    import open_clip
-    if name in open_clip.list_models():
-        if pretrained is None:
-            raise ValueError(f"load_clip: open_clip model {name!r} needs a pretrained tag, one of "
-                             f"{open_clip.list_pretrained_tags_by_model(name)} or a checkpoint path")
-        if not Path(str(pretrained)).exists() and not allow_download:
-            raise _offline_error(f"{name}/{pretrained}", "CLIP")
         try:
-            model, _, pre = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            return _hf_clip(str(p), device, dtype, True)
         except Exception as err:
-            raise _offline_error(f"{name}/{pretrained}", "CLIP", err) from err
-        tok = open_clip.get_tokenizer(name)
-        return CLIPEmbedder(model, pre, tok, "open_clip", f"{name}/{pretrained}", device, dtype)
+            raise _load_error(p, f"CLIP folder {p}", err,
+                              "check config.json, the tokenizer files and the weights against the "
+                              "original folder") from err
+    import open_clip
+    arch, tag = name, pretrained
+    if tag is None and "/" in name and name.split("/", 1)[0] in open_clip.list_models():
+        arch, tag = name.split("/", 1)
+    if arch in open_clip.list_models():
+        return _open_clip(open_clip, arch, tag, device, dtype, allow_download)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         try:
-            return _hf_clip(name, device, dtype, True)
+            with _hub_offline():
+                return _hf_clip(name, device, dtype, True)
         except Exception as err:
             if not allow_download:
-                raise _offline_error(name, "CLIP", err) from err
+                raise _offline_error(name, "clip-hf", err) from err
+            if not hub_reachable():
+                raise _offline_error(name, "clip-hf", reason="neither in the local Hugging Face "
+                                     "cache nor downloadable: the hub cannot be reached from this "
+                                     "machine") from err
             try:
                 return _hf_clip(name, device, dtype, False)
             except Exception as err2:
-                raise _offline_error(name, "CLIP", err2) from err2
+                raise _offline_error(name, "clip-hf", err2, reason="not downloadable") from err2
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"CLIP folder {p} does not exist; check the path")
     raise WeightsNotAvailable(
         f"unknown CLIP model {name!r}: not a local folder, not an open_clip architecture, not a hub "
-        f"id, not an alias ({', '.join(sorted(CLIP_ALIASES))}). Pass a local CLIPModel folder.")
+        f"id, not an alias ({', '.join(sorted(CLIP_ALIASES))}). Pass a local CLIPModel folder, or "
+        f"an open_clip name with its tag such as ViT-B-32/openai.")
+
+
+def _open_clip(open_clip, arch, tag, device, dtype, allow_download) -> CLIPEmbedder:
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag is None:
+        raise ValueError(f"load_clip: open_clip model {arch!r} needs a pretrained tag, one of "
+                         f"{tags} or a checkpoint path (e.g. load_clip('{arch}', pretrained="
+                         f"'{tags[0] if tags else 'openai'}') or clip: {arch}/{tags[0] if tags else 'openai'})")
+    label = f"{arch}/{tag}"
+    ckpt = Path(str(tag)).expanduser()
+    if ckpt.is_file():
+        try:
+            model, _, pre = open_clip.create_model_and_transforms(arch, pretrained=str(ckpt))
+        except Exception as err:
+            raise ModelFolderError(
+                f"open_clip checkpoint {ckpt} could not be loaded as {arch} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}); check that the file is "
+                f"complete and holds the weights of {arch} (not another architecture)") from err
+    elif str(tag) not in tags:
+        if str(tag).startswith((".", "/", "~")) or os.sep in str(tag):
+            raise FileNotFoundError(f"open_clip checkpoint file {ckpt} (pretrained tag of {arch}) "
+                                    f"does not exist; check the path")
+        raise ValueError(f"load_clip: {tag!r} is not a pretrained tag of open_clip's {arch}; "
+                         f"choose one of {tags} or give a checkpoint file path")
+    else:
+        def create():
+            return open_clip.create_model_and_transforms(arch, pretrained=tag)
+        try:
+            with _hub_offline():
+                model, _, pre = create()  # the local cache
+        except Exception as err:
+            if not allow_download:
+                raise _offline_error(label, "clip-open", err) from err
+            if not hub_reachable():
+                raise _offline_error(label, "clip-open", reason="neither in the local cache nor "
+                                     "downloadable: the hub cannot be reached from this machine") from err
+            try:
+                model, _, pre = create()
+            except Exception as err2:
+                raise _offline_error(label, "clip-open", err2, reason="not downloadable") from err2
+    return CLIPEmbedder(model, pre, open_clip.get_tokenizer(arch), "open_clip", label, device, dtype)

@@ -1,4 +1,8 @@
-"""Tables, figures and recorded headline numbers written by the notebooks."""
+"""Tables, figures and recorded headline numbers written by the notebooks.
+
+The ``save_*`` functions return None on purpose: called as the last line of a notebook cell they
+would otherwise echo a ``PosixPath`` of the executing machine into the committed outputs.
+"""
 from __future__ import annotations
 
 import json
@@ -15,7 +19,7 @@ def outdir(notebook_name: str, root=None) -> Path:
     return d
 
 
-def save_table(df, out: Path, name: str, floatfmt: str = ".4g") -> Path:
+def save_table(df, out: Path, name: str, floatfmt: str = ".4g") -> None:
     """Write ``name.csv`` and ``name.md`` (GitHub markdown) of a pandas DataFrame."""
     out = Path(out)
     df.to_csv(out / f"{name}.csv", index=True)
@@ -29,13 +33,11 @@ def save_table(df, out: Path, name: str, floatfmt: str = ".4g") -> Path:
             lines.append("| " + " | ".join([str(idx)] + vals) + " |")
         md = "\n".join(lines)
     (out / f"{name}.md").write_text(md + "\n")
-    return out / f"{name}.csv"
 
 
-def save_figure(fig, out: Path, name: str, dpi: int = 120) -> Path:
-    p = Path(out) / f"{name}.png"
-    fig.savefig(p, dpi=dpi, bbox_inches="tight")
-    return p
+def save_figure(fig, out: Path, name: str, dpi: int = 120) -> None:
+    """Write ``name.png`` (the figure stays open, so the notebook still shows it)."""
+    fig.savefig(Path(out) / f"{name}.png", dpi=dpi, bbox_inches="tight")
 
 
 def _clean(v):
@@ -52,19 +54,19 @@ def _clean(v):
     return v
 
 
-def save_results(out: Path, results: dict) -> Path:
+def save_results(out: Path, results: dict) -> None:
     """Merge ``results`` into ``out/results.json`` (machine-readable headline numbers)."""
     p = Path(out) / "results.json"
     old = json.loads(p.read_text()) if p.exists() else {}
     old.update(_clean(results))
     p.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
-    return p
 
 
 def load_results(notebook_name: str) -> dict:
     p = Path(paths.FIGURES) / notebook_name / "results.json"
     if not p.exists():
-        raise FileNotFoundError(f"{p} not found; run `python -m t2i_common.runner {notebook_name}` first")
+        raise FileNotFoundError(f"{p} not found; run `python -m t2i_common.runner {notebook_name}` "
+                                f"first")
     return json.loads(p.read_text())
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from t2i_common import ad_embeddings as ae
 from t2i_common import alignment as al
 
 
@@ -31,7 +32,7 @@ def _reference_ad(u, v, alpha):
     return fea, stru, alpha * fea + (1 - alpha) * stru
 
 
-@pytest.mark.parametrize("block_size", [7, 64, 4096])
+@pytest.mark.parametrize("block_size", [7, 64, 4096, None])
 def test_ad_matches_double_loop_reference(block_size):
     n, d = 150, 16
     u = _unit(n, d, 0)
@@ -48,6 +49,16 @@ def test_ad_matches_double_loop_reference(block_size):
     assert got["structure_ad"] == pytest.approx(ref[1], abs=1e-6)
     assert got["ad"] == pytest.approx(ref[2], abs=1e-6)
     assert got["n"] == n and got["alpha"] == 0.7
+
+
+def test_auto_block_size_by_n():
+    # n / 8 rounded up to a power of two, within 128..2048
+    assert [al.auto_block_size(n) for n in (1, 500, 1000, 2000, 5000, 20_000, 10 ** 6)] == \
+        [128, 128, 128, 256, 1024, 2048, 2048]
+    u, v = _unit(300, 8, 2), _unit(300, 8, 3)  # several tiles (128) against one tile (4096)
+    assert al.structure_ad(u, v) == pytest.approx(al.structure_ad(u, v, block_size=4096), abs=1e-7)
+    with pytest.raises(ValueError, match="block_size"):
+        al.structure_ad(u, v, block_size=0)
 
 
 def test_structure_float64_inputs_exact():
@@ -107,6 +118,11 @@ def test_mismatched_and_unnormalised_embeddings():
         al.structure_ad(u[0], u[0])
     with pytest.raises(ValueError, match="n = 0"):
         al.structure_ad(u[:0], u[:0])
+    for bad in (np.nan, np.inf):
+        w = u.copy()
+        w[3, 2] = bad
+        with pytest.raises(ValueError, match="text embeddings v contain NaN or inf"):
+            al.alignment_difficulty(u, w, normalize=True)
 
 
 def test_sampled_estimator_ci_covers_exact_and_is_unbiased():
@@ -383,3 +399,205 @@ def test_implosion_experiment_runs_and_caches(tiny_sd_dir, tmp_path, monkeypatch
     monkeypatch.setattr(training, "train_unet", lambda *a, **k: pytest.fail("retrained"))
     tab2, _ = al.implosion_experiment(tiny_sd_dir, **kw)
     assert tab2.equals(tab)
+
+
+# ------------------------------------------------------------------------------------------------
+# embedding caches written by the original, provenance, the CLI's files, the parity preprocessing
+# ------------------------------------------------------------------------------------------------
+def _original_cache(path, keys, img, txt):
+    """An embedding cache as compute_AD.py writes it: keys as its glob spells them, fp16 vectors
+    (its CLIP runs in fp16 on the GPU), no sidecar."""
+    emb = {k: {"img_emb": np.asarray(a, np.float16), "txt_emb": np.asarray(t, np.float16)}
+           for k, a, t in zip(keys, img, txt)}
+    with open(path, "wb") as f:
+        pickle.dump(emb, f)
+    return emb
+
+
+def _original_compute_ad(path, alpha):
+    """compute_AD(save_emb_path, alpha) of the original, re-written: float32, row loop."""
+    with open(path, "rb") as f:
+        emb = pickle.load(f)
+    a = np.array([e["img_emb"] for e in emb.values()], dtype=np.float32)
+    b = np.array([e["txt_emb"] for e in emb.values()], dtype=np.float32)
+    n = len(a)
+    sim = np.clip((np.sum(a * b, axis=1) - 0.2) * 4, 0, 1)
+    stru = sum(np.sum(np.abs(a[i] @ a[i + 1:].T - b[i] @ b[i + 1:].T)) for i in range(n - 1))
+    return alpha * (n - sim.sum()) / n + (1 - alpha) * stru * 2 / n ** 2
+
+
+def test_original_cache_without_sidecar_is_used_with_a_note(tmp_path, tiny_clip, monkeypatch, capsys):
+    _write_pairs(tmp_path / "data", 6)
+    monkeypatch.chdir(tmp_path)  # the original ran here with -data_glob_path './data/*.pickle'
+    ref = al.embed_pairs(str(tmp_path / "data" / "*.pickle"), tiny_clip, resize=32, progress=False)
+    keys = [f"./data/{Path(p).name}" for p in ref.paths]
+    cache = tmp_path / "orig.pickle"
+    _original_cache(cache, keys, ref.img_emb.numpy(), ref.txt_emb.numpy())
+    before = cache.read_bytes()
+    counter = CountingCLIP(tiny_clip)
+    with pytest.warns(al.CacheProvenanceWarning, match=r"orig\.pickle.*unknown provenance.*all 6 pairs"):
+        res = al.compute_ad(str(tmp_path / "data" / "*.pickle"), cache, clip=counter, resize=32,
+                            progress=False, verbose=False)
+    assert counter.images == 0 and counter.texts == 0  # absolute glob, './data/...' keys: all found
+    assert res["ad"] == pytest.approx(_original_compute_ad(cache, 0.8), abs=1e-6)
+    assert res["clip"] is None and "unknown provenance" in res["cache_provenance"]
+    saved = json.loads((tmp_path / "orig.ad.json").read_text())
+    assert saved["clip"] is None and saved["preprocess"] is None and "orig.pickle" in saved["cache_provenance"]
+    assert cache.read_bytes() == before and not (tmp_path / "orig.pickle.meta.json").exists()
+    # the command line: the AD line on stdout, the note on stderr
+    out = al.main(["--data_dir", "data/*.pickle", "--emb_path", "orig.pickle", "--clip",
+                   str(tiny_clip.name), "--resize", "32"])
+    cap = capsys.readouterr()
+    assert f"AD (alpha = 0.8) = {out['ad']:.6f}" in cap.out
+    assert "note: embedding cache orig.pickle is of unknown provenance" in cap.err
+    # the AD step alone reads the original's fp16 cache too
+    assert al.compute_ad_from_embeddings(cache, 0.8, verbose=False)["ad"] == pytest.approx(res["ad"])
+
+
+def test_partial_cache_of_unknown_or_other_provenance_is_not_mixed(tmp_path, tiny_clip):
+    _write_pairs(tmp_path / "data", 6)
+    glob = str(tmp_path / "data" / "*.pickle")
+    paths = [str(p) for p in sorted((tmp_path / "data").glob("*.pickle"))]
+    other = _unit(3, 32, 9)  # another model of the same width
+    cache = tmp_path / "part.pickle"
+    _original_cache(cache, paths[:3], other, other)
+    before = cache.read_bytes()
+    counter = CountingCLIP(tiny_clip)
+    with pytest.raises(ValueError, match=r"part\.pickle is of unknown provenance \(no sidecar "
+                       r"part\.pickle\.meta\.json.*3 of the 6 pairs are missing.*mixed with its 3 "
+                       r"entries.*Fix: delete .*part\.pickle.*trust_cache=True \(--trust_cache\)"):
+        al.embed_pairs(glob, counter, cache, resize=32, progress=False)
+    assert counter.images == 0 and cache.read_bytes() == before
+    assert not ae.meta_path(cache).exists()
+    # on the user's word: mixed, and the sidecar says which entries were taken on trust
+    with pytest.warns(al.CacheProvenanceWarning, match="used on the user's word"):
+        res = al.embed_pairs(glob, counter, cache, resize=32, progress=False, trust_cache=True)
+    assert counter.images == 3 and res.num_new == 3 and np.allclose(res.img_emb[:3], other, atol=1e-3)
+    side = json.loads(ae.meta_path(cache).read_text())
+    assert side["clip"] == tiny_clip.name and side["inherited"]["entries"] == 3
+    assert side["inherited"]["source"] == "unknown (no sidecar)"
+    # a later run with the same model resumes, and still reports the trusted entries
+    again = al.embed_pairs(glob, counter, cache, resize=32, progress=False)
+    assert again.num_new == 0 and "3 of its entries were taken on trust" in again.provenance
+    # a sidecar naming another model: refused whether the cache is partial or complete
+    ae.meta_path(cache).write_text(json.dumps(
+        {"clip": "ViT-B-32/openai", "resize": 512, "crop": "center"}))
+    with pytest.raises(ValueError, match=r"part\.pickle was made with CLIP 'ViT-B-32/openai' .*"
+                       r"this run uses CLIP '.*clip' \(resize 32.*taken for this run's.*--trust_cache"):
+        al.embed_pairs(glob, counter, cache, resize=32, progress=False)
+    _original_cache(cache, paths[:3], other, other)
+    with pytest.raises(ValueError, match=r"'ViT-B-32/openai'.*3 of the 6 pairs are missing"):
+        al.embed_pairs(glob, counter, cache, resize=32, progress=False)
+    ae.meta_path(cache).write_text("{not json")
+    with pytest.raises(ValueError, match=r"part\.pickle\.meta\.json is not valid json.*Fix: delete"):
+        al.embed_pairs(glob, counter, cache, resize=32, progress=False)
+
+
+def test_glob_never_reads_the_cache_files(tmp_path, tiny_clip):
+    _write_pairs(tmp_path / "data", 5)
+    cache = tmp_path / "data" / "emb.pickle"  # in the folder the glob covers
+    first = al.compute_ad(str(tmp_path / "data" / "*.pickle"), cache, clip=tiny_clip, resize=32,
+                          progress=False, verbose=False)
+    for pattern in ("*.pickle", "*"):  # the cache, its sidecar and emb.ad.json now all match
+        res = al.compute_ad(str(tmp_path / "data" / pattern), cache, clip=tiny_clip, resize=32,
+                            progress=False, verbose=False)
+        assert res["n"] == 5 and res["ad"] == first["ad"]
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"besides the embedding cache .*emb\.pickle"):
+        al.embed_pairs(str(lone / "*.pickle"), tiny_clip, cache.rename(lone / "emb.pickle"),
+                       progress=False)
+
+
+def test_unwritable_cache_path_fails_before_embedding(tmp_path, tiny_clip):
+    import os
+    _write_pairs(tmp_path / "data", 3)
+    glob = str(tmp_path / "data" / "*.pickle")
+    (tmp_path / "afile").write_text("x")
+    counter = CountingCLIP(tiny_clip)
+    with pytest.raises(PermissionError, match=r"cannot write the embedding cache .*afile/emb\.pickle"
+                       r".*Fix: pass a path for the embedding cache \(--emb_path\)"):
+        al.compute_ad(glob, tmp_path / "afile" / "emb.pickle", clip=counter, progress=False)
+    with pytest.raises(IsADirectoryError, match=r"data is a folder, not a file.*emb\.pickle"):
+        al.main(["--data_dir", glob, "--emb_path", str(tmp_path / "data")])
+    assert counter.images == 0
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(PermissionError, match=r"ro/emb\.pickle"):
+            al.embed_pairs(glob, counter, ro / "emb.pickle", progress=False)
+        assert counter.images == 0
+
+
+def test_progress_saved_on_time_and_on_interrupt(tmp_path, tiny_clip):
+    from t2i_common.formats import read_embedding_cache
+    _write_pairs(tmp_path / "data", 8)
+    cache = tmp_path / "e.pickle"
+    seen = []
+
+    class Interrupted(CountingCLIP):
+        def encode_images(self, images, **kw):
+            if self.images == 4:  # the third batch: what is on disk after two batches?
+                seen.append(len(read_embedding_cache(cache)))
+            if self.images == 6:
+                raise KeyboardInterrupt
+            return super().encode_images(images, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        al.embed_pairs(str(tmp_path / "data" / "*.pickle"), Interrupted(tiny_clip), cache,
+                       batch_size=2, save_every=100, save_every_s=0.0, resize=32, progress=False)
+    assert seen == [4] and len(read_embedding_cache(cache)) == 6
+
+
+def test_original_preprocessing_parity_option(tmp_path, tiny_clip):
+    from PIL import Image
+    from torchvision import transforms
+    # hand-computed: 1 / 255 in float32, then 2x - 1 and (y + 1) / 2, gives 255 * x = 0.99999994,
+    # truncated to 0; the same for every value 1..63; 0 and 64..255 come back unchanged
+    k = np.arange(256, dtype=np.uint8)
+    want = k.copy()
+    want[1:64] -= 1
+    assert np.array_equal(al.uint8_round_trip(k), want)
+    # the original's chain itself (torchvision ToTensor + Normalize, clamp, 255 *, astype)
+    rng = np.random.default_rng(0)
+    for img in (rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), rng.integers(0, 256, (6, 4), dtype=np.uint8)):
+        x = transforms.Normalize([0.5], [0.5])(transforms.ToTensor()(Image.fromarray(img)))
+        x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
+        orig = np.squeeze((255. * x.permute(1, 2, 0).numpy()).astype(np.uint8))
+        assert np.array_equal(al.uint8_round_trip(img), orig)
+        pkg = np.asarray(al.original_preprocess(img, None))
+        par = np.asarray(al.original_preprocess(img, None, preprocess="original"))
+        assert np.array_equal(par, al.uint8_round_trip(pkg)) and par.shape == pkg.shape
+    with pytest.raises(ValueError, match="uint8"):
+        al.uint8_round_trip(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"preprocess must be one of \('package', 'original'\)"):
+        al.embed_pairs(str(tmp_path / "*.pickle"), tiny_clip, preprocess="orig")
+    # the option reaches the embeddings and the sidecar; a package-preprocessed cache is not reused
+    _write_pairs(tmp_path / "data", 4)
+    glob = str(tmp_path / "data" / "*.pickle")
+    e = al.embed_pairs(glob, tiny_clip, tmp_path / "o.pickle", resize=32, preprocess="original",
+                       progress=False)
+    from t2i_common.formats import read_implosion_pickle
+    imgs = [al.original_preprocess(read_implosion_pickle(p)[0], 32, "original") for p in e.paths]
+    assert torch.allclose(e.img_emb, tiny_clip.encode_images(imgs), atol=1e-5)
+    assert json.loads((tmp_path / "o.pickle.meta.json").read_text())["preprocess"] == "original"
+    with pytest.raises(ValueError, match="original preprocessing.*package preprocessing"):
+        al.embed_pairs(glob, tiny_clip, tmp_path / "o.pickle", resize=32, progress=False)
+    assert al.default_cache_path(glob, "c", 32, preprocess="original") != al.default_cache_path(glob, "c", 32)
+
+
+def test_cache_reader_vectorised_checks_name_the_entry(tmp_path):
+    good = _unit(4, 6, 0).astype(np.float32)
+    bad = dict({f"f{i}": {"img_emb": good[i], "txt_emb": good[i]} for i in range(4)})
+    bad["f2"] = {"img_emb": good[2][:5], "txt_emb": good[2]}
+    with open(tmp_path / "d.pickle", "wb") as f:
+        pickle.dump(bad, f)
+    with pytest.raises(ValueError, match=r"d\.pickle.*entry 'f2' field 'img_emb' has d=5"):
+        al.read_cache_arrays(tmp_path / "d.pickle")
+    bad["f2"] = {"img_emb": 2 * good[2], "txt_emb": good[2]}
+    with open(tmp_path / "n.pickle", "wb") as f:
+        pickle.dump(bad, f)
+    with pytest.raises(ValueError, match=r"n\.pickle.*entry 'f2' field 'img_emb' has L2 norm 2"):
+        al.compute_ad_from_embeddings(tmp_path / "n.pickle")
+    with pytest.raises(FileNotFoundError, match="embedding cache not found.*missing.pickle"):
+        al.read_cache_arrays(tmp_path / "missing.pickle")

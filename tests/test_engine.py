@@ -127,3 +127,44 @@ def test_engine_bad_inputs(tiny_model, setup):
         denoise_errors(tiny_model, z0, emb, [0], noise=noise)
     with pytest.raises(ValueError, match="diff pair"):
         denoise_errors(tiny_model, z0, emb, [0], timesteps=t, noise=noise, diff_pairs=[(0, 3)])
+
+
+def test_engine_rejects_timesteps_outside_schedule(tiny_model, setup):
+    z0, emb, t, noise = setup
+    for bad in ([-1] + [10] * (len(t) - 1), [10] * (len(t) - 1) + [1000]):
+        with pytest.raises(ValueError, match=r"timesteps \[(-1|1000)\] are outside \[0, 1000\).*"
+                           r"use t in 0\.\.999"):
+            denoise_errors(tiny_model, z0, emb, [0], timesteps=torch.tensor(bad), noise=noise)
+    with pytest.raises(ValueError, match=r"timesteps must be integers.*pass logsnr"):
+        denoise_errors(tiny_model, z0, emb, [0], timesteps=t.double() + 0.5, noise=noise)
+
+
+def test_engine_rejects_empty_inputs(tiny_model, setup):
+    z0, emb, t, noise = setup
+    with pytest.raises(ValueError, match=r"condition list is empty \(cond_idx has P=0"):
+        denoise_errors(tiny_model, z0, emb, [], timesteps=t, noise=noise)
+    with pytest.raises(ValueError, match=r"no latents given"):
+        denoise_errors(tiny_model, z0[:0], emb, [0], timesteps=t, noise=noise)
+    with pytest.raises(ValueError, match=r"no noise levels given"):
+        denoise_errors(tiny_model, z0, emb, [0], timesteps=t[:0], noise=noise[:0])
+    with pytest.raises(ValueError, match=r"logsnr holds NaN"):
+        denoise_errors(tiny_model, z0, emb, [0], logsnr=torch.full((len(t),), float("nan")),
+                       noise=noise)
+
+
+def test_engine_rejects_wrong_shapes_before_the_unet(tiny_model, setup, monkeypatch):
+    z0, emb, t, noise = setup
+    monkeypatch.setattr(tiny_model.unet, "forward", lambda *a, **k: pytest.fail("UNet called"))
+    C = tiny_model.latent_shape[0]
+    with pytest.raises(ValueError, match=rf"latents \(3, {C - 1}, 8, 8\) have {C - 1} channels but the "
+                       rf"UNet expects {C}.*model.encode_images"):
+        denoise_errors(tiny_model, z0[:, :C - 1], emb, [0], timesteps=t, noise=noise[:, :C - 1])
+    D = emb.shape[-1]
+    with pytest.raises(ValueError, match=rf"cond_emb \(3, {emb.shape[1]}, {D + 1}\) has width {D + 1} "
+                       rf"but the UNet's cross-attention expects {D}"):
+        denoise_errors(tiny_model, z0, torch.cat([emb, emb[..., :1]], -1), [0], timesteps=t,
+                       noise=noise)
+    with pytest.raises(ValueError, match=r"cond_emb must be \[U, L, D\]"):
+        denoise_errors(tiny_model, z0, emb[0], [0], timesteps=t, noise=noise)
+    with pytest.raises(ValueError, match=r"refers to row -1 .*valid: 0\.\.2"):
+        denoise_errors(tiny_model, z0, emb, [-1], timesteps=t, noise=noise)

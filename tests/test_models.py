@@ -90,10 +90,179 @@ def test_unknown_model_name_is_clear():
 
 
 def test_hub_id_offline_is_clear():
-    with pytest.raises(WeightsNotAvailable, match="not available offline.*local folder"):
+    with pytest.raises(WeightsNotAvailable, match="not available offline.*huggingface-cli download "
+                       "someone/not-cached-model.*load_t2i\\('/path/to/sd-folder'\\)"):
         load_t2i("someone/not-cached-model", allow_download=False)
-    with pytest.raises(WeightsNotAvailable, match="not available offline"):
-        load_clip("ViT-B-32", pretrained="openai", allow_download=False)
+
+
+def test_open_clip_name_offline_gives_the_clip_fix():
+    """An open_clip ARCH/TAG is not a hub id: the fix is open_clip's cache or a checkpoint file."""
+    for args in (("ViT-B-32/openai",), ("ViT-B-32", "openai")):
+        with pytest.raises(WeightsNotAvailable) as e:
+            load_clip(*args, allow_download=False)
+        msg = str(e.value)
+        assert "'ViT-B-32/openai'" in msg and "pretrained='openai'" in msg
+        assert "load_clip('ViT-B-32', pretrained='/path/to/ViT-B-32.safetensors')" in msg
+        assert "huggingface-cli download ViT-B-32" not in msg and "load_t2i" not in msg
+
+
+def test_hf_clip_id_offline_gives_the_folder_fix():
+    with pytest.raises(WeightsNotAvailable, match="huggingface-cli download someone/clip-x.*"
+                       "load_clip\\('/path/to/clip-folder'\\)"):
+        load_clip("someone/clip-x", allow_download=False)
+
+
+def test_unknown_open_clip_tag_and_missing_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="'nope' is not a pretrained tag of open_clip's ViT-B-32.*openai"):
+        load_clip("ViT-B-32", pretrained="nope")
+    with pytest.raises(FileNotFoundError, match="checkpoint file .*missing.pt .*does not exist"):
+        load_clip("ViT-B-32", pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="needs a pretrained tag.*openai"):
+        load_clip("ViT-B-32")
+
+
+@pytest.fixture()
+def unreachable_hub(monkeypatch):
+    """A hub endpoint nothing listens on (connection refused at once)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+
+def test_unreachable_hub_fails_fast(unreachable_hub):
+    import time
+    t0 = time.time()
+    with pytest.raises(WeightsNotAvailable, match="hub cannot be reached.*huggingface-cli download "
+                       "someone/not-cached-model"):
+        load_t2i("someone/not-cached-model", allow_download=True)
+    with pytest.raises(WeightsNotAvailable, match="hub cannot be reached.*pretrained='openai'"):
+        load_clip("ViT-B-32/openai", allow_download=True)
+    with pytest.raises(WeightsNotAvailable, match="hub cannot be reached.*clip-folder"):
+        load_clip("someone/clip-x", allow_download=True)
+    assert time.time() - t0 < 15  # huggingface_hub alone retries for minutes
+
+
+def test_hub_probe_does_not_wait_for_a_hanging_resolver(monkeypatch):
+    import socket
+    import time
+
+    from t2i_common import models
+
+    def hang(*a, **k):  # a resolver that blocks, then gives up
+        time.sleep(5)
+        raise OSError("name resolution timed out")
+    monkeypatch.setattr(socket, "create_connection", hang)
+    t0 = time.time()
+    assert models.hub_reachable(timeout=0.5) is False
+    assert time.time() - t0 < 3
+
+
+def _copy_sd(tiny_sd_dir, tmp_path):
+    import shutil
+    d = tmp_path / "sd"
+    shutil.copytree(tiny_sd_dir, d)
+    return d
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("rm tokenizer", r"incomplete: tokenizer/ is missing"),
+    ("empty unet", r"incomplete: unet/ is empty"),
+    ("rm vae/config.json", r"incomplete: vae/ has no config.json"),
+    ("rm scheduler", r"incomplete: scheduler/ is missing"),
+    ("rm text_encoder weights", r"text_encoder/ has no \*.safetensors or \*.bin"),
+])
+def test_incomplete_sd_folder_names_the_component(tiny_sd_dir, tmp_path, damage, expected):
+    import shutil
+    d = _copy_sd(tiny_sd_dir, tmp_path)
+    verb, what = damage.split(" ", 1)
+    if what == "text_encoder weights":
+        for w in (d / "text_encoder").glob("*.safetensors"):
+            w.unlink()
+    elif verb == "rm" and (d / what).is_dir():
+        shutil.rmtree(d / what)
+    elif verb == "rm":
+        (d / what).unlink()
+    else:
+        shutil.rmtree(d / what)
+        (d / what).mkdir()
+    with pytest.raises(FileNotFoundError, match=expected + r".*Copy the missing component"):
+        load_t2i(d)
+
+
+def test_damaged_sd_component_names_the_file(tiny_sd_dir, tmp_path):
+    from t2i_common.models import ModelFolderError
+    d = _copy_sd(tiny_sd_dir, tmp_path)
+    w = d / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ModelFolderError, match=r"component unet/ .*unet/diffusion_pytorch_model"
+                       r"\.safetensors could not be read.*damaged or incomplete"):
+        load_t2i(d)
+    d2 = _copy_sd(tiny_sd_dir, tmp_path / "b")
+    (d2 / "vae" / "config.json").write_text('{"in_channels": ')
+    with pytest.raises(ModelFolderError, match=r"component vae/ .*vae/config\.json is not valid JSON"):
+        load_t2i(d2)
+
+
+def test_inconsistent_sd_components_are_named(tiny_sd_dir, tmp_path):
+    from t2i_common.models import ModelFolderError
+    d = _copy_sd(tiny_sd_dir, tmp_path)
+    f = d / "tokenizer" / "tokenizer_config.json"
+    cfg = json.loads(f.read_text())
+    cfg["model_max_length"] = 77
+    f.write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=r"model_max_length=77 but text_encoder/ has only \d+ "
+                       r"positions; set \"model_max_length\": \d+ in tokenizer/tokenizer_config.json"):
+        load_t2i(d)
+    d2 = _copy_sd(tiny_sd_dir, tmp_path / "b")
+    f = d2 / "unet" / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg["cross_attention_dim"] = cfg["cross_attention_dim"] * 2
+    f.write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=r"component unet/ .*could not be loaded.*expected "
+                       r"shape.*check unet/config.json"):
+        load_t2i(d2)
+
+
+def test_cross_component_checks(tiny_model):
+    """A UNet from another checkpoint: width and channels are checked by name, not in torch."""
+    from types import SimpleNamespace
+
+    from t2i_common.models import ModelFolderError, _check_consistent
+    m = tiny_model
+    width = m.text_encoder.config.hidden_size
+    unet = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=width * 2, in_channels=4))
+    with pytest.raises(ModelFolderError, match=rf"cross_attention_dim={width * 2} but text_encoder/ "
+                       rf"produces {width}-wide"):
+        _check_consistent("ckpt", m.tokenizer, m.text_encoder, m.vae, unet)
+    unet = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=width, in_channels=9))
+    with pytest.raises(ModelFolderError, match=r"in_channels=9 but vae/ has latent_channels=4.*"
+                       r"not inpainting"):
+        _check_consistent("ckpt", m.tokenizer, m.text_encoder, m.vae, unet)
+
+
+def test_truncated_clip_folder_names_the_file(tiny_sd_dir, tmp_path):
+    import shutil
+
+    from t2i_common.models import ModelFolderError
+    d = tmp_path / "clip"
+    shutil.copytree(tiny_sd_dir / "clip", d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:64])
+    with pytest.raises(ModelFolderError, match=r"CLIP folder .*clip/model\.safetensors could not be "
+                       r"read.*damaged or incomplete"):
+        load_clip(d)
+    with pytest.raises(FileNotFoundError, match=r"is a file; an open_clip checkpoint file is the "
+                       r"pretrained tag"):
+        load_clip(w)
+
+
+def test_missing_model_paths_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model folder .*nowhere does not exist"):
+        load_t2i(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"CLIP folder .*nowhere does not exist"):
+        load_clip(str(tmp_path / "nowhere"))
 
 
 def test_folder_without_model_index(tmp_path):
