@@ -14,6 +14,12 @@
 * The executed notebook is written in JupyterLab's normal form (see :func:`normalise`), so it opens
   unmodified; a failed run leaves the committed notebook untouched and keeps the partial run in
   ``runs/failed/``.
+* ``--shard I/N`` (or ``-p shard '[I, N]'``): run shard I of N of the notebook's heavy loops
+  (the kernel sees ``T2I_SHARD``, read by :mod:`t2i_common.distributed`): each loop computes
+  only its share of the examples into the shared cache (``T2I_CACHE``), the other shards'
+  examples are NaN placeholders, and the run goes to ``runs/<name>-shard<I>of<N>/`` (its tables
+  are not results).  After all N shards, the plain run finds every example in the cache and only
+  makes the tables.  ``scripts/slurm_shards.sbatch`` does this as a Slurm array job.
 * Prints, per notebook: what runs, its wall time and where its figures went, or the failing cell.
 """
 from __future__ import annotations
@@ -453,8 +459,9 @@ def _environ(**env):
 
 
 def run_one(nb: Path, params: dict, out: Path, kernel: str | None = None, progress=False,
-            figures: Path | None = None, threads: int | None = None) -> float:
-    """Execute ``nb`` with ``params`` into ``out`` (normal form); figures under ``figures``.
+            figures: Path | None = None, threads: int | None = None, shard=None) -> float:
+    """Execute ``nb`` with ``params`` into ``out`` (normal form); figures under ``figures``;
+    ``shard`` = (i, n) runs shard i of n of its heavy loops (``T2I_SHARD`` in the kernel).
 
     The committed notebook is replaced only by a successful run: execution writes a temporary
     file, and a failure moves it to ``runs/failed/<notebook>.ipynb`` and re-raises."""
@@ -467,7 +474,9 @@ def run_one(nb: Path, params: dict, out: Path, kernel: str | None = None, progre
     tmp = out.parent / f".{out.stem}.running.ipynb"
     env = {"T2I_FIGURES": str(figures) if figures else os.environ.get("T2I_FIGURES"),
            # the debugger's "frozen modules" notice on every kernel start (Python 3.11+)
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+           # a shard only where asked for: a plain run is the reduce, whatever the shell holds
+           "T2I_SHARD": f"{shard[0]}/{shard[1]}" if shard else None}
     if threads:
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     t0 = time.time()
@@ -516,7 +525,8 @@ def _failure_message(nb: Path, err, injected: bool = False) -> str:
 def _plan(args, nbs):
     """[(notebook, params, executed-notebook path, figures root or None)], all validated."""
     kind, data = read_params_file(args.params_file) if args.params_file else (None, None)
-    given = bool(args.params_file or args.param or args.name)
+    given = bool(args.params_file or args.param or args.name or args.shard)
+    suffix = f"-shard{args.shard[0]}of{args.shard[1]}" if args.shard else ""
     if not args.names and kind == "per-notebook":
         nbs = find_notebooks(list(data))
     elif not args.names and kind == "flat" and Path(args.params_file).stem in {
@@ -528,15 +538,33 @@ def _plan(args, nbs):
         params = load_params(args.params_file, args.param, nb.stem)
         check_parameters(nb, params, src)
         if args.output_dir:
-            root = Path(args.output_dir)
+            root = Path(args.output_dir) / (suffix[1:] if suffix else "")
             out, figures = root / nb.name, root / "figures"
         elif given:
-            root = paths.RUNS / (args.name or nb.stem)
+            root = paths.RUNS / ((args.name or nb.stem) + suffix)
             out, figures = root / nb.name, root / "figures"
         else:
             out, figures = nb, None
         plan.append((nb, params, out, figures))
     return plan
+
+
+def _take_shard(args) -> None:
+    """``--shard I/N`` or ``-p shard '[I, N]'`` -> ``args.shard = (I, N)`` (the ``-p`` form is
+    removed from the notebook parameters); a bad value is a RunnerError naming the option."""
+    from .distributed import ShardError, parse_shard
+
+    given = [v for k, v in args.param or [] if k == "shard"]
+    args.param = [kv for kv in args.param or [] if kv[0] != "shard"] or None
+    if given and args.shard:
+        raise RunnerError("give the shard once: --shard I/N or -p shard '[I, N]'")
+    try:
+        args.shard = parse_shard(yaml.safe_load(given[-1]) if given else args.shard,
+                                 name="--shard" if args.shard else "-p shard")
+    except ShardError as err:
+        raise RunnerError(str(err)) from None
+    if args.shard and args.shard[1] == 1:
+        args.shard = None                      # shard 0 of 1 is the plain run
 
 
 def main(argv=None) -> int:
@@ -554,9 +582,13 @@ def main(argv=None) -> int:
                     help="torch/OpenMP threads of the kernel (OMP_NUM_THREADS)")
     ap.add_argument("--progress", action="store_true", help="show papermill's per-cell bar")
     ap.add_argument("--list", action="store_true", help="list notebooks and their parameters")
+    ap.add_argument("--shard", metavar="I/N",
+                    help="run shard I of N (0 <= I < N) of the heavy loops into the shared cache; "
+                         "afterwards the plain run reduces (also: -p shard '[I, N]')")
     ap.add_argument("--normalise", action="store_true",
                     help="rewrite the notebooks in JupyterLab's normal form without running them")
     args = ap.parse_args(argv)
+    _take_shard(args)
 
     nbs = find_notebooks(args.names)
     if args.list:
@@ -576,7 +608,7 @@ def main(argv=None) -> int:
         print(f"{tag} {json.dumps(params) if params else '(defaults)'} -> {_show(out)}", flush=True)
         try:
             times[nb.stem] = run_one(nb, params, out, args.kernel, args.progress, figures,
-                                     args.threads)
+                                     args.threads, args.shard)
         except SystemExit:
             raise
         except Exception as err:
@@ -588,6 +620,11 @@ def main(argv=None) -> int:
         out_name = params.get("out_name", notebook_parameters(nb).get("out_name", (None,))[0])
         where = Path(fig_root) / out_name if isinstance(out_name, str) else Path(fig_root)
         print(f"{tag} done in {times[nb.stem]:.1f} s; figures in {_show(where)}/", flush=True)
+        if args.shard:
+            print(f"{tag} shard {args.shard[0]}/{args.shard[1]} is in the cache; its tables hold "
+                  f"placeholders. After all {args.shard[1]} shards, `python -m t2i_common.runner "
+                  f"{nb.stem}` (same options, no shard) makes the tables from the cache.",
+                  flush=True)
     if len(times) > 1:
         print("\nnotebook times:")
         for k, v in times.items():

@@ -329,3 +329,38 @@ def test_checked_lines_identical_with_1_and_2_threads(tmp_path, monkeypatch):
         got[n] = checked_outputs(tmp_path / f"t{n}" / "00_tour.ipynb")
     assert got[1] and all(got[1])
     assert got[1] == got[2]
+
+
+# ---- shards -------------------------------------------------------------------------------------
+SHARDED = ("from t2i_common import distributed as D\n"
+           "from t2i_common.cache import ResultCache\n"
+           "calls = []\n"
+           "res = D.sharded_map(lambda i: calls.append(i) or 2.0 * i, list(range(6)),\n"
+           "                    ResultCache('rt', {'k': 1}, root=cache), progress=False)\n"
+           "print(len(calls), sorted(v for v in res.values() if v == v))")
+
+
+def test_shards_then_plain_run_reduces_from_the_cache(nbdir, tmp_path, capsys):
+    _nb(nbdir / "06_sharded.ipynb", [("cache = ''  # cache folder", ["parameters"]),
+                                     (SHARDED, None)])
+    cache = ["-p", "cache", str(tmp_path / "cache")]
+    assert runner.main(["06", "--shard", "0/2", *cache]) == 0
+    assert runner.main(["06", "-p", "shard", "[1, 2]", *cache]) == 0
+    assert "makes the tables from the cache" in capsys.readouterr().out
+    printed = {}
+    for i in (0, 1):
+        nb = nbf.read(tmp_path / "runs" / f"06_sharded-shard{i}of2" / "06_sharded.ipynb", 4)
+        printed[i] = [o for o in nb.cells[-1].outputs if o.get("name") == "stdout"][0]["text"]
+    assert printed[0] == "3 [0.0, 4.0, 8.0]\n"          # its 3 examples; the others NaN
+    assert printed[1] == "3 [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]\n"   # last shard: cache complete
+    assert runner.main(["06", "--output-dir", str(tmp_path / "plain"), *cache]) == 0
+    nb = nbf.read(tmp_path / "plain" / "06_sharded.ipynb", 4)
+    out = [o for o in nb.cells[-1].outputs if o.get("name") == "stdout"][0]["text"]
+    assert out == "0 [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]\n"          # nothing recomputed
+
+
+@pytest.mark.parametrize("argv", [["--shard", "2/2"], ["--shard", "x"],
+                                  ["-p", "shard", "[0, 0]"], ["--shard", "0/2", "-p", "shard", "[1, 2]"]])
+def test_bad_shard_is_named(nbdir, argv):
+    with pytest.raises(SystemExit, match="shard"):
+        runner.main(["01", *argv])
