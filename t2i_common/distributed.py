@@ -19,7 +19,7 @@ Where the process's share comes from (:func:`resolve_shard`, first match wins):
 Both can combine: an array job whose tasks each run ``accelerate launch`` with w processes is
 shard ``(i * w + r, n * w)``.
 
-The split (:func:`owner_of_chunks`): the caller's id list (dataset order, the same in every
+The split (:func:`shard_ids`): the caller's id list (dataset order, the same in every
 process) is cut into consecutive chunks of ``chunk`` ids (one UNet batch) and chunk k belongs to
 shard ``k mod n``.  Each example belongs to exactly one shard, the shares differ by at most one
 chunk, and - because a chunk is the same batch whatever N is - every example is computed in the
@@ -148,11 +148,6 @@ def chunks_of(ids, chunk: int = 1) -> list:
     return [ids[s:s + int(chunk)] for s in range(0, len(ids), int(chunk))]
 
 
-def owner_of_chunks(n_chunks: int, world: int) -> list:
-    """Shard of each chunk: round robin, chunk k -> k mod world."""
-    return [k % int(world) for k in range(int(n_chunks))]
-
-
 def shard_ids(ids, shard=None, chunk: int = 1) -> list:
     """The ids of ``ids`` that belong to ``shard`` (a :class:`Shard`, ``(i, n)`` or None)."""
     sh = shard if isinstance(shard, Shard) else resolve_shard(shard)
@@ -199,7 +194,7 @@ def _compute(fn, part, chunk):
 
 
 def sharded_map(fn, ids, cache, shard=None, *, desc: str = "examples", progress: bool = True,
-                chunk: int = 1) -> dict:
+                chunk: int = 1, blank=None) -> dict:
     """``{id: fn(id)}`` over ``ids``, this process computing only its shard's uncached ids.
 
     ``fn`` takes one id (``chunk=1``) or a list of up to ``chunk`` ids and returns as many results.
@@ -207,31 +202,20 @@ def sharded_map(fn, ids, cache, shard=None, *, desc: str = "examples", progress:
     how the shards meet).  ``shard``: see :func:`resolve_shard`.  With one shard this is
     :func:`t2i_common.cache.map_cached` (the same batches on a cold cache).  With ``accelerate
     launch`` all ranks return the complete result (reduced from the cache after a barrier);
-    with an array-job shard the other shards' examples are :func:`placeholder` values unless
-    already in the cache.
+    with an array-job shard the other shards' examples are placeholders (``blank(id)``, default a
+    NaN copy of a computed result, :func:`placeholder`) unless already in the cache.
     """
-    global last_stats
-    sh = shard if isinstance(shard, Shard) else resolve_shard(shard)
-    ids = list(ids)
-    if len(set(map(str, ids))) != len(ids):
-        raise ValueError(f"sharded_map ({desc}): ids must be unique (as strings); got {len(ids)} "
-                         f"ids of which {len(set(map(str, ids)))} distinct")
-    enabled = cache is not None and getattr(cache, "enabled", True)
-    if not sh.single and not enabled:
-        raise ShardError(f"{desc}: running as {sh} needs a result cache (the shards exchange "
-                         f"results through it): pass cache=... (a folder) or run without shard")
+    sh, all_ids = share(ids, cache, shard, desc)
     chunk = int(chunk)
-    parts = chunks_of(ids, chunk)
-    stats = MapStats(sh, total=len(ids))
-    out = {}
-    todo = []
-    for k, part in enumerate(parts):
+    stats = MapStats(sh, total=len(all_ids))
+    out, todo = {}, []
+    for k, part in enumerate(chunks_of(all_ids, chunk)):
         if k % sh.world != sh.rank:
             continue
         stats.mine += len(part)
         pend = []
         for i in part:
-            if enabled and cache.has(i):
+            if cache is not None and cache.has(i):
                 out[i] = cache.load(i)
                 stats.reused += 1
             else:
@@ -243,32 +227,60 @@ def sharded_map(fn, ids, cache, shard=None, *, desc: str = "examples", progress:
         for part in todo:
             vals = _compute(fn, part, chunk)
             for i, v in zip(part, vals):
-                if enabled:
+                if cache is not None:
                     cache.save(i, v)
                 out[i] = v
                 stats.computed += 1
             bar.update(len(part))
+    return complete(all_ids, cache, out, sh, stats, desc=desc, blank=blank,
+                    compute=lambda i: _compute(fn, [i], chunk)[0])
+
+
+def share(ids, cache, shard=None, desc: str = "examples"):
+    """(:class:`Shard`, ids as a list) for a sharded loop, after the checks: unique ids, and a
+    cache whenever there is more than one shard (a :class:`ShardError` naming ``cache=``)."""
+    sh = shard if isinstance(shard, Shard) else resolve_shard(shard)
+    ids = list(ids)
+    if len(set(map(str, ids))) != len(ids):
+        raise ValueError(f"{desc}: ids must be unique (as strings); got {len(ids)} ids of which "
+                         f"{len(set(map(str, ids)))} distinct")
+    enabled = cache is not None and getattr(cache, "enabled", True)
+    if not sh.single and not enabled:
+        raise ShardError(f"{desc}: running as {sh} needs a result cache (the shards exchange "
+                         f"results through it): pass cache=... (a folder) or run without shard")
+    return sh, ids
+
+
+def complete(ids, cache, have: dict, sh: Shard, stats: MapStats | None = None, *,
+             desc: str = "examples", blank=None, compute=None) -> dict:
+    """After a shard computed its share ``have``: the result over all ``ids``.  One shard: ``have``.
+    ``accelerate launch``: wait for every rank, then read the rest from the cache.  Array-job
+    shard: the rest from the cache where present, placeholders otherwise (``blank(id)``, or NaN
+    copies of a result), with a warning.  Records ``stats`` as :data:`last_stats`."""
+    global last_stats
+    stats = stats or MapStats(sh, total=len(ids))
+    out = dict(have)
     if not sh.single:
         if sh.live:
             from accelerate import PartialState
             PartialState(cpu=accelerate_cpu()).wait_for_everyone()
-        out = reduce_cached(ids, cache, have=out, allow_missing=not sh.live,
-                            compute=lambda i: _compute(fn, [i], chunk)[0], desc=desc)
+        out = reduce_cached(ids, cache, have=out, allow_missing=not sh.live, compute=compute,
+                            blank=blank, desc=desc)
         stats.missing = sum(1 for i in ids if not cache.has(i))
         if stats.missing:
             warnings.warn(f"{desc}: {sh} computed its {stats.mine} examples; {stats.missing} of "
                           f"{len(ids)} belong to other shards and are NaN placeholders here. Run "
-                          f"every shard, then the same call without shard to reduce.", stacklevel=2)
+                          f"every shard, then the same call without shard to reduce.", stacklevel=3)
     last_stats = stats
     return {i: out[i] for i in ids}
 
 
-def reduce_cached(ids, cache, *, have=None, allow_missing: bool = False, compute=None,
+def reduce_cached(ids, cache, *, have=None, allow_missing: bool = False, compute=None, blank=None,
                   desc: str = "examples") -> dict:
     """The complete ``{id: result}`` of ``ids`` from the cache (``have``: results already in
     memory).  Missing ids raise a ValueError naming how many and how to fill them, unless
-    ``allow_missing`` (then they are :func:`placeholder` copies of a cached result; with nothing
-    cached at all, ``compute(id)`` computes the first missing id for the result's shape)."""
+    ``allow_missing``: then they are ``blank(id)``, or :func:`placeholder` copies of a result
+    (with nothing cached at all, ``compute(id)`` computes the first missing id for the shape)."""
     ids = list(ids)
     out = dict(have or {})
     missing = []
@@ -284,7 +296,9 @@ def reduce_cached(ids, cache, *, have=None, allow_missing: bool = False, compute
         raise ValueError(f"{desc}: {len(missing)} of {len(ids)} examples are not in {where} "
                          f"(first missing: {missing[:5]}); rerun the missing shards (or the call "
                          f"without shard, which computes only them)")
-    if missing:
+    if missing and blank is not None:
+        out.update({i: blank(i) for i in missing})
+    elif missing:
         if not out:
             first = missing.pop(0)
             if compute is None:

@@ -92,7 +92,7 @@ def test_array_job_shards_then_plain_reduce(tmp_path):
     # a lost shard: its files gone, the plain run recomputes exactly those
     lost = D.shard_ids(ids, (1, 3), 2)
     for i in lost:
-        rc._file(i).unlink()
+        rc.path(i).unlink()
     D.sharded_map(_counting(calls), ids, rc, chunk=2, progress=False)
     assert sorted(calls) == sorted(lost)
 
