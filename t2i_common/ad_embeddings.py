@@ -258,17 +258,53 @@ def _glob_paths(data_glob, cache_path) -> list:
         return paths
     own = {os.path.realpath(p)
            for p in (cache_path, meta_path(cache_path), ad_json_path(cache_path))}
-    kept = [p for p in paths if os.path.realpath(p) not in own]
+    part = Path(cache_path).name + ".shard"     # shard caches (shard_part_path) and sidecars
+    kept = [p for p in paths if os.path.realpath(p) not in own
+            and not (os.path.basename(p).startswith(part) and Path(p).parent.resolve()
+                     == Path(cache_path).parent.resolve())]
     if not kept:
         raise FileNotFoundError(f"no pickle files match {str(data_glob)!r} besides the embedding "
                                 f"cache {cache_path}. Fix: pass the glob of the pair pickles")
     return kept
 
 
+def shard_part_path(cache_path, shard) -> Path:
+    """The embedding cache of one shard: ``<cache>.shard<i>of<n>.part`` (not ``*.pickle``, so a
+    pickle glob over the cache's folder never reads it as a pair)."""
+    return Path(str(cache_path) + f".shard{shard.rank}of{shard.world}.part")
+
+
+def merge_shard_parts(cache_path, meta) -> int:
+    """Fold the shards' caches (:func:`shard_part_path`) into ``cache_path`` (and its sidecar),
+    then delete them; returns how many entries they held.  A part or a cache made with another
+    CLIP model / preprocessing is an error naming it."""
+    from . import formats
+
+    cache_path = Path(cache_path)
+    parts = sorted(cache_path.parent.glob(cache_path.name + ".shard*of*.part"))
+    if not parts:
+        return 0
+    merged = {}
+    for f in ([cache_path] if cache_path.exists() else []) + parts:
+        mp = meta_path(f)
+        old = json.loads(mp.read_text()) if mp.exists() else None
+        if old is None or not _same(old, meta):
+            raise ValueError(f"cannot merge the shard caches of {cache_path}: {f} was made with "
+                             f"{_describe(old)}, this run uses {_describe(meta)}. Fix: run the "
+                             f"shards and the merge with the same clip/preprocess, or delete {f}")
+        merged.update(formats.read_embedding_cache(f))
+    formats.write_embedding_cache(merged, cache_path)
+    meta_path(cache_path).write_text(json.dumps(meta, indent=1) + "\n")
+    for f in parts:
+        f.unlink()
+        meta_path(f).unlink(missing_ok=True)
+    return len(merged)
+
+
 def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
                 resize: int | None = ORIGINAL_RESIZE, save_every: int = 10, device="cpu",
                 progress: bool = True, *, preprocess: str = "package", trust_cache: bool = False,
-                save_every_s: float = 60.0) -> PairEmbeddings:
+                save_every_s: float = 60.0, shard=None) -> PairEmbeddings:
     """Normalised CLIP embeddings of every implosion pickle matching ``data_glob``.
 
     Pickles (``{'img', 'text'}``) are read through ``formats`` one batch at a time (``batch_size``,
@@ -281,22 +317,54 @@ def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
     run, so nothing computed is lost; pairs already in the cache are not embedded again (resume).
     The cache's own files are never read as pairs.  Provenance rules (``trust_cache``): see the
     module docstring.
+
+    ``shard``: ``(i, n)`` embeds only shard i of n of the pairs (batches of ``batch_size`` in glob
+    order, round robin; :mod:`t2i_common.distributed`; ``accelerate launch`` is detected by
+    itself) into its own cache :func:`shard_part_path`; the other pairs' rows are NaN.  A call
+    without shard first merges the shards' caches into ``cache_path`` (:func:`merge_shard_parts`)
+    and embeds only what is still missing.  Under ``accelerate launch`` every rank embeds its
+    share, then the main process merges and all return the complete embeddings.
     """
     from tqdm.auto import tqdm
 
     from . import formats
 
+    from .distributed import Shard, ShardError, resolve_shard, shard_ids
+
     _check_preprocess(preprocess)
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size and save_every must be >= 1, got {batch_size}, {save_every}")
+    sh = resolve_shard(shard)
+    if not sh.single and cache_path is None:
+        raise ShardError(f"embed_pairs: running as {sh} needs cache_path (each shard writes "
+                         f"<cache>.shard<i>of<n>.part, merged by the call without shard)")
     if cache_path is not None:
         cache_path = check_writable(cache_path)
-    paths = _glob_paths(data_glob, cache_path)
     embedder = load_clip_spec(clip, device=device)
+    if sh.live:  # accelerate launch: each rank its share, then the main process merges
+        from accelerate import PartialState
+
+        from .distributed import accelerate_cpu
+        kw = dict(clip=embedder, cache_path=cache_path, batch_size=batch_size, resize=resize,
+                  save_every=save_every, device=device, progress=progress, preprocess=preprocess,
+                  trust_cache=trust_cache, save_every_s=save_every_s)
+        state = PartialState(cpu=accelerate_cpu())
+        embed_pairs(data_glob, shard=Shard(sh.rank, sh.world, False, sh.source), **kw)
+        with state.main_process_first():
+            return embed_pairs(data_glob, shard=Shard(), **kw)
+    all_paths = paths = _glob_paths(data_glob, cache_path)
     meta = dict(clip=str(getattr(embedder, "name", type(embedder).__name__)), resize=resize,
                 crop="center" if resize else None)
     if preprocess != "package":
         meta["preprocess"] = preprocess
+    if not sh.single:
+        paths = shard_ids(paths, sh, chunk=batch_size)
+        cache_path = shard_part_path(cache_path, sh)
+        if not paths:  # more shards than batches: nothing here
+            nan = torch.full((len(all_paths), 0), float("nan"))
+            return PairEmbeddings(all_paths, nan, nan.clone(), 0, clip=meta["clip"])
+    elif cache_path is not None:
+        merge_shard_parts(cache_path, meta)
     keys, img0, txt0, old = [], None, None, None
     if cache_path is not None:
         mp = meta_path(cache_path)
@@ -363,6 +431,13 @@ def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
         if parts:
             out[~have] = np.stack(parts)
         return torch.from_numpy(out)
-    return PairEmbeddings(paths, gather("img_emb", img0), gather("txt_emb", txt0), len(pending),
+    img, txt = gather("img_emb", img0), gather("txt_emb", txt0)
+    if not sh.single:  # the other shards' pairs: NaN rows
+        rows_of = {p: r for r, p in enumerate(all_paths)}
+        full = [torch.full((len(all_paths), e.shape[1]), float("nan")) for e in (img, txt)]
+        for f, e in zip(full, (img, txt)):
+            f[[rows_of[p] for p in paths]] = e
+        paths, (img, txt) = all_paths, full
+    return PairEmbeddings(paths, img, txt, len(pending),
                           clip=None if keys and old is None and not trust_cache else meta["clip"],
                           provenance=note)

@@ -254,3 +254,36 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert two["world"] == 2 and info["world_size"] == 1
     np.testing.assert_allclose(two["losses"], info["losses"], rtol=LOSS_RTOL)
     assert _max_diff(one.state_dict(), two["state"]) < WEIGHT_ATOL
+
+
+# ---------------------------------------------------------------- AD's embedding pass
+def test_ad_embedding_shards_merge_into_the_cache(tmp_path, tiny_sd_dir):
+    from t2i_common import ad_embeddings as ade
+    from t2i_common.formats import read_embedding_cache
+    from t2i_common.models import load_clip
+    from tests.test_alignment import CountingCLIP, _write_pairs
+
+    clip = load_clip(tiny_sd_dir / "clip")
+    _write_pairs(tmp_path / "data", 10)
+    glob = str(tmp_path / "data" / "*")               # also matches the cache's own files
+    ref = ade.embed_pairs(glob, clip, None, batch_size=3, resize=32, progress=False)
+    cache = tmp_path / "data" / "emb.pickle"
+    counts = []
+    for r in (0, 1):
+        c = CountingCLIP(clip)
+        part = ade.embed_pairs(glob, c, cache, batch_size=3, resize=32, progress=False,
+                               shard=(r, 2))
+        counts.append(c.images)
+        mine = D.shard_ids(ref.paths, (r, 2), 3)
+        rows = [ref.paths.index(p) for p in mine]
+        assert part.paths == ref.paths and torch.equal(part.img_emb[rows], ref.img_emb[rows])
+        assert torch.isnan(part.img_emb[[i for i in range(10) if i not in rows]]).all()
+    assert counts == [6, 4] and not cache.exists()
+    assert len(list((tmp_path / "data").glob("emb.pickle.shard*of2.part"))) == 2
+    c = CountingCLIP(clip)                            # the reduce: merge, embed nothing
+    out = ade.embed_pairs(glob, c, cache, batch_size=3, resize=32, progress=False)
+    assert c.images == 0 and out.num_new == 0 and torch.equal(out.img_emb, ref.img_emb)
+    assert torch.equal(out.txt_emb, ref.txt_emb) and len(read_embedding_cache(cache)) == 10
+    assert not list((tmp_path / "data").glob("*.part*"))
+    with pytest.raises(D.ShardError, match="cache_path"):
+        ade.embed_pairs(glob, clip, None, shard=(0, 2), progress=False)
