@@ -72,6 +72,11 @@ class Shard:
         return f"shard {self.rank}/{self.world} ({self.source})"
 
 
+#: "this process computes everything, whatever launched it" (e.g. a validation pass inside a
+#: data-parallel training run, where every rank needs the whole result and there is no cache)
+LOCAL = Shard(0, 1, False, "local")
+
+
 def parse_shard(value, name: str = "shard"):
     """``(i, n)`` from ``(i, n)``, ``[i, n]``, ``"i/n"``, ``"i,n"`` or ``"[i, n]"``; None stays None.
 
@@ -127,7 +132,10 @@ def _accelerate_state():
 
 def resolve_shard(shard=None) -> Shard:
     """This process's :class:`Shard` from ``shard``, ``$T2I_SHARD`` and ``accelerate launch``
-    (module docstring); without any of them the single shard (0, 1)."""
+    (module docstring); without any of them the single shard (0, 1).  A :class:`Shard` (e.g.
+    :data:`LOCAL`) is taken as it is."""
+    if isinstance(shard, Shard):
+        return shard
     r, w = _accelerate_state()
     explicit, source = parse_shard(shard), "shard"
     if explicit is None and os.environ.get(SHARD_ENV):
@@ -150,7 +158,7 @@ def chunks_of(ids, chunk: int = 1) -> list:
 
 def shard_ids(ids, shard=None, chunk: int = 1) -> list:
     """The ids of ``ids`` that belong to ``shard`` (a :class:`Shard`, ``(i, n)`` or None)."""
-    sh = shard if isinstance(shard, Shard) else resolve_shard(shard)
+    sh = resolve_shard(shard)
     parts = chunks_of(ids, chunk)
     return [i for k, part in enumerate(parts) if k % sh.world == sh.rank for i in part]
 
@@ -239,7 +247,7 @@ def sharded_map(fn, ids, cache, shard=None, *, desc: str = "examples", progress:
 def share(ids, cache, shard=None, desc: str = "examples"):
     """(:class:`Shard`, ids as a list) for a sharded loop, after the checks: unique ids, and a
     cache whenever there is more than one shard (a :class:`ShardError` naming ``cache=``)."""
-    sh = shard if isinstance(shard, Shard) else resolve_shard(shard)
+    sh = resolve_shard(shard)
     ids = list(ids)
     if len(set(map(str, ids))) != len(ids):
         raise ValueError(f"{desc}: ids must be unique (as strings); got {len(ids)} ids of which "
