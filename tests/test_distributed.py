@@ -287,3 +287,33 @@ def test_ad_embedding_shards_merge_into_the_cache(tmp_path, tiny_sd_dir):
     assert not list((tmp_path / "data").glob("*.part*"))
     with pytest.raises(D.ShardError, match="cache_path"):
         ade.embed_pairs(glob, clip, None, shard=(0, 2), progress=False)
+
+
+# ---------------------------------------------------------------- the Slurm template
+def test_slurm_template_submits_shards_then_reduce(tmp_path):
+    script = ROOT / "scripts" / "slurm_shards.sbatch"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "sbatch.log"
+    for name, body in (("sbatch", f'echo "$@" >> {log}\necho 4242'), ("py", 'echo "$@"')):
+        (bindir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bindir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bindir}:{env['PATH']}", T2I_CACHE=str(tmp_path / "cache"))
+    run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(["bash", str(script), "50_relation_testing", "3", "-p", "n_samples", "8"],
+                       env=env, **run)
+    assert p.returncode == 0, p.stderr
+    array, reduce = log.read_text().splitlines()
+    assert "--array=0-2" in array and array.endswith("shard 50_relation_testing 3 -p n_samples 8")
+    assert "--dependency=afterok:4242" in reduce
+    assert reduce.endswith("reduce 50_relation_testing 3 -p n_samples 8")
+    job = dict(env, SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path), PY=str(bindir / "py"))
+    task = subprocess.run(["bash", str(script), "shard", "50_relation_testing", "3", "-p", "x", "1"],
+                          env=dict(job, SLURM_ARRAY_TASK_ID="2"), **run)
+    assert task.stdout.strip() == "-m t2i_common.runner 50_relation_testing --shard 2/3 -p x 1"
+    red = subprocess.run(["bash", str(script), "reduce", "50_relation_testing", "3", "-p", "x", "1"],
+                         env=job, **run)
+    assert red.stdout.strip() == "-m t2i_common.runner 50_relation_testing -p x 1"
+    bad = subprocess.run(["bash", str(script), "50_relation_testing", "0"], env=env, **run)
+    assert bad.returncode == 2 and "N_SHARDS a positive integer" in bad.stderr
