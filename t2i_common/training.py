@@ -25,7 +25,8 @@ interrupted run resumes and ends with bit-identical weights.  The same
 functions fine-tune an existing model (``init=``), e.g. on poisoned data for the implosion study.
 
 :func:`build_toy_checkpoint` runs the whole recipe on toy-world data and writes ``data/toy-sd``;
-``python -m t2i_common.training --out data/toy-sd`` is its command line.
+``python -m t2i_common.training --out data/toy-sd`` is its command line (``accelerate launch
+--num_processes N -m t2i_common.training ...`` for data-parallel training).
 """
 from __future__ import annotations
 
@@ -555,6 +556,8 @@ class ToyBudget:
     unet_extra_steps: int = 2400
     unet_extra_lr: float = 3e-4
     ckpt_every: int = 50
+    #: micro-batches per process and step of the VAE and UNet stages (same global batch)
+    grad_accum: int = 1
     n_eval: int = 400
     n_generate: int = 100
     eval_steps: int = 50
@@ -574,7 +577,8 @@ def _subsample(xs, every=10):
 
 def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0,
                          resume: bool = True, work_dir=None, cfg: sdformat.TinySDConfig | None = None,
-                         evaluate: bool = True, progress: bool = True) -> dict:
+                         evaluate: bool = True, progress: bool = True,
+                         mixed_precision: str | None = None) -> dict:
     """Train the toy checkpoint from scratch and write it to ``out_dir`` (SD format + ``clip/``).
 
     Data: ``toyworld.make_samples(budget.n_train, seed)``; tokenizer from ``toyworld.VOCAB``;
@@ -582,8 +586,12 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
     go to ``work_dir`` (default ``out_dir/../train_runs``); with ``resume`` an interrupted build
     continues where it stopped (finished stages are reloaded, not retrained).  Held-out
     evaluation uses sample stream ``seed + 1``.  Writes ``out_dir/training_log.json`` and returns it.
+    Under ``accelerate launch --num_processes N`` every stage is data parallel over the same
+    global batches (``budget.grad_accum`` micro-batches per process for the VAE and UNet;
+    ``mixed_precision`` or the launcher's flag); only the main process writes and evaluates.
     """
     from . import toyworld as tw
+    from .distributed import accelerate_cpu, launched_world
 
     budget = budget or ToyBudget()
     cfg = cfg or toy_config()
@@ -598,8 +606,13 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
     tok = sdformat.build_tokenizer(tw.VOCAB, max_length=cfg.max_length)
     log["stages"]["data"] = dict(wall_s=round(time.perf_counter() - t, 2), n=len(samples))
 
+    is_main = True
+    if launched_world() > 1:
+        from accelerate import PartialState
+        is_main = PartialState(cpu=accelerate_cpu()).is_main_process
     common = dict(seed=seed, out_dir=work_dir, ckpt_every=budget.ckpt_every, resume=resume,
-                  progress=progress)
+                  progress=progress, mixed_precision=mixed_precision)
+    accum = dict(grad_accum=budget.grad_accum)
     t = time.perf_counter()
     clip, info = train_clip(toy_training_pairs(samples, for_clip=True), cfg, tok, budget.clip_steps,
                             batch_size=budget.clip_batch, lr=budget.clip_lr, **common)
@@ -608,7 +621,7 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
     t = time.perf_counter()
     images = torch.from_numpy(np.stack([s.image for s in samples]))
     vae, info = train_vae(images, cfg, budget.vae_steps, batch_size=budget.vae_batch,
-                          lr=budget.vae_lr, **common)
+                          lr=budget.vae_lr, **common, **accum)
     log["stages"]["vae"] = _stage_log(info, t)
 
     t = time.perf_counter()
@@ -616,7 +629,8 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
     unet, info = train_unet(toy_training_pairs(samples), te, vae, tok, cfg, budget.unet_steps,
                             caption_dropout=budget.caption_dropout, batch_size=budget.unet_batch,
                             lr=budget.unet_lr, ema_decay=budget.ema_decay,
-                            snr_gamma=budget.snr_gamma if budget.snr_gamma > 0 else None, **common)
+                            snr_gamma=budget.snr_gamma if budget.snr_gamma > 0 else None,
+                            **common, **accum)
     log["stages"]["unet"] = _stage_log(info, t)
     if budget.unet_extra_steps > 0:
         t = time.perf_counter()
@@ -625,12 +639,14 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
                                 batch_size=budget.unet_batch, lr=budget.unet_extra_lr,
                                 ema_decay=budget.ema_decay, init=unet, ckpt_name="unet_extra",
                                 snr_gamma=budget.snr_gamma if budget.snr_gamma > 0 else None,
-                                **common)
+                                **common, **accum)
         log["stages"]["unet_extra"] = _stage_log(info, t)
 
+    log["train_wall_s"] = round(sum(s["wall_s"] for s in log["stages"].values()), 2)
+    if not is_main:     # the other processes of a data-parallel run: same weights, nothing to write
+        return log
     sdformat.save_sd_folder(out_dir, tok, te, vae, unet, sdformat.build_scheduler(cfg), clip=clip,
                             cfg=cfg)
-    log["train_wall_s"] = round(sum(s["wall_s"] for s in log["stages"].values()), 2)
     if evaluate:
         t = time.perf_counter()
         log["eval"] = evaluate_toy_checkpoint(out_dir, seed=seed + 1, n_eval=budget.n_eval,
@@ -686,6 +702,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads; on a shared CPU 1 is faster than 2 (OpenMP threads "
                         "stall when another process holds a core)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="autocast precision (default: accelerate launch's --mixed_precision, else no)")
     for f in ToyBudget.__dataclass_fields__.values():
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
@@ -693,7 +711,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     budget = ToyBudget(**{k: getattr(a, k) for k in ToyBudget.__dataclass_fields__})
     log = build_toy_checkpoint(a.out, budget, seed=a.seed, resume=not a.no_resume,
-                               work_dir=a.work_dir, evaluate=not a.no_eval)
+                               work_dir=a.work_dir, evaluate=not a.no_eval,
+                               mixed_precision=a.mixed_precision)
     summary = {k: v for k, v in log.items() if k != "stages"}
     summary["stages"] = {k: {kk: vv for kk, vv in v.items() if kk != "loss_curve_every10"}
                          for k, v in log["stages"].items()}

@@ -5,6 +5,8 @@ the toy checkpoint, sharded over the launched processes through the shared cache
 writes its complete result and its :class:`~t2i_common.distributed.MapStats` to ``--out``.
 ``--kill-rank R --kill-after K``: rank R dies (``os._exit``) when it starts its (K+1)-th batch,
 after K batches are in the cache (a lost process).
+``lora``: a few data-parallel HardNeg LoRA steps on the toy checkpoint
+(:func:`t2i_common.lora.finetune_hardneg`, 2 micro-batches per step: one per process).
 ``train``: a few data-parallel steps of the toy UNet (:func:`t2i_common.training.train_unet`);
 the main process writes the loss curve and the weights (``--stage vae`` / ``clip``: those
 stages).
@@ -92,9 +94,39 @@ def train(a):
                         resumed_from=info["resumed_from"]), Path(a.out) / "train.pt")
 
 
+def lora_data():
+    """HardNeg data of 4 toy images: captions, swapped-word hard negatives, image negatives."""
+    from t2i_common import lora
+
+    items = toy_items(4, seed=5)
+    return lora.HardNegData([it["image_options"][0] for it in items],
+                            [it["caption_options"][0] for it in items],
+                            [[it["caption_options"][1]] for it in items], [[1], [0], [3], [2]])
+
+
+def lora_cfg(steps):
+    from t2i_common import lora
+
+    return lora.HardNegConfig(batch_size=2, grad_accum=2, steps=steps, lr=1e-3, val_every=1000,
+                              ckpt_every=1000)
+
+
+def lora_train(a):
+    from accelerate import PartialState
+
+    from t2i_common import lora
+    from t2i_common.models import load_t2i
+
+    model = load_t2i("toy")
+    hist = lora.finetune_hardneg(model, lora_data(), None, lora_cfg(a.steps), progress=False)
+    if PartialState().is_main_process:
+        torch.save(dict(history=hist.to_dict("list"), state=lora.lora_state_dict(model)),
+                   Path(a.out) / "lora.pt")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["score", "train"])
+    p.add_argument("task", choices=["score", "train", "lora"])
     p.add_argument("--out", required=True)
     p.add_argument("--cache")
     p.add_argument("--n", type=int, default=8)
@@ -110,7 +142,7 @@ def main():
     p.add_argument("--stage", choices=["unet", "vae", "clip"], default="unet")
     a = p.parse_args()
     torch.set_num_threads(1)
-    (score if a.task == "score" else train)(a)
+    {"score": score, "train": train, "lora": lora_train}[a.task](a)
 
 
 if __name__ == "__main__":
