@@ -605,7 +605,10 @@ def main(argv=None) -> int:
     times = {}
     for i, (nb, params, out, figures) in enumerate(plan, 1):
         tag = f"[{i}/{len(plan)}] {nb.stem}"
-        print(f"{tag} {json.dumps(params) if params else '(defaults)'} -> {_show(out)}", flush=True)
+        what = json.dumps(params) if params else "(defaults)"
+        if args.shard:
+            what += f", shard {args.shard[0]}/{args.shard[1]}"
+        print(f"{tag} {what} -> {_show(out)}", flush=True)
         try:
             times[nb.stem] = run_one(nb, params, out, args.kernel, args.progress, figures,
                                      args.threads, args.shard)
