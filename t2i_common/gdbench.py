@@ -4,7 +4,10 @@ every method on every task.
 """
 from __future__ import annotations
 
-from .itm_metrics import chance_metrics, task_metrics
+import numpy as np
+import torch
+
+from .itm_metrics import candidate_scores, chance_metrics, pick, task_metrics
 from .itm_scoring import clip_scores, diffitm_scores
 
 
@@ -173,3 +176,50 @@ def table_results(df, prefix: str = "") -> dict:
         for col, v in row.items():
             out[f"{prefix}{task}/{metric}/{col}"] = None if v != v else float(v)
     return out
+
+
+def item_choices(items, scores) -> list:
+    """The choice a method makes on each item: the picked candidate (:func:`~t2i_common.itm_metrics.pick`)
+    of a retrieval item; for a 2 x 2 Winoground item the picked caption of each image and the picked
+    image of each caption."""
+    out = []
+    for it, s in zip(items, scores):
+        if it.task == "group":
+            a = np.asarray(torch.as_tensor(s, dtype=torch.float64))
+            out.append((pick(a[0]), pick(a[1]), pick(a[:, 0]), pick(a[:, 1])))
+        else:
+            out.append(pick(candidate_scores(it, s)[0]))
+    return out
+
+
+def seed_agreement(model, tasks: dict, latent_modes=("mean", "sample", "sample_per_call"),
+                   seeds=(0, 1, 2), S: int = 10, cache=None, progress: bool = True):
+    """Seed-to-seed stability of DiffusionITM's item-level choices for each latent mode.
+
+    For every task and mode the items are scored once per seed (the seed draws the noise bank and,
+    in the sample modes, the posterior samples); ``agreement`` is the mean over pairs of seeds of
+    the fraction of items with the same choice (:func:`item_choices`), ``all_agree`` the fraction of
+    items with one choice under every seed, ``accuracy_min`` / ``accuracy_max`` the range of the
+    task's main metric (strict accuracy, Winoground group score) over the seeds."""
+    import itertools
+
+    import pandas as pd
+
+    rows = []
+    for task, items in tasks.items():
+        img_ret = all(it.task == "image" for it in items)
+        for mode in latent_modes:
+            choices, accs = [], []
+            for seed in seeds:
+                s = diffitm_scores(model, items, S=S, seed=seed, latent_mode=mode,
+                                   img_retrieval=img_ret, cache=cache, progress=progress)
+                choices.append(item_choices(items, s))
+                m = task_metrics(items, s)
+                accs.append(m["group"] if "group" in m else m["accuracy"])
+            pairs = list(itertools.combinations(range(len(seeds)), 2))
+            agree = [np.mean([a == b for a, b in zip(choices[i], choices[j])]) for i, j in pairs]
+            rows.append({"task": task, "latent_mode": mode, "n": len(items), "seeds": len(seeds),
+                         "agreement": float(np.mean(agree)),
+                         "all_agree": float(np.mean([len(set(c)) == 1 for c in zip(*choices)])),
+                         "accuracy_min": float(min(accs)), "accuracy_max": float(max(accs))})
+    return pd.DataFrame(rows).set_index(["task", "latent_mode"])

@@ -18,24 +18,26 @@ itm.diffitm_scores(...)``).
 from __future__ import annotations
 
 from .gdbench import (GDBENCH_TASKS, before_after, class_prompt_items, clip_method, diffitm_method,
-                      export_toy_gdbench, gdbench_table, read_gdbench, select_tasks, table_results)
+                      export_toy_gdbench, gdbench_table, item_choices, read_gdbench,
+                      seed_agreement, select_tasks, table_results)
 from .itm_adaptive import (AdaptivePolicy, AdaptiveResult, adaptive_curve, adaptive_replay,
                            adaptive_scores, budget_summary, cheapest_matching, grid_curve,
                            live_vs_replay, policy_sweep, visit_order)
-from .itm_metrics import (MMBIAS_PAIRS, bias_phi, candidate_scores, chance_metrics, effect_size,
-                          gender_effect_sizes, mmbias_effect_sizes, retrieval_metrics, task_metrics,
-                          winoground_metrics)
-from .itm_scoring import (SCORE_VERSION, ITMDistances, clip_scores, diffitm_distances,
-                          diffitm_scores, grid_evaluations, image_key, model_fingerprint,
-                          original_loop_scores)
+from .itm_metrics import (MMBIAS_PAIRS, TIE_RTOL, TIE_RULES, bias_phi, candidate_scores,
+                          chance_metrics, effect_size, gender_effect_sizes, mmbias_effect_sizes, pick,
+                          retrieval_metrics, task_metrics, tie_tolerance, winoground_metrics)
+from .itm_scoring import (LATENT_MODES, SCORE_VERSION, ITMDistances, check_S, clip_scores,
+                          diffitm_distances, diffitm_scores, grid_evaluations, image_key,
+                          model_fingerprint, original_loop_scores)
 
 __all__ = [
     "GDBENCH_TASKS", "before_after", "class_prompt_items", "clip_method", "diffitm_method",
-    "export_toy_gdbench", "gdbench_table", "read_gdbench", "select_tasks", "table_results",
+    "export_toy_gdbench", "gdbench_table", "item_choices", "read_gdbench", "seed_agreement",
+    "select_tasks", "table_results",
     "AdaptivePolicy", "AdaptiveResult", "adaptive_curve", "adaptive_replay", "adaptive_scores",
     "budget_summary", "cheapest_matching", "grid_curve", "live_vs_replay", "policy_sweep",
-    "visit_order", "MMBIAS_PAIRS", "bias_phi", "candidate_scores", "chance_metrics", "effect_size",
+    "visit_order", "MMBIAS_PAIRS", "TIE_RTOL", "TIE_RULES", "pick", "tie_tolerance", "bias_phi", "candidate_scores", "chance_metrics", "effect_size",
     "gender_effect_sizes", "mmbias_effect_sizes", "retrieval_metrics", "task_metrics",
-    "winoground_metrics", "SCORE_VERSION", "ITMDistances", "clip_scores", "diffitm_distances",
+    "winoground_metrics", "LATENT_MODES", "check_S", "SCORE_VERSION", "ITMDistances", "clip_scores", "diffitm_distances",
     "diffitm_scores", "grid_evaluations", "image_key", "model_fingerprint", "original_loop_scores",
 ]

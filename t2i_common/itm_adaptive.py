@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .itm_metrics import candidate_scores, retrieval_metrics
-from .itm_scoring import (SCORE_VERSION, _check_items, _make_cache, _prepare, _prompt_table,
-                          _Scorer, diffitm_scores, grid_evaluations, model_fingerprint)
-from .cache import map_cached
 from .engine import grid_timesteps
+from .itm_metrics import candidate_scores, pick, retrieval_metrics
+from .itm_scoring import (SCORE_VERSION, _check_chunk, _check_items, _make_cache, _prepare,
+                          _prompt_table, _Scorer, cached_items, check_S, diffitm_scores,
+                          grid_evaluations, model_fingerprint)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,65 +171,89 @@ def adaptive_scores(model, items, S: int = 250, seed: int = 0, policy: AdaptiveP
     """Adaptive DiffusionITM (beyond the paper): score all candidates on a few grid points, drop the
     clear losers (:class:`AdaptivePolicy`), spend the remaining UNet evaluations on the close ones.
 
-    Uses the same grid (S), bank and latents as :func:`diffitm_scores`, so with ``z=inf`` it returns
-    the grid scores.  The items of a chunk race in lock-step: each round's requests of all items go
-    to the UNet together.
+    Uses the same grid (S), bank and latents as :func:`~t2i_common.itm_scoring.diffitm_scores`, so
+    with ``z=inf`` it returns the grid scores.  Up to ``chunk`` races run in lock-step (each
+    round's requests of all of them go to the UNet together); a finished race is saved to the
+    cache at once and its place taken by the next item, so a kill loses only the races in progress.
     """
     items = _check_items(items, "adaptive_scores")
     for it in items:
         _retrieval_shape(it, "adaptive_scores")
+    S = check_S(S, "adaptive_scores")
+    chunk = _check_chunk(chunk, "adaptive_scores")
     policy = policy or AdaptivePolicy()
     prep = _prepare(items)
     scorer = _Scorer(model, S, seed, latent_mode, batch_size)
-    key = dict(version=SCORE_VERSION, model=model_fingerprint(model), S=int(S), seed=int(seed),
+    key = dict(version=SCORE_VERSION, model=model_fingerprint(model), S=S, seed=int(seed),
                latent_mode=latent_mode, img_retrieval=bool(img_retrieval), policy=vars(policy))
     rc = _make_cache(cache, "diffitm_adaptive", key)
     first = prep.first
+    per_call = latent_mode == "sample_per_call"
+    uncond = [""] if img_retrieval else []
 
-    def fn(ids):
-        its = [items[first[i]] for i in ids]
-        kss = [prep.keys[first[i]] for i in ids]
-        scorer.encode([k for ks in kss for k in ks], prep.refs)
-        emb, row = _prompt_table(model, its)
-        races = []
-        for it, ks in zip(its, kss):
-            img_task = it.task == "image"
-            races.append(_Race(len(ks) if img_task else len(it.captions), scorer.K, policy,
-                               2 if (img_task and img_retrieval) else 1))
-        while True:
+    def requests_of(race, it, ks, row):
+        """This round's requests of one race and how to turn their results into [n_alive, n]."""
+        q = race.request()
+        if q is None:
+            return [], None
+        alive, kidx = q
+        if it.task == "text":
+            caps = [str(it.captions[j]) for j in alive]
+            distinct = list(dict.fromkeys(caps))
+            if per_call:
+                reqs = [(ks[0], [row[c]], kidx, c) for c in distinct]
+                return reqs, lambda res: torch.stack([res[distinct.index(c)][0] for c in caps])
+            reqs = [(ks[0], [row[c] for c in distinct], kidx, None)]
+            return reqs, lambda res: res[0][[distinct.index(c) for c in caps]]
+        cap = str(it.captions[0])
+        reqs = [(ks[j], [row[c] for c in [cap] + uncond], kidx, cap if per_call else None)
+                for j in alive]
+        return reqs, lambda res: torch.stack([x[0] - x[1] if img_retrieval else x[0] for x in res])
+
+    def gen(ids):
+        queue, active = list(ids), []     # active: [id, item, image keys, race]
+        while queue or active:
+            fresh = []
+            while queue and len(active) < chunk:
+                i = queue.pop(0)
+                it, ks = items[first[i]], prep.keys[first[i]]
+                img_task = it.task == "image"
+                race = _Race(len(ks) if img_task else len(it.captions), scorer.K, policy,
+                             2 if (img_task and img_retrieval) else 1)
+                active.append([i, it, ks, race])
+                fresh.extend(ks)
+            scorer.encode(fresh, prep.refs)
+            emb, row = _prompt_table(model, [a[1] for a in active])
             reqs, owners = [], []
-            for r, (race, it, ks) in enumerate(zip(races, its, kss)):
-                q = race.request()
-                if q is None:
-                    continue
-                alive, kidx = q
-                if it.task == "text":
-                    reqs.append((ks[0], [row[str(it.captions[j])] for j in alive], kidx))
-                    owners.append((r, None))
+            for a in active:
+                rq, to_d = requests_of(a[3], a[1], a[2], row)
+                if rq:
+                    owners.append((a[3], len(reqs), len(rq), to_d))
+                    reqs.extend(rq)
+            if reqs:
+                res = scorer.run(reqs, emb)
+                for race, pos, m, to_d in owners:
+                    race.update(to_d(res[pos:pos + m]).numpy())
+            still = []
+            for i, it, ks, race in active:
+                if race.request() is None:
+                    yield i, {"scores": _as_matrix(it, race.scores()), "evals": race.evals,
+                              "points": race.n}
                 else:
-                    cap = [row[str(it.captions[0])]] + ([row[""]] if img_retrieval else [])
-                    for j in alive:
-                        reqs.append((ks[j], cap, kidx))
-                    owners.append((r, len(alive)))
-            if not reqs:
-                break
-            res = scorer.run(reqs, emb)
-            pos = 0
-            for r, n_img in owners:
-                if n_img is None:
-                    races[r].update(res[pos].numpy())
-                    pos += 1
-                else:
-                    rows = res[pos:pos + n_img]
-                    pos += n_img
-                    d = torch.stack([x[0] - x[1] if img_retrieval else x[0] for x in rows])
-                    races[r].update(d.numpy())
-        scorer.post.clear()
-        return [{"scores": _as_matrix(it, race.scores()), "evals": race.evals,
-                 "points": race.n} for it, race in zip(its, races)]
+                    still.append([i, it, ks, race])
+            active = still
+            scorer.forget(k for a in active for k in a[2])
 
-    got = map_cached(fn, list(first), rc, desc=f"adaptive DiffusionITM S={S}", progress=progress,
-                     chunk=chunk)
+    def check(i, v):
+        it = items[first[i]]
+        want = (len(it.images), len(it.captions))
+        if not isinstance(v, dict) or not {"scores", "evals", "points"} <= set(v) or \
+                tuple(getattr(v["scores"], "shape", ())) != want:
+            return f"expected scores of shape {want} with evals and points"
+        return None
+
+    got = cached_items(gen, list(first), rc, check, desc=f"adaptive DiffusionITM S={S}",
+                       progress=progress, chunk=len(first))
     vals = [got[i] for i in prep.ids]
     return AdaptiveResult([v["scores"] for v in vals], [int(v["evals"]) for v in vals],
                           [int(v["points"]) for v in vals])
@@ -279,19 +303,20 @@ def policy_sweep(n0s=(2, 4, 8), steps=(2, 4, 8), zs=(0.5, 1.0, 1.5, 2.0, 3.0),
 def adaptive_curve(items, dists, policies, img_retrieval: bool = False):
     """Accuracy and UNet evaluations of each policy, replayed on grid distances (exact; see
     :func:`adaptive_replay`).  ``fraction_of_grid`` = evaluations / the full grid's;
-    ``agreement`` = fraction of items whose pick (first of the top-scored candidates) is the full
+    ``agreement`` = fraction of items whose pick (:func:`~t2i_common.itm_metrics.pick`: first of
+    the top-scored candidates) is the full
     grid's pick, a less noisy measure of "matches the grid" than equal accuracy."""
     import pandas as pd
 
     K = dists[0].shape[-1]
     full = sum(len(it.images) * (len(it.captions) + int(img_retrieval)) * K for it in items)
     grid_sc, _ = adaptive_replay(items, dists, AdaptivePolicy(n0=2, step=2, z=math.inf), img_retrieval)
-    grid_pick = [int(np.argmax(candidate_scores(it, s)[0])) for it, s in zip(items, grid_sc)]
+    grid_pick = [pick(candidate_scores(it, s)[0]) for it, s in zip(items, grid_sc)]
     rows = []
     for pol in policies:
         sc, ev = adaptive_replay(items, dists, pol, img_retrieval)
         m = retrieval_metrics(items, sc)
-        agree = np.mean([int(np.argmax(candidate_scores(it, s)[0])) == g
+        agree = np.mean([pick(candidate_scores(it, s)[0]) == g
                          for it, s, g in zip(items, sc, grid_pick)])
         rows.append({"n0": pol.n0, "step": pol.step, "z": pol.z, "max_points": pol.max_points,
                      "variance": pol.variance,

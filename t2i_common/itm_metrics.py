@@ -8,12 +8,38 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import GENDER_WORD_PAIRS, winoground_scores
+from .formats import GENDER_WORD_PAIRS
 
 
 # ------------------------------------------------------------------------------------------------
 # retrieval and Winoground
 # ------------------------------------------------------------------------------------------------
+#: Two candidate scores of one item closer than ``TIE_RTOL`` times the item's score scale (the
+#: largest |score| among its candidates) are a tie.  Scores come out of float32 networks (UNet
+#: errors averaged over K grid points, CLIP cosines); the same candidate computed at another batch
+#: position or with another thread count moves by a few float32 ulps (1 ulp = 1.2e-7 relative),
+#: so exact float equality would make ties depend on the machine.  1e-6 (about 8 ulps) absorbs that
+#: noise and is far below the gaps between genuinely different candidates on the toy and real tasks.
+TIE_RTOL = 1e-6
+
+#: How every accuracy-like metric of this module treats a tie at the top (stated under each table).
+TIE_RULES = {
+    "accuracy": "strict: the gold candidate alone at the top; a tie at the top is a miss",
+    "accuracy_first": "the original's rule (gold listed first, np.argmax): a tie at the top counts as "
+                      "correct, whatever position the file stores the gold at",
+    "accuracy_tie_split": "a tie at the top of m candidates including the gold counts 1/m",
+    "R@k": "the original's rule (gold first, np.argsort(s)[-k:]): candidates tied with the gold rank "
+           "above it",
+    "ties": f"items whose top score is shared (scores within {TIE_RTOL:g} x the item's score scale)",
+}
+
+
+def tie_tolerance(vec) -> float:
+    """Absolute tolerance of one item's candidate scores: TIE_RTOL x max |score|."""
+    v = np.asarray(vec, dtype=np.float64)
+    return TIE_RTOL * float(np.max(np.abs(v[np.isfinite(v)]), initial=0.0))
+
+
 def candidate_scores(item, s) -> tuple[np.ndarray, int]:
     """(scores of the candidates, index of the gold one) of a retrieval item."""
     s = np.asarray(torch.as_tensor(s, dtype=torch.float64))
@@ -33,15 +59,25 @@ def candidate_scores(item, s) -> tuple[np.ndarray, int]:
     return vec, int(gold)
 
 
-def retrieval_metrics(items, scores, ks=(1, 5)) -> dict:
-    """Accuracy over retrieval items, ties counted and reported.
+def pick(vec) -> int:
+    """The chosen candidate: the first of those tied (within :data:`TIE_RTOL`) at the top."""
+    v = np.asarray(vec, dtype=np.float64)
+    return int(np.flatnonzero(v >= v.max() - tie_tolerance(v))[0])
 
-    - ``accuracy``: the gold candidate scores strictly above every other (a tie at the top is a miss);
-    - ``accuracy_tie_split``: ties at the top broken uniformly at random, in expectation (1/n per tie);
-    - ``accuracy_first``: the original's ``np.argmax`` convention (first maximal index wins);
+
+def retrieval_metrics(items, scores, ks=(1, 5)) -> dict:
+    """Accuracy over retrieval items, with the tie rules of :data:`TIE_RULES` (a tie: scores within
+    :data:`TIE_RTOL` x the item's score scale).
+
+    - ``accuracy``: strict, the gold candidate alone at the top (a tie at the top is a miss);
+    - ``accuracy_first``: the original's rule: it lists the gold first and takes ``np.argmax``,
+      so a tie at the top counts as correct; applied whatever position the gold is stored at
+      (ARO's files store VG items as [false, true], gold at 1);
+    - ``accuracy_tie_split``: ties at the top broken uniformly at random, in expectation;
     - ``ties``: items whose maximum is attained more than once (the original's "max more than once");
-    - ``R@k``: gold within the top k, counting every other candidate with score >= gold's as
-      ranked above it (pessimistic; R@1 = accuracy); only for k smaller than the number of candidates.
+    - ``R@k``: the original's ``gold in np.argsort(s)[-k:]`` with the gold first (a stable sort puts
+      candidates tied with the gold above it): rank = 1 + #(others scoring >= the gold's score
+      within tolerance); only for k smaller than the number of candidates.
     """
     items = list(items)
     scores = list(scores)
@@ -51,13 +87,14 @@ def retrieval_metrics(items, scores, ks=(1, 5)) -> dict:
     ranks, ncand = [], []
     for it, s in zip(items, scores):
         vec, g = candidate_scores(it, s)
-        top = vec.max()
-        at_top = np.flatnonzero(vec == top)
+        tol = tie_tolerance(vec)
+        at_top = np.flatnonzero(vec >= vec.max() - tol)
+        gold_top = g in at_top
         ties += int(len(at_top) > 1)
-        strict.append(float(vec[g] == top and len(at_top) == 1))
-        split.append(float(vec[g] == top) / len(at_top))
-        first.append(float(int(np.argmax(vec)) == g))
-        ranks.append(1 + int(np.sum(np.delete(vec, g) >= vec[g])))
+        strict.append(float(gold_top and len(at_top) == 1))
+        split.append(float(gold_top) / len(at_top))
+        first.append(float(gold_top))
+        ranks.append(1 + int(np.sum(np.delete(vec, g) >= vec[g] - tol)))
         ncand.append(len(vec))
     out = {"n": len(items), "accuracy": float(np.mean(strict)),
            "accuracy_tie_split": float(np.mean(split)), "accuracy_first": float(np.mean(first)),
@@ -69,9 +106,12 @@ def retrieval_metrics(items, scores, ks=(1, 5)) -> dict:
 
 
 def winoground_metrics(scores, per_example: bool = False) -> dict:
-    """Winoground text / image / group scores (Thrush et al. 2022; strict ``>``, a tie is a miss)
-    of 2 x 2 score matrices in this module's convention s[image i, caption j]; wraps
-    :func:`t2i_common.formats.winoground_scores`, which takes s(caption_i, image_j)."""
+    """Winoground text / image / group scores (Thrush et al. 2022; strict ``>``, a tie is a miss as
+    in the original) of 2 x 2 score matrices in this module's convention s[image i, caption j]:
+    text = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1); image = s(c0,i0) > s(c0,i1) and
+    s(c1,i1) > s(c1,i0); group = text and image, where ``a > b`` means a - b above the item's tie
+    tolerance (:data:`TIE_RTOL` x its largest |score|).  With zero tolerance this is
+    :func:`t2i_common.formats.winoground_scores` (which takes s(caption_i, image_j))."""
     mats = []
     for n, s in enumerate(scores):
         a = np.asarray(torch.as_tensor(s, dtype=torch.float64))
@@ -81,14 +121,30 @@ def winoground_metrics(scores, per_example: bool = False) -> dict:
         mats.append(a.T)
     if not mats:
         raise ValueError("winoground_metrics: no score matrices given")
-    return winoground_scores(np.stack(mats), per_example=per_example)
+    s = np.stack(mats)                                           # [N, caption, image]
+    if not np.all(np.isfinite(s)):
+        raise ValueError("winoground_metrics: scores contain NaN/inf; fix the scorer first")
+    tol = TIE_RTOL * np.abs(s).reshape(len(s), -1).max(1)
+
+    def gt(x, y):
+        return x - y > tol
+
+    text = gt(s[:, 0, 0], s[:, 1, 0]) & gt(s[:, 1, 1], s[:, 0, 1])
+    image = gt(s[:, 0, 0], s[:, 0, 1]) & gt(s[:, 1, 1], s[:, 1, 0])
+    group = text & image
+    out = {"text": float(text.mean()), "image": float(image.mean()), "group": float(group.mean()),
+           "n": len(s)}
+    if per_example:
+        out.update(text_correct=text, image_correct=image, group_correct=group)
+    return out
 
 
 def task_metrics(items, scores) -> dict:
     """The task's metrics: Winoground text/image/group for 2 x 2 items, otherwise accuracy
-    (strict: a tie at the top is a miss), accuracy_first (the original's np.argmax: the first
-    maximal candidate wins, which favours a gold listed first), the number of tied items, and R@5
-    when there are more than 5 candidates (see :func:`retrieval_metrics`)."""
+    (strict: a tie at the top is a miss), accuracy_first (the original's rule: gold first and
+    np.argmax, a tie at the top counts as correct), the number of tied items, and R@5 (ties with
+    the gold rank above it, as the original) when there are more than 5 candidates; the rules are
+    :data:`TIE_RULES` (see :func:`retrieval_metrics`)."""
     if all(it.task == "group" for it in items):
         m = winoground_metrics(scores)
         return {"text": m["text"], "image": m["image"], "group": m["group"]}

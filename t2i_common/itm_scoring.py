@@ -13,9 +13,18 @@ noise bank drawn once and shared by every candidate and every example.  For imag
 d_k = ||eps_k - eps(z, c)|| - ||eps_k - eps(z, "")||, so errors of different images are comparable.
 
 Deliberate differences from the original (none changes the quantity):
-- z0 is the VAE posterior mean by default (deterministic); ``latent_mode="sample"`` re-samples the
-  posterior for every (image, timestep) as the original does (a seeded draw per image, so the result
-  does not depend on the batching).
+- z0, ``latent_mode`` (:data:`LATENT_MODES`):
+  ``"mean"`` (default): the VAE posterior mean, deterministic; every candidate is compared on the
+  same latents.
+  ``"sample"``: one posterior sample per (image, grid point), shared by every caption scored
+  against that image, so candidates still see the same latents (NOT the original's behaviour).
+  ``"sample_per_call"``: the original's behaviour, for parity: its img2img pipeline is called once
+  per (caption, image) and draws a fresh posterior sample at every timestep, so each candidate is
+  scored on latents of its own; here the draw of (image, caption text, grid point k) is draw k of
+  a seeded stream of that (image, caption) pair, so it does not depend on the batching, and the
+  unconditional error of image retrieval uses the call's own latents, as the original's call does.
+  Both sample modes draw the posterior noise from ``seed``; candidates share the noise bank eps_k
+  in every mode.
 - each distinct image is VAE-encoded once, each distinct prompt text-encoded once, and all
   (candidate x timestep) evaluations that share a noised latent run in one UNet batch
   (:func:`~t2i_common.engine.denoise_errors`); the original calls the pipeline once per
@@ -31,16 +40,19 @@ every score matrix here is ``s[i, j] = s(image i, caption j)``, shape [n_images,
 from __future__ import annotations
 
 import hashlib
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .cache import ResultCache, fingerprint, map_cached
-from .engine import NoiseBank, denoise_errors, grid_timesteps
+from .cache import ResultCache, fingerprint
+from .engine import NoiseBank, auto_batch_size, denoise_errors, grid_timesteps
 from .imageio import to_pil
 
-SCORE_VERSION = "diffitm-1"
+SCORE_VERSION = "diffitm-2"   # 2: per-(image, caption) posterior streams, per-item cache writes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,22 +141,56 @@ def _load(ref):
 
 
 # ------------------------------------------------------------------------------------------------
+# parameters
+# ------------------------------------------------------------------------------------------------
+#: ``latent_mode`` -> what z0 is (see the module docstring)
+LATENT_MODES = {
+    "mean": "the VAE posterior mean of each image (deterministic; default)",
+    "sample": "one posterior sample per (image, grid point), shared by every caption of the image",
+    "sample_per_call": "a fresh posterior sample per (image, caption, grid point), as the original's "
+                       "img2img call per (caption, image) draws one at every timestep",
+}
+
+
+def check_S(S, who: str = "DiffusionITM") -> int:
+    """``S`` (sampling_steps) as a positive int; a non-integer (10.5) is an error, not rounded: the
+    grid ``range(10, 990, int(1000 / S))`` of 10.5 has 11 points, that of 10 has 10."""
+    if isinstance(S, bool) or not isinstance(S, numbers.Real) or \
+            (not isinstance(S, numbers.Integral) and not float(S).is_integer()) or S < 1:
+        raise ValueError(f"{who}: S (sampling_steps) must be a positive integer, got {S!r}; "
+                         f"pass a whole number such as S=10 (grid range(10, 990, 1000 // S))")
+    return int(S)
+
+
+def _check_chunk(chunk, who: str) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"{who}: chunk must be a positive integer (items scored together), got "
+                         f"{chunk!r}; pass e.g. chunk=32")
+    return int(chunk)
+
+
+# ------------------------------------------------------------------------------------------------
 # the distance engine: requests (image, prompts, grid points) -> L2 errors
 # ------------------------------------------------------------------------------------------------
 class _Scorer:
-    """Holds the shared noise bank, the grid and the per-image latents of one scoring call."""
+    """Holds the shared noise bank, the grid and the per-image posteriors of one scoring call."""
 
     def __init__(self, model, S, seed, latent_mode, batch_size):
-        if latent_mode not in ("mean", "sample"):
-            raise ValueError(f"latent_mode must be 'mean' (posterior mean, default) or 'sample' "
-                             f"(posterior sample per timestep, the original's behaviour), got {latent_mode!r}")
+        if latent_mode not in LATENT_MODES:
+            raise ValueError("latent_mode must be one of " +
+                             "; ".join(f"{k!r} ({v})" for k, v in LATENT_MODES.items()) +
+                             f", got {latent_mode!r}")
         self.model, self.seed, self.mode, self.batch_size = model, int(seed), latent_mode, batch_size
-        self.grid = grid_timesteps(S)
+        self.grid = grid_timesteps(check_S(S))
         self.K = len(self.grid)
         self.bank = NoiseBank(model.latent_shape, seed).draw(self.K)   # bank[k] <-> grid point k
         self.post: dict[str, tuple] = {}
         self.unet_evals = 0
         self.vae_images = 0
+
+    def slice_evals(self) -> int:
+        """UNet evaluations per slice of work between two chances to save finished items."""
+        return int(self.batch_size or auto_batch_size(self.model))
 
     def encode(self, keys, refs):
         """VAE posterior (mean, std, both times the scaling factor) of every new image, once."""
@@ -165,28 +211,41 @@ class _Scorer:
                 for k, m, s in zip(new[i:i + 64], dist.mean.float().cpu(), dist.std.float().cpu()):
                     self.post[k] = (m * sf, s * sf)
 
-    def latent_draws(self, key, kidx):
-        """[len(kidx), C, h, w] posterior samples of image ``key`` for grid points ``kidx``: draw k of
-        a per-image seeded stream, so a (image, k) pair always gets the same sample."""
+    def forget(self, keep=()):
+        """Drop the posteriors of images not in ``keep`` (memory stays bounded on large benchmarks)."""
+        keep = set(keep)
+        for k in [k for k in self.post if k not in keep]:
+            del self.post[k]
+
+    def latent_draws(self, key, kidx, caption=None):
+        """[len(kidx), C, h, w] posterior samples of image ``key`` at grid points ``kidx``.
+
+        Draw k of a seeded stream of its own: per image in ``sample`` mode, per (image, caption
+        text) in ``sample_per_call`` mode, so a draw never depends on the batching or on which
+        other items are scored, and identical caption strings get identical draws."""
         mean, std = self.post[key]
-        stream = 1 + int(key[:12], 16)
+        tag = key if caption is None else key + "\x00" + caption
+        stream = 1 + int(hashlib.sha1(tag.encode()).hexdigest()[:12], 16)
         eps = NoiseBank(self.model.latent_shape, self.seed).draw(self.K, stream=stream)[kidx]
         return mean.unsqueeze(0) + std.unsqueeze(0) * eps
 
     def run(self, requests, emb):
-        """requests: list of (image key, prompt rows [P] into ``emb``, grid indices [n]); returns one
-        [P, n] float tensor of L2 errors per request.  Requests with the same (P, n) go to the UNet
-        together; a group whose requests share their grid indices uses the shared bank directly."""
+        """requests: (image key, prompt rows [P] into ``emb``, grid indices [n], caption) tuples; the
+        caption names the call's posterior stream in ``sample_per_call`` mode (None otherwise).
+        Returns one [P, n] float tensor of L2 errors per request.  Requests with the same (P, n)
+        go to the UNet together; in ``mean`` mode a group whose requests share their grid indices
+        uses the shared bank directly."""
         out = [None] * len(requests)
         groups: dict = {}
-        for r, (_, rows, kidx) in enumerate(requests):
-            groups.setdefault((len(rows), len(kidx)), []).append(r)
+        for r, req in enumerate(requests):
+            groups.setdefault((len(req[1]), len(req[2])), []).append(r)
         for (P, n), rs in groups.items():
             cond = torch.tensor([list(requests[r][1]) for r in rs], dtype=torch.long)
             kid = torch.tensor([list(requests[r][2]) for r in rs], dtype=torch.long)   # [B, n]
             self.unet_evals += len(rs) * P * n
-            if self.mode == "sample":   # one latent per (image, timestep): a row per pair
-                z = torch.cat([self.latent_draws(requests[r][0], kid[b]) for b, r in enumerate(rs)])
+            if self.mode != "mean":   # one latent per (request, timestep): a row per pair
+                z = torch.cat([self.latent_draws(requests[r][0], kid[b], requests[r][3])
+                               for b, r in enumerate(rs)])
                 t = self.grid[kid.reshape(-1)].unsqueeze(1)
                 noise = self.bank[kid.reshape(-1)].unsqueeze(1)
                 l2 = denoise_errors(self.model, z, emb, cond.repeat_interleave(n, 0), timesteps=t,
@@ -210,28 +269,62 @@ def _prompt_table(model, items):
     return model.encode_prompts(prompts), {p: i for i, p in enumerate(prompts)}
 
 
-def _grid_chunk(scorer, items, keys, refs, img_retrieval):
-    """[I, J, K] distances for a chunk of items; every (image, prompt) pair is evaluated once."""
+def _grid_items(scorer, items, keys, refs, img_retrieval):
+    """Yield (n, d [I, J, K]) for item n of ``items`` as soon as its last evaluation is done.
+
+    Every (image, distinct caption string) pair of the chunk is evaluated once on all K grid
+    points (one (image, caption) call per pair in ``sample_per_call`` mode, whose unconditional
+    error for image retrieval uses the call's own latents), so identical captions tie by
+    construction.  Work runs in slices of about one UNet batch, in item order."""
     scorer.encode([k for ks in keys for k in ks], refs)
     emb, row = _prompt_table(scorer.model, items)
-    need: dict[str, list] = {}
-    for it, ks in zip(items, keys):
-        for k in ks:
-            lst = need.setdefault(k, [])
-            for c in [str(c) for c in it.captions] + ([""] if img_retrieval else []):
-                if c not in lst:
-                    lst.append(c)
+    per_call = scorer.mode == "sample_per_call"
     allk = list(range(scorer.K))
-    imgs = list(need)
-    res = scorer.run([(k, [row[c] for c in need[k]], allk) for k in imgs], emb)
-    l2 = {k: {c: r[p] for p, c in enumerate(need[k])} for k, r in zip(imgs, res)}
-    out = []
+    uncond = [""] if img_retrieval else []
+    requests, texts, last, seen = [], [], [], {}
     for it, ks in zip(items, keys):
-        d = torch.stack([torch.stack([l2[k][str(c)] for c in it.captions]) for k in ks])   # [I, J, K]
-        if img_retrieval:
-            d = d - torch.stack([l2[k][""] for k in ks]).unsqueeze(1)
-        out.append(d)
-    return out
+        caps = list(dict.fromkeys(str(c) for c in it.captions))
+        for k in ks:
+            if per_call:
+                for c in caps:
+                    if (k, c) not in seen:
+                        seen[(k, c)] = True
+                        requests.append((k, [row[t] for t in [c] + uncond], allk, c))
+                        texts.append([c] + uncond)
+            else:
+                have = seen.setdefault((k, None), set())
+                new = [c for c in caps + uncond if c not in have]
+                if new:
+                    have.update(new)
+                    requests.append((k, [row[c] for c in new], allk, None))
+                    texts.append(new)
+        last.append(len(requests))
+    l2: dict = {}
+
+    def assemble(it, ks):
+        d = []
+        for k in ks:
+            rows = []
+            for c in (str(c) for c in it.captions):
+                got = l2[(k, c if per_call else None)]
+                rows.append(got[c] - got[""] if img_retrieval else got[c])
+            d.append(torch.stack(rows))
+        return torch.stack(d)   # [I, J, K]
+
+    done, nxt, step = 0, 0, scorer.slice_evals()
+    while nxt < len(items):
+        while nxt < len(items) and last[nxt] <= done:
+            yield nxt, assemble(items[nxt], keys[nxt])
+            nxt += 1
+        if nxt == len(items):
+            break
+        end, evals = done, 0
+        while end < len(requests) and (end == done or evals + len(requests[end][1]) * scorer.K <= step):
+            evals += len(requests[end][1]) * scorer.K
+            end += 1
+        for req, txt, res in zip(requests[done:end], texts[done:end], scorer.run(requests[done:end], emb)):
+            l2.setdefault((req[0], req[3]), {}).update({c: res[p] for p, c in enumerate(txt)})
+        done = end
 
 
 def _make_cache(cache, namespace, key):
@@ -241,6 +334,38 @@ def _make_cache(cache, namespace, key):
         return cache
     root = None if cache is True else cache
     return ResultCache(namespace, key, root=root)
+
+
+def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: int = 32) -> dict:
+    """``{id: value}`` over ``ids``: finished ids are read from the cache ``rc`` (an entry that
+    fails ``check(id, value)`` -- which returns a problem or None -- is recomputed with a warning,
+    never returned), the rest are computed by ``gen(list of ids)``, a generator of (id, value)
+    pairs, ``chunk`` ids per call; each value is saved the moment it is yielded, so a kill loses
+    only the items whose evaluations were in progress."""
+    ids = list(ids)
+    out, pending = {}, []
+    for i in ids:
+        if rc is not None and rc.has(i):
+            v = rc.load(i)
+            problem = check(i, v)
+            if problem is None:
+                out[i] = v
+                continue
+            warnings.warn(f"{desc}: cache entry {rc._file(i)} is not a result of this call "
+                          f"({problem}); recomputing it")
+        pending.append(i)
+    with tqdm(total=len(ids), initial=len(ids) - len(pending), desc=desc, disable=not progress) as bar:
+        for s in range(0, len(pending), chunk):
+            part = pending[s:s + chunk]
+            for i, v in gen(part):
+                if rc is not None:
+                    rc.save(i, v)
+                out[i] = v
+                bar.update(1)
+            missing = [i for i in part if i not in out]
+            if missing:
+                raise RuntimeError(f"{desc}: no result for {len(missing)} of {len(part)} items")
+    return {i: out[i] for i in ids}
 
 
 @dataclass
@@ -266,31 +391,44 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
     Args:
         model: a :class:`~t2i_common.models.T2IModel`.
         items: MatchItems; any numbers of images and captions.
-        S: ``sampling_steps``; grid ``range(10, 990, 1000 // S)``.
-        seed: seed of the shared noise bank (and of the posterior samples in ``sample`` mode).
-        latent_mode: "mean" (default) or "sample" (original's per-timestep posterior sample).
+        S: ``sampling_steps`` (a positive integer); grid ``range(10, 990, 1000 // S)``.
+        seed: seed of the shared noise bank (and of the posterior samples in the sample modes).
+        latent_mode: what z0 is (:data:`LATENT_MODES`): "mean" (default), "sample" (one posterior
+            sample per (image, grid point), shared by the captions), "sample_per_call" (a fresh
+            sample per (image, caption, grid point): the original's behaviour, for parity).
         img_retrieval: subtract the unconditional error (original ``--img_retrieval``).
         batch_size: UNet evaluations per batch (default: engine.auto_batch_size).
         cache: None (off), True (``paths.CACHE/diffitm``), a folder, or a ResultCache; keyed by the
-            model's weights fingerprint and every scoring parameter, one file per item.
-        chunk: items scored together (images/prompts shared inside a chunk are evaluated once).
+            model's weights fingerprint and every scoring parameter, one file per item, written as
+            soon as the item's evaluations are done (a kill loses only the items in progress).
+        chunk: items scored together (images / prompts shared inside a chunk are evaluated once).
     """
     items = _check_items(items, "diffitm_distances")
+    S = check_S(S, "diffitm_distances")
+    chunk = _check_chunk(chunk, "diffitm_distances")
     prep = _prepare(items)
     scorer = _Scorer(model, S, seed, latent_mode, batch_size)
-    key = dict(version=SCORE_VERSION, model=model_fingerprint(model), S=int(S), seed=int(seed),
+    key = dict(version=SCORE_VERSION, model=model_fingerprint(model), S=S, seed=int(seed),
                latent_mode=latent_mode, img_retrieval=bool(img_retrieval))
     rc = _make_cache(cache, "diffitm", key)
     first = prep.first
 
-    def fn(ids):
+    def gen(ids):
         its = [items[first[i]] for i in ids]
         ks = [prep.keys[first[i]] for i in ids]
-        out = [d.float() for d in _grid_chunk(scorer, its, ks, prep.refs, img_retrieval)]
-        scorer.post.clear()   # latents live for one chunk (memory stays bounded on large benchmarks)
-        return out
+        for n, d in _grid_items(scorer, its, ks, prep.refs, img_retrieval):
+            yield ids[n], d.float()
+        scorer.forget()
 
-    got = map_cached(fn, list(first), rc, desc=f"DiffusionITM S={S}", progress=progress, chunk=chunk)
+    def check(i, v):
+        it = items[first[i]]
+        want = (len(it.images), len(it.captions), scorer.K)
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
+            return f"expected a tensor of shape {want}, found {getattr(v, 'shape', type(v).__name__)}"
+        return None
+
+    got = cached_items(gen, list(first), rc, check, desc=f"DiffusionITM S={S}", progress=progress,
+                       chunk=chunk)
     return ITMDistances([got[i] for i in prep.ids], scorer.grid, scorer.unet_evals, scorer.vae_images)
 
 
@@ -307,9 +445,8 @@ def diffitm_scores(model, items, S: int = 10, seed: int = 0, latent_mode: str = 
 def grid_evaluations(items, S: int, img_retrieval: bool = False) -> int:
     """UNet evaluations of the grid score without de-duplication: I*J*K per item (+ I*K for the
     unconditional error in image retrieval)."""
-    K = len(grid_timesteps(S))
+    K = len(grid_timesteps(check_S(S, "grid_evaluations")))
     return sum(len(it.images) * (len(it.captions) + int(img_retrieval)) * K for it in items)
-
 
 # ------------------------------------------------------------------------------------------------
 # CLIP baseline
@@ -317,7 +454,8 @@ def grid_evaluations(items, S: int, img_retrieval: bool = False) -> int:
 def clip_scores(clip, items, progress: bool = False) -> list:
     """CLIP / OpenCLIP cosine similarity s[i, j] = <f(image i), g(caption j)> on the same items
     (``clip`` from :func:`t2i_common.models.load_clip`); each distinct image and caption embedded
-    once.  float64 [n_images, n_captions] per item."""
+    once, and each distinct caption string of an item scored once (its column is copied to the
+    string's repeats), so identical captions tie exactly.  float64 [n_images, n_captions] per item."""
     items = _check_items(items, "clip_scores")
     prep = _prepare(items)
     ukeys = list(prep.refs)
@@ -327,8 +465,13 @@ def clip_scores(clip, items, progress: bool = False) -> list:
     texts = list(dict.fromkeys(str(c) for it in items for c in it.captions))
     txt = clip.encode_texts(texts, progress=progress).double()
     trow = {c: i for i, c in enumerate(texts)}
-    return [img[[irow[k] for k in ks]] @ txt[[trow[str(c)] for c in it.captions]].T
-            for it, ks in zip(items, prep.keys)]
+    out = []
+    for it, ks in zip(items, prep.keys):
+        caps = [str(c) for c in it.captions]
+        distinct = list(dict.fromkeys(caps))
+        s = img[[irow[k] for k in ks]] @ txt[[trow[c] for c in distinct]].T
+        out.append(s[:, [distinct.index(c) for c in caps]])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

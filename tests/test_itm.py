@@ -150,7 +150,7 @@ def test_retrieval_metrics_ties_and_recall():
     assert m["n"] == 4 and m["ties"] == 2
     assert m["accuracy"] == pytest.approx(1 / 4)
     assert m["accuracy_tie_split"] == pytest.approx((1 + 0.5) / 4)
-    assert m["accuracy_first"] == pytest.approx(1 / 4)     # np.argmax picks index 0 for item 2
+    assert m["accuracy_first"] == pytest.approx(2 / 4)     # the original's rule: item 2's tie is correct
     assert m["R@2"] == pytest.approx(2 / 4)                 # pessimistic ranks: 1, 2, 3, 6
     assert "R@5" not in m                                    # not all items have > 5 candidates
     img = MatchItem([np.zeros((4, 4, 3), np.uint8)] * 3, ["c"], 2, 0)
