@@ -262,11 +262,16 @@ def test_order_perturbation_structure():
 
 
 def test_aro_order_round_trip(tmp_path):
-    entries = [{"image": "val2014/a.png", "caption": CAPTIONS[:2]}, {"image": "val2014/b.png", "caption": CAPTIONS[2:]}]
+    entries = [{"image": "val2014/a.png", "caption": CAPTIONS[:2]},
+               {"image": "val2014/b.png", "caption": CAPTIONS[2:] + ["the dog chases the cat"]}]
     F.write_aro_order(entries, tmp_path, "coco_order",
                       images={"val2014/a.png": solid((1, 1, 1)), "val2014/b.png": solid((2, 2, 2))})
     items = F.read_aro_order(tmp_path / "coco_karpathy_test.json", seed=7)
     assert len(items) == 3 and all(len(it.captions) == 5 and it.gold_caption == 0 for it in items)
+    # "a cat" has one noun: no noun/adjective shuffle can change it, so it is dropped and reported
+    assert items.dropped == [{"entry": 1, "caption_index": 0, "caption": "a cat",
+                              "perturbation": "shuffle_nouns_and_adj"}]
+    assert items[2].meta["caption_index"] == 1
     assert items[0].captions[0] == "a small red circle is to the left of a big blue square"
     assert items[1].meta == {"aro_task": "coco_order", "image": "val2014/a.png", "entry": 0, "caption_index": 1}
     assert px(items[2].images[0]) == [2, 2, 2]
@@ -284,11 +289,50 @@ def test_aro_order_round_trip(tmp_path):
     assert sub[0].meta["aro_task"] == "flickr_order"
 
 
+def test_order_options_never_reproduce_the_caption():
+    # a two-noun caption: the plain noun shuffle is the identity for half the seeds; redrawn here
+    for cap in ("a dog and a cat", "a red cube and a blue ball", CAPTIONS[0]):
+        for seed in range(40):
+            opts = F.order_caption_options(cap, seed)
+            assert all(F.tokenize(o) != F.tokenize(opts[0]) for o in opts[1:]), (cap, seed, opts)
+            assert all(Counter(F.tokenize(o)) == Counter(F.tokenize(opts[0])) for o in opts[1:])
+    # a draw that changes the caption is kept: the first draw is the plain seeded perturbation
+    rng = np.random.default_rng(11)
+    assert F.order_caption_options(CAPTIONS[1], 11)[1:] == [F.normalize_caption(fn(CAPTIONS[1], rng))
+                                                            for fn in F.ORDER_PERTURBATIONS]
+
+
+def test_order_options_unshufflable_caption():
+    with pytest.raises(F.NoOrderNegative, match=r"'a red dog'.*shuffle_nouns_and_adj.*Fix") as e:
+        F.order_caption_options("a red dog", 0)
+    assert e.value.perturbation == "shuffle_nouns_and_adj"
+    # every token a noun: perturbation 2 ("all but nouns and adjectives") has nothing to permute
+    with pytest.raises(F.NoOrderNegative, match="shuffle_allbut_nouns_and_adj"):
+        F.order_caption_options("dog cat", 0, pos_tagger=lambda ws: ["NOUN"] * len(ws))
+    with pytest.raises(ValueError, match="max_tries"):
+        F.order_caption_options("a dog and a cat", 0, max_tries=0)
+
+
+def test_aro_order_drop_count(tmp_path):
+    entries = [{"image": "a.png", "caption": ["a red dog", "the dog chases the cat", "dog"]},
+               {"image": "b.png", "caption": "a man rides a horse on the beach"},
+               {"image": "c.png", "caption": ["cat"]}]
+    F.write_aro_order(entries, tmp_path, "flickr_order", images={n: solid((3, 3, 3)) for n in ("a.png", "b.png", "c.png")})
+    items = F.read_aro_order(tmp_path / "flickr30k_test.json")
+    assert [(it.meta["entry"], it.meta["caption_index"]) for it in items] == [(0, 1), (1, 0)]
+    assert [(d["entry"], d["caption_index"], d["caption"]) for d in items.dropped] == \
+        [(0, 0, "a red dog"), (0, 2, "dog"), (2, 0, "cat")]
+    assert len(items[:1]) == 1 and len(items.dropped) == 3
+    F._write_json(tmp_path / "flickr30k_test.json", entries[2:])
+    with pytest.raises(F.FormatError, match=r"flickr30k_test\.json has no items.*1 caption\(s\) were dropped"):
+        F.read_aro_order(tmp_path / "flickr30k_test.json")
+
+
 def test_aro_order_errors(tmp_path):
     F._write_json(tmp_path / "coco_karpathy_test.json", [{"image": "a.png"}])
     with pytest.raises(F.FormatError, match=r"coco_karpathy_test\.json.*'caption'"):
         F.read_aro_order(tmp_path / "coco_karpathy_test.json")
-    F._write_json(tmp_path / "coco_karpathy_test.json", [{"image": "a.png", "caption": ["x"]}])
+    F._write_json(tmp_path / "coco_karpathy_test.json", [{"image": "a.png", "caption": ["the dog chases the cat"]}])
     with pytest.raises(FileNotFoundError, match="a.png"):
         F.read_aro_order(tmp_path / "coco_karpathy_test.json")
     F._write_json(tmp_path / "coco_karpathy_test.json", [])

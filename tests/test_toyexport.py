@@ -66,6 +66,16 @@ def test_order_winoground_clevr_cocoit(tmp_path):
         assert r.word_type in ("noun", "colour")
 
 
+@pytest.mark.parametrize("task", ["coco_order", "flickr_order"])
+@pytest.mark.parametrize("tagger", [None, toyexport.toy_pos_tagger])
+def test_order_export_has_no_tied_negative(tmp_path, task, tagger):
+    # before the fix, 43 of the 100 COCO-Order items of this export held a "negative" equal to the caption
+    items = formats.read_aro_order(toyexport.export_aro_order(tmp_path, 50, 0, task), pos_tagger=tagger)
+    assert items.dropped == [] and len(items) > 90
+    for it in items:
+        assert len(set(it.captions)) > 1 and all(c != it.captions[0] for c in it.captions[1:]), it.captions
+
+
 def test_negclip_pairs(tmp_path):
     rows = formats.read_negclip_tsv(toyexport.export_negclip(tmp_path, 3, 0))
     assert len(rows) == 6
