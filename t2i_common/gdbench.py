@@ -70,14 +70,25 @@ def class_prompt_items(pairs) -> list:
             for p, img, t in pairs]
 
 
+class GDBenchTasks(dict):
+    """``{task name: [MatchItem]}`` plus ``dropped``: ``{task: number of captions the reader dropped
+    from the whole file}`` for the order tasks, whose perturbations could not change those captions
+    (:func:`t2i_common.formats.read_aro_order`; report it beside the accuracy)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.dropped: dict = {}
+
+
 def read_gdbench(paths: dict, max_items: int | None = None) -> dict:
     """Read GDBench tasks with the published-format readers: ``{task: path}`` (task names of
     :data:`GDBENCH_TASKS`; a path may be a mapping ``{"path": ..., **reader kwargs}``, e.g.
     ``image_root`` for Flickr30K) -> ``{task name: [MatchItem]}``; CLEVR is split into one task per
-    subtask ("CLEVR/spatial", ...).  ``max_items`` keeps the first items of each task."""
+    subtask ("CLEVR/spatial", ...).  ``max_items`` keeps the first items of each task.  Returns a
+    :class:`GDBenchTasks` (its ``dropped`` counts the order captions the reader dropped)."""
     from . import formats
 
-    out = {}
+    out = GDBenchTasks()
     for task, path in paths.items():
         kind = GDBENCH_TASKS.get(task)
         if kind is None:
@@ -105,7 +116,8 @@ def read_gdbench(paths: dict, max_items: int | None = None) -> dict:
             got = {task: class_prompt_items(formats.read_implosion_pickles(path))}
         else:
             got = {task: formats.read_flickr30k_retrieval(path, **kw)}
-        out.update({k: v[:max_items] for k, v in got.items()})
+        out.dropped.update({k: len(v.dropped) for k, v in got.items() if hasattr(v, "dropped")})
+        out.update({k: list(v)[:max_items] for k, v in got.items()})
     return out
 
 
@@ -119,7 +131,9 @@ def select_tasks(paths: dict, names, max_items: int | None = None) -> dict:
     absent = [n for n in names if n not in got]
     if absent:
         raise KeyError(f"select_tasks: {absent} not found; available {sorted(got)}")
-    return {n: got[n] for n in names}
+    out = GDBenchTasks({n: got[n] for n in names})
+    out.dropped = {n: got.dropped[n] for n in names if n in got.dropped}
+    return out
 
 
 def diffitm_method(model, S: int = 10, seed: int = 0, latent_mode: str = "mean", cache=None,

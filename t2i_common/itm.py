@@ -17,7 +17,7 @@ itm.diffitm_scores(...)``).
 """
 from __future__ import annotations
 
-from .gdbench import (GDBENCH_TASKS, before_after, class_prompt_items, clip_method, diffitm_method,
+from .gdbench import (GDBENCH_TASKS, GDBenchTasks, before_after, class_prompt_items, clip_method, diffitm_method,
                       export_toy_gdbench, gdbench_table, item_choices, read_gdbench,
                       seed_agreement, select_tasks, table_results)
 from .itm_adaptive import (AdaptivePolicy, AdaptiveResult, adaptive_curve, adaptive_replay,
@@ -31,7 +31,7 @@ from .itm_scoring import (LATENT_MODES, SCORE_VERSION, ITMDistances, check_S, cl
                           model_fingerprint, original_loop_scores)
 
 __all__ = [
-    "GDBENCH_TASKS", "before_after", "class_prompt_items", "clip_method", "diffitm_method",
+    "GDBENCH_TASKS", "GDBenchTasks", "before_after", "class_prompt_items", "clip_method", "diffitm_method",
     "export_toy_gdbench", "gdbench_table", "item_choices", "read_gdbench", "seed_agreement",
     "select_tasks", "table_results",
     "AdaptivePolicy", "AdaptiveResult", "adaptive_curve", "adaptive_replay", "adaptive_scores",
