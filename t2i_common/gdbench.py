@@ -236,4 +236,5 @@ def seed_agreement(model, tasks: dict, latent_modes=("mean", "sample", "sample_p
                          "agreement": float(np.mean(agree)),
                          "all_agree": float(np.mean([len(set(c)) == 1 for c in zip(*choices)])),
                          "accuracy_min": float(min(accs)), "accuracy_max": float(max(accs))})
-    return pd.DataFrame(rows).set_index(["task", "latent_mode"])
+    cols = ["task", "latent_mode", "n", "seeds", "agreement", "all_agree", "accuracy_min", "accuracy_max"]
+    return pd.DataFrame(rows, columns=cols).set_index(["task", "latent_mode"])
