@@ -31,7 +31,7 @@ def export_toy_gdbench(root, n: int = 40, seed: int = 0) -> dict:
 
     root = Path(root) / f"n{int(n)}-s{int(seed)}"
     stamp = root / "export.json"
-    want = {"n": int(n), "seed": int(seed), "version": 1}
+    want = {"n": int(n), "seed": int(seed), "version": 2}   # 2: order perturbations never equal the caption
     paths = {
         "VG-A": root / "vg_attribution" / "visual_genome_attribution.json",
         "VG-R": root / "vg_relation" / "visual_genome_relation.json",

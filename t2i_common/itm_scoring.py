@@ -143,6 +143,13 @@ def _load(ref):
 # ------------------------------------------------------------------------------------------------
 # parameters
 # ------------------------------------------------------------------------------------------------
+#: Work is cut into slices of this many UNet batches (whole (image, caption) requests, in item
+#: order), and every item is saved the moment its last slice is done, so a kill loses only the items
+#: of the slice in progress: one item at the paper's S = 250 (490 evaluations per two-caption item
+#: exceed a slice on CPU), a few toy items at S = 10.  One batch per slice costs the toy scorer
+#: 15-30 % of its throughput (part-filled batches and a call per slice); four cost a few per cent.
+SLICE_BATCHES = 4
+
 #: ``latent_mode`` -> what z0 is (see the module docstring)
 LATENT_MODES = {
     "mean": "the VAE posterior mean of each image (deterministic; default)",
@@ -189,8 +196,9 @@ class _Scorer:
         self.vae_images = 0
 
     def slice_evals(self) -> int:
-        """UNet evaluations per slice of work between two chances to save finished items."""
-        return int(self.batch_size or auto_batch_size(self.model))
+        """UNet evaluations per slice of work between two chances to save finished items:
+        :data:`SLICE_BATCHES` UNet batches."""
+        return SLICE_BATCHES * int(self.batch_size or auto_batch_size(self.model))
 
     def encode(self, keys, refs):
         """VAE posterior (mean, std, both times the scaling factor) of every new image, once."""
@@ -275,7 +283,7 @@ def _grid_items(scorer, items, keys, refs, img_retrieval):
     Every (image, distinct caption string) pair of the chunk is evaluated once on all K grid
     points (one (image, caption) call per pair in ``sample_per_call`` mode, whose unconditional
     error for image retrieval uses the call's own latents), so identical captions tie by
-    construction.  Work runs in slices of about one UNet batch, in item order."""
+    construction.  Work runs in slices of :data:`SLICE_BATCHES` UNet batches, in item order."""
     scorer.encode([k for ks in keys for k in ks], refs)
     emb, row = _prompt_table(scorer.model, items)
     per_call = scorer.mode == "sample_per_call"
@@ -400,7 +408,8 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
         batch_size: UNet evaluations per batch (default: engine.auto_batch_size).
         cache: None (off), True (``paths.CACHE/diffitm``), a folder, or a ResultCache; keyed by the
             model's weights fingerprint and every scoring parameter, one file per item, written as
-            soon as the item's evaluations are done (a kill loses only the items in progress).
+            soon as the item's evaluations are done (a kill loses only the items of the slice in
+            progress, :data:`SLICE_BATCHES`).
         chunk: items scored together (images / prompts shared inside a chunk are evaluated once).
     """
     items = _check_items(items, "diffitm_distances")

@@ -196,15 +196,17 @@ def _kill_after(monkeypatch, calls):
 def test_kill_loses_only_the_item_in_progress(tiny_model, tiny_images, tmp_path, monkeypatch):
     its = [MatchItem([im], [CAPS[0], CAPS[n % 3 + 1 if n % 3 < 2 else 1]], 0, 0)
            for n, im in enumerate(tiny_images)]
-    full = itm.diffitm_distances(tiny_model, its, S=5, batch_size=10, progress=False)
+    # batch 2: a slice (SLICE_BATCHES x 2 = 8 evaluations) holds one item's 10 evaluations
+    assert itm_scoring.SLICE_BATCHES * 2 < 10
+    full = itm.diffitm_distances(tiny_model, its, S=5, batch_size=2, progress=False)
     key = dict(version=itm.SCORE_VERSION, model=itm.model_fingerprint(tiny_model), S=5, seed=0,
                latent_mode="mean", img_retrieval=False)
-    _kill_after(monkeypatch, 2)          # one UNet batch (10 evaluations) = one item
+    _kill_after(monkeypatch, 2)          # one slice = one item
     with pytest.raises(_Killed):
-        itm.diffitm_distances(tiny_model, its, S=5, batch_size=10, cache=tmp_path, progress=False)
+        itm.diffitm_distances(tiny_model, its, S=5, batch_size=2, cache=tmp_path, progress=False)
     assert len(ResultCache("diffitm", key, root=tmp_path).done_ids()) == 2   # items 1, 2 kept
     monkeypatch.undo()
-    again = itm.diffitm_distances(tiny_model, its, S=5, batch_size=10, cache=tmp_path, progress=False)
+    again = itm.diffitm_distances(tiny_model, its, S=5, batch_size=2, cache=tmp_path, progress=False)
     assert again.unet_evals == 2 * 2 * 5                                    # only items 3, 4
     for a, b in zip(full.dists, again.dists):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
