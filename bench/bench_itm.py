@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from t2i_common import itm, paths, toyexport
+from t2i_common import engine, itm, paths, toyexport
 from t2i_common.formats import MatchItem, read_aro_vg
 from t2i_common.models import T2IModel, load_t2i
 from t2i_common.sdformat import (TinySDConfig, build_random_sd, build_scheduler, build_tokenizer,
@@ -148,7 +148,7 @@ def components(model, img, S_proj=250, P=2):
     t0 = time.perf_counter()
     model.unet(z, 500, encoder_hidden_states=emb)
     t_unet = time.perf_counter() - t0
-    K = len(itm.grid_timesteps(S_proj))
+    K = len(engine.grid_timesteps(S_proj))
     orig = P * (K * (t_vae + t_unet) + t_te)
     ours = t_vae + P * K * t_unet + P * t_te
     print(f"  components: VAE encode {t_vae:.1f} s, prompt encode {t_te:.2f} s, UNet evaluation "

@@ -38,8 +38,13 @@ class NoiseBank:
 
 def grid_timesteps(S: int) -> torch.Tensor:
     """DiffusionITM's fixed grid ``range(10, 990, int(1000 / S))`` (S=10 -> 10, 110, ..., 910)."""
-    if S < 1:
-        raise ValueError(f"grid_timesteps: S must be >= 1, got {S}")
+    try:
+        ok = not isinstance(S, (bool, str)) and S >= 1 and int(S) == S
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"grid_timesteps: S (sampling_steps) must be a positive integer, got {S!r}; "
+                         f"pass a whole number such as S=10")
     return torch.arange(10, 990, int(1000 / S), dtype=torch.long)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import itm
+from t2i_common import itm, itm_adaptive, itm_scoring
 from t2i_common.cache import ResultCache
 from t2i_common.engine import NoiseBank, grid_timesteps
 from t2i_common.formats import MatchItem
@@ -101,7 +101,7 @@ def test_cache_resumes_and_tracks_weights(tiny_model, items, tmp_path):
                latent_mode="mean", img_retrieval=False)
     rc = ResultCache("diffitm", key, root=tmp_path)
     assert len(rc.done_ids()) == 3
-    third = itm._prepare(items[2:]).ids[0]
+    third = itm_scoring._prepare(items[2:]).ids[0]
     rc._file(third).unlink()
     again = itm.diffitm_distances(tiny_model, items, S=5, cache=tmp_path, progress=False)
     assert again.unet_evals == 2 * 2 * len(grid_timesteps(5))      # 2 images x 2 captions x 5
@@ -150,7 +150,7 @@ def test_retrieval_metrics_ties_and_recall():
     assert m["n"] == 4 and m["ties"] == 2
     assert m["accuracy"] == pytest.approx(1 / 4)
     assert m["accuracy_tie_split"] == pytest.approx((1 + 0.5) / 4)
-    assert m["accuracy_first"] == pytest.approx(1 / 4)     # np.argmax picks index 0 for item 2
+    assert m["accuracy_first"] == pytest.approx(2 / 4)     # the original's rule: item 2's tie is correct
     assert m["R@2"] == pytest.approx(2 / 4)                 # pessimistic ranks: 1, 2, 3, 6
     assert "R@5" not in m                                    # not all items have > 5 candidates
     img = MatchItem([np.zeros((4, 4, 3), np.uint8)] * 3, ["c"], 2, 0)
@@ -265,7 +265,7 @@ def test_adaptive_systematic_variance_cancels_a_smooth_trend():
     seen = sorted(itm.visit_order(K)[:4])
     delta = 0.3 + (tk[seen] - 0.5)
     var = np.sum(np.diff(delta) ** 2) / (2 * 3)
-    race = itm._Race(2, K, itm.AdaptivePolicy(variance="systematic"), 1)
+    race = itm_adaptive._Race(2, K, itm.AdaptivePolicy(variance="systematic"), 1)
     race.n = 4
     assert race._se(0.3 + (tk[itm.visit_order(K)[:4]] - 0.5)) == pytest.approx(
         math.sqrt(var / 4 * (1 - 4 / K)), rel=1e-12)
