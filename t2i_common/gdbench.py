@@ -137,12 +137,13 @@ def select_tasks(paths: dict, names, max_items: int | None = None) -> dict:
 
 
 def diffitm_method(model, S: int = 10, seed: int = 0, latent_mode: str = "mean", cache=None,
-                   batch_size: int | None = None, progress: bool = True):
-    """A scoring function ``(items, img_retrieval) -> scores`` for :func:`gdbench_table`."""
+                   batch_size: int | None = None, progress: bool = True, shard=None):
+    """A scoring function ``(items, img_retrieval) -> scores`` for :func:`gdbench_table`
+    (``shard``: see :func:`~t2i_common.itm_scoring.diffitm_distances`)."""
     def score(items, img_retrieval):
         return diffitm_scores(model, items, S=S, seed=seed, latent_mode=latent_mode,
                               img_retrieval=img_retrieval, batch_size=batch_size, cache=cache,
-                              progress=progress)
+                              progress=progress, shard=shard)
     return score
 
 

@@ -345,9 +345,9 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
     Item i uses noise stream i; ``cache`` (a :class:`~t2i_common.cache.ResultCache`) makes a
     killed run resume.  ``shard``: ``(i, n)`` computes only shard i of n (cluster array jobs;
     ``accelerate launch`` is detected by itself), see :mod:`t2i_common.distributed`; the result
-    does not depend on the number of shards.  The original scores with ``image_level_nll_fast`` (orthogonal estimator,
-    100 samples, logistic loc 1 / scale 2 / clip 4) and stops after 4 batches
-    (``if i == 3: break``); we score every item.
+    does not depend on the number of shards.  The original scores with ``image_level_nll_fast``
+    (orthogonal estimator, 100 samples, logistic loc 1 / scale 2 / clip 4) and stops after 4
+    batches (``if i == 3: break``); we score every item.
     """
     from .distributed import sharded_map
 
@@ -509,7 +509,7 @@ def relation_methods(model, clip=None, n_samples: int = 100,
         out["CLIP"] = itm.clip_method(clip)
     if diffitm_S:
         out["DiffITM"] = itm.diffitm_method(model, S=diffitm_S, seed=seed, cache=cache,
-                                            batch_size=batch_size, progress=progress)
+                                            batch_size=batch_size, progress=progress, shard=shard)
     info = info_methods(model, n_samples, integration, ("orthogonal", "standard"), seed=seed,
                         cache=cache, batch_size=batch_size, progress=progress, shard=shard)
     out[f"Info ({integration.mode})"] = info["orthogonal"]

@@ -167,7 +167,7 @@ class AdaptiveResult:
 def adaptive_scores(model, items, S: int = 250, seed: int = 0, policy: AdaptivePolicy | None = None,
                     latent_mode: str = "mean", img_retrieval: bool = False,
                     batch_size: int | None = None, cache=None, progress: bool = True,
-                    chunk: int = 64) -> AdaptiveResult:
+                    chunk: int = 64, shard=None) -> AdaptiveResult:
     """Adaptive DiffusionITM (beyond the paper): score all candidates on a few grid points, drop the
     clear losers (:class:`AdaptivePolicy`), spend the remaining UNet evaluations on the close ones.
 
@@ -175,6 +175,10 @@ def adaptive_scores(model, items, S: int = 250, seed: int = 0, policy: AdaptiveP
     with ``z=inf`` it returns the grid scores.  Up to ``chunk`` races run in lock-step (each
     round's requests of all of them go to the UNet together); a finished race is saved to the
     cache at once and its place taken by the next item, so a kill loses only the races in progress.
+    ``shard``: ``(i, n)`` runs the races of shard i of n (items round robin; ``accelerate launch``
+    and the runner's ``--shard`` are detected by themselves; needs ``cache``).  A shard's races
+    share UNet batches only with each other, so scores can differ from a one-process run in the
+    last float bits (the grid score, :func:`diffitm_scores`, is byte-identical).
     """
     items = _check_items(items, "adaptive_scores")
     for it in items:
@@ -252,8 +256,13 @@ def adaptive_scores(model, items, S: int = 250, seed: int = 0, policy: AdaptiveP
             return f"expected scores of shape {want} with evals and points"
         return None
 
+    def blank(i):
+        it = items[first[i]]
+        return {"scores": torch.full((len(it.images), len(it.captions)), float("nan"),
+                                     dtype=torch.float64), "evals": 0, "points": 0}
+
     got = cached_items(gen, list(first), rc, check, desc=f"adaptive DiffusionITM S={S}",
-                       progress=progress, chunk=len(first))
+                       progress=progress, chunk=len(first), shard=shard, split=1, blank=blank)
     vals = [got[i] for i in prep.ids]
     return AdaptiveResult([v["scores"] for v in vals], [int(v["evals"]) for v in vals],
                           [int(v["points"]) for v in vals])

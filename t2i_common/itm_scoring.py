@@ -344,13 +344,22 @@ def _make_cache(cache, namespace, key):
     return ResultCache(namespace, key, root=root)
 
 
-def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: int = 32) -> dict:
+def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: int = 32,
+                 shard=None, split: int | None = None, blank=None) -> dict:
     """``{id: value}`` over ``ids``: finished ids are read from the cache ``rc`` (an entry that
     fails ``check(id, value)`` -- which returns a problem or None -- is recomputed with a warning,
     never returned), the rest are computed by ``gen(list of ids)``, a generator of (id, value)
     pairs, ``chunk`` ids per call; each value is saved the moment it is yielded, so a kill loses
-    only the items whose evaluations were in progress."""
-    ids = list(ids)
+    only the items whose evaluations were in progress.
+
+    ``shard``: ``(i, n)``, ``accelerate launch`` or ``T2I_SHARD`` (:mod:`t2i_common.distributed`):
+    this process computes only its share (groups of ``split`` ids, default ``chunk``, round robin,
+    so a chunk is the same batch as in a one-process run) and the rest comes from the cache
+    (``blank(id)`` placeholders where another array-job shard has not written it yet)."""
+    from .distributed import MapStats, complete, share, shard_ids
+
+    sh, all_ids = share(ids, rc, shard, desc)
+    ids = shard_ids(all_ids, sh, split or chunk)
     out, pending = {}, []
     for i in ids:
         if rc is not None and rc.has(i):
@@ -373,7 +382,9 @@ def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: i
             missing = [i for i in part if i not in out]
             if missing:
                 raise RuntimeError(f"{desc}: no result for {len(missing)} of {len(part)} items")
-    return {i: out[i] for i in ids}
+    stats = MapStats(sh, total=len(all_ids), mine=len(ids), computed=len(pending),
+                     reused=len(ids) - len(pending))
+    return complete(all_ids, rc, out, sh, stats, desc=desc, blank=blank)
 
 
 @dataclass
@@ -393,7 +404,7 @@ class ITMDistances:
 
 def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str = "mean",
                       img_retrieval: bool = False, batch_size: int | None = None, cache=None,
-                      progress: bool = True, chunk: int = 32) -> ITMDistances:
+                      progress: bool = True, chunk: int = 32, shard=None) -> ITMDistances:
     """Per-timestep DiffusionITM distances d_k for every (image, caption) of every item.
 
     Args:
@@ -411,6 +422,9 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
             soon as the item's evaluations are done (a kill loses only the items of the slice in
             progress, :data:`SLICE_BATCHES`).
         chunk: items scored together (images / prompts shared inside a chunk are evaluated once).
+        shard: ``(i, n)`` scores shard i of n of the chunks (cluster array jobs; ``accelerate
+            launch`` and the runner's ``--shard`` are detected by themselves), see
+            :mod:`t2i_common.distributed`; needs ``cache``.  The result does not depend on n.
     """
     items = _check_items(items, "diffitm_distances")
     S = check_S(S, "diffitm_distances")
@@ -436,19 +450,23 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
             return f"expected a tensor of shape {want}, found {getattr(v, 'shape', type(v).__name__)}"
         return None
 
+    def blank(i):
+        it = items[first[i]]
+        return torch.full((len(it.images), len(it.captions), scorer.K), float("nan"))
+
     got = cached_items(gen, list(first), rc, check, desc=f"DiffusionITM S={S}", progress=progress,
-                       chunk=chunk)
+                       chunk=chunk, shard=shard, blank=blank)
     return ITMDistances([got[i] for i in prep.ids], scorer.grid, scorer.unet_evals, scorer.vae_images)
 
 
 def diffitm_scores(model, items, S: int = 10, seed: int = 0, latent_mode: str = "mean",
                    img_retrieval: bool = False, batch_size: int | None = None, cache=None,
-                   progress: bool = True) -> list:
+                   progress: bool = True, shard=None) -> list:
     """DiffusionITM scores s(x, c) = - mean_k ||eps_k - eps_theta(z_{t_k}, t_k, c)||_2 per item,
     float64 [n_images, n_captions] (see the module docstring and :func:`diffitm_distances`)."""
     return diffitm_distances(model, items, S=S, seed=seed, latent_mode=latent_mode,
                              img_retrieval=img_retrieval, batch_size=batch_size, cache=cache,
-                             progress=progress).scores()
+                             progress=progress, shard=shard).scores()
 
 
 def grid_evaluations(items, S: int, img_retrieval: bool = False) -> int:

@@ -331,25 +331,44 @@ def make_optimizer(model, cfg: HardNegConfig):
                              weight_decay=cfg.weight_decay, eps=1e-8)
 
 
-def train_step(model, optimizer, data: HardNegData, cfg: HardNegConfig, step: int) -> dict:
+def train_step(model, optimizer, data: HardNegData, cfg: HardNegConfig, step: int,
+               accelerator=None) -> dict:
     """One optimizer step (``grad_accum`` micro-batches, clipping, AdamW); returns the mean losses,
     the fraction of micro-batches whose hinge was open (L_neg < lambda L_pos, so the negative term
-    had a gradient) and the negative kinds used."""
+    had a gradient) and the negative kinds used.
+
+    Data parallel with an ``accelerate.Accelerator`` of N processes (``accelerate launch``):
+    micro-batch m (drawn from (seed, step, m), whatever process draws it) runs on process m mod N,
+    the LoRA gradients are summed over the processes and the losses gathered, so the step is the
+    one-process step of the same ``grad_accum`` micro-batches (up to float summation order)."""
+    import contextlib
+
+    W, r = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    amp = accelerator is not None and accelerator.mixed_precision != "no"
     optimizer.zero_grad(set_to_none=True)
+    rows = []
+    for m in range(r, cfg.grad_accum, W):
+        b = micro_batch(model, data, cfg, step, m)
+        with accelerator.autocast() if amp else contextlib.nullcontext():
+            loss, lp, ln = hardneg_loss(model, b["z_pos"], b["emb_pos"], b["t"], b["eps"],
+                                        b["kind"], b["z_neg"], b["emb_neg"], cfg.neg_loss_factor)
+        (loss / cfg.grad_accum).backward()
+        rows.append((m, float(loss.detach()), float(lp.detach()), float(ln.detach()), b["kind"]))
+    if W > 1:
+        from accelerate.utils import gather_object
+
+        rows = sorted(gather_object(rows))
+        for p in lora_parameters(model):
+            p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "sum")
     tot = {"loss": 0.0, "l_pos": 0.0, "l_neg": 0.0, "hinge_open": 0.0}
     kinds = []
-    for m in range(cfg.grad_accum):
-        b = micro_batch(model, data, cfg, step, m)
-        loss, lp, ln = hardneg_loss(model, b["z_pos"], b["emb_pos"], b["t"], b["eps"], b["kind"],
-                                    b["z_neg"], b["emb_neg"], cfg.neg_loss_factor)
-        (loss / cfg.grad_accum).backward()
-        tot["loss"] += float(loss.detach()) / cfg.grad_accum
-        tot["l_pos"] += float(lp.detach()) / cfg.grad_accum
-        tot["l_neg"] += float(ln.detach()) / cfg.grad_accum
+    for _, lo, lp, ln, kind in rows:
+        tot["loss"] += lo / cfg.grad_accum
+        tot["l_pos"] += lp / cfg.grad_accum
+        tot["l_neg"] += ln / cfg.grad_accum
         # the negative term sends gradients only while L_neg < lambda * L_pos
-        is_open = float(ln.detach()) < cfg.neg_loss_factor * float(lp.detach())
-        tot["hinge_open"] += float(is_open) / cfg.grad_accum
-        kinds.append(b["kind"])
+        tot["hinge_open"] += float(ln < cfg.neg_loss_factor * lp) / cfg.grad_accum
+        kinds.append(kind)
     torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.max_grad_norm)
     optimizer.step()
     return {**tot, "kinds": ",".join(kinds)}
@@ -361,13 +380,15 @@ def train_step(model, optimizer, data: HardNegData, cfg: HardNegConfig, step: in
 def validation_accuracy(model, items, S: int = 4, seed: int = 0) -> dict:
     """Accuracy of DiffusionITM (S grid points) on hard-negative items: text items plainly, image
     items with the unconditional normalisation (``img_retrieval``); strict (ties are misses)."""
+    from .distributed import LOCAL
     from .itm import diffitm_scores, retrieval_metrics
 
     out = {}
     for task, flag in (("text", False), ("image", True)):
         its = [it for it in items if it.task == task]
         if its:
-            s = diffitm_scores(model, its, S=S, seed=seed, img_retrieval=flag, progress=False)
+            s = diffitm_scores(model, its, S=S, seed=seed, img_retrieval=flag, progress=False,
+                               shard=LOCAL)  # every process validates on its own (no cache)
             out[f"val_{task}"] = retrieval_metrics(its, s)["accuracy"]
     if not out:
         raise ValueError("validation_accuracy: no text- or image-retrieval items given")
@@ -399,7 +420,8 @@ def _atomic_save(obj, path: Path):
 
 
 def finetune_hardneg(model, data: HardNegData, val_items=None, cfg: HardNegConfig | None = None,
-                     out_dir=None, resume: bool = True, progress: bool = True, stop_after=None):
+                     out_dir=None, resume: bool = True, progress: bool = True, stop_after=None,
+                     mixed_precision: str | None = None):
     """HardNeg-DiffusionITM fine-tuning (module docstring); returns the history as a DataFrame.
 
     Adds the LoRA adapter if the model has none.  Every ``val_every`` steps (and at steps 0 and
@@ -408,11 +430,23 @@ def finetune_hardneg(model, data: HardNegData, val_items=None, cfg: HardNegConfi
     ``ckpt_every`` steps and the final adapter is saved there (:func:`save_lora`); a re-run with
     ``resume`` continues from the checkpoint and ends with the same weights as an uninterrupted
     run.  ``stop_after`` ends this call after that many steps (a simulated kill, for tests).
+    Runs through an ``accelerate.Accelerator``: ``accelerate launch --num_processes N`` makes it
+    data parallel over the ``grad_accum`` micro-batches (:func:`train_step`; load the model on
+    ``accelerate.PartialState().device`` in each process); ``mixed_precision`` "no" / "fp16" /
+    "bf16" (None: ``accelerate launch --mixed_precision``, else "no"); the main process writes
+    the checkpoint and the adapter.
     """
     import pandas as pd
+
+    from .distributed import make_accelerator
     from peft.utils import set_peft_model_state_dict
 
     cfg = cfg or HardNegConfig()
+    acc = make_accelerator(mixed_precision)
+    if acc.num_processes > 1 and torch.device(model.device) != acc.device:
+        raise ValueError(f"finetune_hardneg: process {acc.process_index} holds the model on "
+                         f"{model.device} but accelerate gave it {acc.device}; load the model with "
+                         f"device=accelerate.PartialState().device in each process")
     if not has_lora(model):
         add_lora(model, cfg.rank, cfg.seed)
     opt = make_optimizer(model, cfg)
@@ -438,16 +472,19 @@ def finetune_hardneg(model, data: HardNegData, val_items=None, cfg: HardNegConfi
     done = 0
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="HardNeg LoRA",
                      disable=not progress):
-        history.append({"step": step + 1, **train_step(model, opt, data, cfg, step)})
+        history.append({"step": step + 1, **train_step(model, opt, data, cfg, step, acc)})
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             validate(step + 1)
         done += 1
         last = step + 1 == cfg.steps
         if ckpt is not None and ((step + 1) % cfg.ckpt_every == 0 or last or done == stop_after):
-            _atomic_save({"cfg": asdict(cfg), "lora": lora_state_dict(model),
-                          "optimizer": opt.state_dict(), "step": step + 1, "history": history}, ckpt)
+            if acc.is_main_process:
+                _atomic_save({"cfg": asdict(cfg), "lora": lora_state_dict(model),
+                              "optimizer": opt.state_dict(), "step": step + 1,
+                              "history": history}, ckpt)
+            acc.wait_for_everyone()
         if stop_after is not None and done >= stop_after and not last:
             break
-    if out_dir is not None and start + done == cfg.steps:
+    if out_dir is not None and start + done == cfg.steps and acc.is_main_process:
         save_lora(model, out_dir)
     return pd.DataFrame(history)

@@ -158,6 +158,8 @@ def _tiny_unet(steps, **kw):
 #: measured: loss 1.6e-7 relative, weights 3.2e-5 absolute after 4 steps.  Bounds: 1e-5 relative
 #: and 2e-4 absolute, 10x under one Adam step and far under the weights' change in 4 steps.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 2e-4
+#: HardNeg LoRA at lr 1e-3 (its test): 10 % of one Adam step.
+LORA_ATOL = 1e-4
 
 
 def _max_diff(a, b):
@@ -317,3 +319,69 @@ def test_slurm_template_submits_shards_then_reduce(tmp_path):
     assert red.stdout.strip() == "-m t2i_common.runner 50_relation_testing -p x 1"
     bad = subprocess.run(["bash", str(script), "50_relation_testing", "0"], env=env, **run)
     assert bad.returncode == 2 and "N_SHARDS a positive integer" in bad.stderr
+
+
+# ---------------------------------------------------------------- DiffusionITM grid and adaptive
+def _match_items(tiny_images):
+    from t2i_common.formats import MatchItem
+
+    caps = ["a red circle", "a blue square", "a green triangle", "a circle red"]
+    im = tiny_images
+    return [MatchItem([im[0]], caps, 0, 1), MatchItem([im[1], im[2], im[0]], [caps[0]], 2, 0),
+            MatchItem([im[2], im[3]], caps[1:3], 0, 0), MatchItem([im[3]], caps[:2], 0, 0),
+            MatchItem([im[1]], caps[2:], 0, 1)]
+
+
+def test_diffitm_grid_shards_are_byte_identical(tiny_model, tiny_images, tmp_path):
+    from t2i_common import itm
+
+    items = _match_items(tiny_images)
+    one = itm.diffitm_distances(tiny_model, items, S=4, chunk=2, progress=False)
+    rc = ResultCache("itm", {"k": 3}, root=tmp_path)
+    with pytest.warns(UserWarning, match="shard 1/2"):
+        part = itm.diffitm_distances(tiny_model, items, S=4, chunk=2, cache=rc, shard=(1, 2),
+                                     progress=False)
+    assert D.last_stats.mine == 2 and D.last_stats.computed == 2       # chunk 1 of 0..2
+    assert torch.isnan(part.dists[0]).all() and part.dists[0].shape == one.dists[0].shape
+    assert torch.equal(part.dists[2], one.dists[2])
+    itm.diffitm_distances(tiny_model, items, S=4, chunk=2, cache=rc, shard=(0, 2), progress=False)
+    both = itm.diffitm_distances(tiny_model, items, S=4, chunk=2, cache=rc, progress=False)
+    assert D.last_stats.computed == 0 and D.last_stats.reused == len(items)
+    assert all(a.numpy().tobytes() == b.numpy().tobytes() for a, b in zip(both.dists, one.dists))
+
+
+def test_adaptive_shards_reduce_from_the_cache(tiny_model, tiny_images, tmp_path):
+    from t2i_common import itm
+
+    items = [it for it in _match_items(tiny_images) if len(it.images) == 1]
+    one = itm.adaptive_scores(tiny_model, items, S=4, progress=False)
+    rc = ResultCache("itm_ad", {"k": 4}, root=tmp_path)
+    for r in (0, 1, 2):
+        itm.adaptive_scores(tiny_model, items, S=4, cache=rc, shard=(r, 3), progress=False)
+        assert D.last_stats.computed == len(D.shard_ids(list(range(len(items))), (r, 3), 1))
+    both = itm.adaptive_scores(tiny_model, items, S=4, cache=rc, progress=False)
+    assert D.last_stats.computed == 0
+    assert both.evals == one.evals
+    for a, b in zip(both.scores, one.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_two_process_lora_matches_one_process(tmp_path):
+    """HardNeg LoRA, 3 steps of 2 micro-batches: micro-batch m runs on process m mod 2, LoRA
+    gradients summed over the processes.  Step 1's losses are the same floats (same weights, same
+    draws); later steps and the weights agree within the tolerances above (summation order)."""
+    from t2i_common import lora
+    from t2i_common.models import load_t2i
+    from tests.dist_worker import lora_cfg, lora_data
+
+    _launch(["lora", "--out", tmp_path, "--steps", 3])
+    two = torch.load(tmp_path / "lora.pt", weights_only=False)
+    model = load_t2i("toy")
+    hist = lora.finetune_hardneg(model, lora_data(), None, lora_cfg(3), progress=False)
+    assert two["history"]["loss"][0] == hist["loss"].iloc[0]
+    assert two["history"]["kinds"] == list(hist["kinds"])
+    np.testing.assert_allclose(two["history"]["loss"], hist["loss"], rtol=LOSS_RTOL)
+    one = lora.lora_state_dict(model)
+    assert _max_diff(one, two["state"]) < LORA_ATOL
+    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 20 * LORA_ATOL
