@@ -443,7 +443,7 @@ def finetune_hardneg(model, data: HardNegData, val_items=None, cfg: HardNegConfi
 
     cfg = cfg or HardNegConfig()
     acc = make_accelerator(mixed_precision)
-    if acc.num_processes > 1 and torch.device(model.device) != acc.device:
+    if acc.num_processes > 1 and acc.device.type != "cpu" and torch.device(model.device) != acc.device:
         raise ValueError(f"finetune_hardneg: process {acc.process_index} holds the model on "
                          f"{model.device} but accelerate gave it {acc.device}; load the model with "
                          f"device=accelerate.PartialState().device in each process")
