@@ -158,8 +158,6 @@ def _tiny_unet(steps, **kw):
 #: measured: loss 1.6e-7 relative, weights 3.2e-5 absolute after 4 steps.  Bounds: 1e-5 relative
 #: and 2e-4 absolute, 10x under one Adam step and far under the weights' change in 4 steps.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 2e-4
-#: HardNeg LoRA at lr 1e-3 (its test): 10 % of one Adam step.
-LORA_ATOL = 1e-4
 
 
 def _max_diff(a, b):
@@ -368,9 +366,13 @@ def test_adaptive_shards_reduce_from_the_cache(tiny_model, tiny_images, tmp_path
 
 @pytest.mark.distributed
 def test_two_process_lora_matches_one_process(tmp_path):
-    """HardNeg LoRA, 3 steps of 2 micro-batches: micro-batch m runs on process m mod 2, LoRA
-    gradients summed over the processes.  Step 1's losses are the same floats (same weights, same
-    draws); later steps and the weights agree within the tolerances above (summation order)."""
+    """HardNeg LoRA, 3 steps of 2 micro-batches: micro-batch m runs on process m mod 2 and the
+    LoRA gradients are summed over the processes.  One process accumulates g1/2 + g2/2 in the
+    same order the all-reduce adds the two terms (a sum of two floats is commutative), so here
+    the curves and the weights are *identical*, not just close (measured: max difference 0.0;
+    with more micro-batches per process the summation order, hence the last bits, may differ,
+    which the tolerances above would cover).  The logged loss is 0 while the hinge is closed
+    (L_pos - stopgrad(L_pos)), so L_pos and L_neg carry the curve."""
     from t2i_common import lora
     from t2i_common.models import load_t2i
     from tests.dist_worker import lora_cfg, lora_data
@@ -379,9 +381,11 @@ def test_two_process_lora_matches_one_process(tmp_path):
     two = torch.load(tmp_path / "lora.pt", weights_only=False)
     model = load_t2i("toy")
     hist = lora.finetune_hardneg(model, lora_data(), None, lora_cfg(3), progress=False)
-    assert two["history"]["loss"][0] == hist["loss"].iloc[0]
-    assert two["history"]["kinds"] == list(hist["kinds"])
-    np.testing.assert_allclose(two["history"]["loss"], hist["loss"], rtol=LOSS_RTOL)
+    for k in ("loss", "l_pos", "l_neg", "hinge_open", "kinds"):
+        assert two["history"][k] == list(hist[k]), k
+    assert len(set(two["history"]["l_pos"])) == 3               # a curve, not a constant
     one = lora.lora_state_dict(model)
-    assert _max_diff(one, two["state"]) < LORA_ATOL
-    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 20 * LORA_ATOL
+    assert all(torch.equal(one[k], two["state"][k]) for k in one)
+    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # trained
+
+
