@@ -310,20 +310,25 @@ def loss_cache(model, data: TrainingSet, time_samples: int, seed: int, batch_siz
 # ------------------------------------------------------------------------------------------------
 # Fisher information
 # ------------------------------------------------------------------------------------------------
-def _eps_loss(unet, params, buffers, zt, t, emb, eps):
+def _eps_loss(unet, params, buffers, zt, t, emb, eps, target="loss"):
     pred = torch.func.functional_call(unet, (params, buffers), (zt, t),
                                       {"encoder_hidden_states": emb, "return_dict": False})[0]
+    if target == "sq_norm":          # D-TRAK's output function: mean ||eps_theta||^2
+        return pred.pow(2).mean()
     return F.mse_loss(pred, eps)
 
 
-def per_sample_grads(unet, names, z0, t, emb, eps, abar, how: str = "vmap") -> dict:
+def per_sample_grads(unet, names, z0, t, emb, eps, abar, how: str = "vmap",
+                     target: str = "loss") -> dict:
     """Gradients of the eps-MSE of each sample w.r.t. the parameters ``names``: dict of
     [B, *shape].  ``how="vmap"``: ``torch.func.vmap(grad)`` (the original's compute_fisher);
     ``how="loop"``: one backward per sample (the reference it must equal).  The UNet's attention
     runs through diffusers' plain ``AttnProcessor`` meanwhile (SDPA has no vmap batching rule on
     CPU, so functorch would fall back to a slow per-sample loop)."""
+    if target not in ("loss", "sq_norm"):
+        raise ValueError(f"per_sample_grads: target must be 'loss' or 'sq_norm', got {target!r}")
     with _plain_attention(unet):
-        return _per_sample_grads(unet, names, z0, t, emb, eps, abar, how)
+        return _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target)
 
 
 class _plain_attention:
@@ -344,7 +349,7 @@ class _plain_attention:
         return False
 
 
-def _per_sample_grads(unet, names, z0, t, emb, eps, abar, how):
+def _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target):
     all_p = {n: p.detach() for n, p in unet.named_parameters()}
     params = {n: all_p[n] for n in names}
     frozen = {n: p for n, p in all_p.items() if n not in params}
@@ -353,7 +358,8 @@ def _per_sample_grads(unet, names, z0, t, emb, eps, abar, how):
     zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
 
     def one(p, zt1, t1, emb1, eps1):
-        return _eps_loss(unet, {**frozen, **p}, buffers, zt1[None], t1[None], emb1[None], eps1[None])
+        return _eps_loss(unet, {**frozen, **p}, buffers, zt1[None], t1[None], emb1[None], eps1[None],
+                         target)
 
     if how == "vmap":
         return torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0, 0))(params, zt, t, emb, eps)
@@ -507,11 +513,21 @@ class unlearned:
 def unlearn_delta(model, latent, emb, fisher, *, n_train: int, subset: str = "cross-attn-kv",
                   lr: float = 0.01, n_batches: int = 625, batch_size: int = 80, seed: int = 0,
                   damping: float = 0.0, use_fisher: bool = True) -> dict:
-    """The Newton unlearning update of one query (see :func:`newton_step`)."""
+    """The Newton unlearning update of one query (see :func:`newton_step`).
+
+    ``use_fisher=False`` is the paper's ablation "SGD without Fisher": the raw gradient step,
+    rescaled to the Euclidean length of the Newton step (otherwise lr / N * grad is so short that
+    float32 weights round it away; the ranking then compares directions only)."""
     names = select_parameters(model.unet, subset)
     g = query_gradient(model, latent, emb, names, n_batches=n_batches, batch_size=batch_size,
                        seed=seed)
-    return newton_step(g, fisher if use_fisher else None, lr, n_train, damping)
+    newton = newton_step(g, fisher, lr, n_train, damping)
+    if use_fisher:
+        return newton
+    sgd = newton_step(g, None, lr, n_train)
+    norm = lambda d: torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))  # noqa: E731
+    scale = norm(newton) / norm(sgd).clamp_min(1e-300)
+    return {n: v * scale for n, v in sgd.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -591,3 +607,117 @@ def attribute_by_unlearning(model, data: TrainingSet, queries: QuerySet, fisher,
         if out_dir is not None:
             save_influence(out[idx], out_dir, idx)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the original's MSCOCO setting from files
+# ------------------------------------------------------------------------------------------------
+class UNetModel:
+    """The minimum of :class:`~t2i_common.models.T2IModel` the attribution code needs, around a
+    bare diffusers ``UNet2DConditionModel`` (the original's MSCOCO model: a UNet trained on
+    precomputed latents and text embeddings, ``DDPMScheduler(num_train_timesteps=1000)``)."""
+
+    def __init__(self, unet, scheduler, device="cpu", dtype=torch.float32):
+        self.unet = unet.to(device, dtype).eval().requires_grad_(False)
+        self.scheduler, self.device, self.dtype = scheduler, torch.device(device), dtype
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).cpu()
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        s = int(unet.config.sample_size)
+        self.latent_shape = (int(unet.config.in_channels), s, s)
+        self.name = "unet"
+
+    def eps(self, z_t, t, emb):
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(z_t.shape[0])
+        return self.unet(z_t.to(self.device, self.dtype), t,
+                         encoder_hidden_states=emb.to(self.device, self.dtype)).sample
+
+
+def load_attribution_model(path, device="cpu", dtype=torch.float32):
+    """A Stable-Diffusion folder (``model_index.json``: :func:`models.load_t2i`) or a bare diffusers
+    UNet folder (``config.json`` + weights) with the original's ``DDPMScheduler(1000)``."""
+    p = Path(path)
+    if (p / "model_index.json").exists():
+        from .models import load_t2i
+        return load_t2i(p, device=device, dtype=dtype)
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{p} is neither a Stable-Diffusion folder (model_index.json) nor a "
+                                f"diffusers UNet folder (config.json); save the UNet with "
+                                f"UNet2DConditionModel.save_pretrained(folder)")
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    return UNetModel(UNet2DConditionModel.from_pretrained(p), DDPMScheduler(num_train_timesteps=1000),
+                     device, dtype)
+
+
+def attribute_from_files(model_path, train_latents, train_text, query_latents, query_text, out_dir,
+                         *, indices=None, query_images=None, fisher_path=None,
+                         pretrain_loss_path=None, subset: str = "cross-attn-kv", lr: float = 0.01,
+                         n_batches: int = 625, batch_size: int = 80, time_samples: int = 20,
+                         fisher_epochs: int = 5, n_train: int | None = None, seed: int = 0,
+                         device="cpu", progress: bool = True) -> dict:
+    """The original's ``compute_influence.py`` pipeline on its file formats: every file and query
+    index is checked before the model is loaded.  A missing ``fisher_path`` / ``pretrain_loss_path``
+    file is computed and written there (``fisher_info.pt``, ``pretrain_loss.npy``)."""
+    data = TrainingSet.from_npy(train_latents, train_text)
+    queries = QuerySet.from_npy(query_latents, query_text, query_images)
+    indices = list(range(len(queries))) if indices is None else [queries.check_index(i) for i in indices]
+    if pretrain_loss_path is not None and Path(pretrain_loss_path).exists():
+        loss = np.load(pretrain_loss_path)
+        if loss.shape != (len(data.latents),):
+            raise ValueError(f"{pretrain_loss_path} has shape {loss.shape}, the training set "
+                             f"{len(data.latents)} rows; delete it to recompute")
+    else:
+        loss = None
+    model = load_attribution_model(model_path, device=device)
+    check_compatible(model, data)
+    if tuple(queries.latents.shape[1:]) != tuple(model.latent_shape):
+        raise ValueError(f"{query_latents}: query latents {tuple(queries.latents.shape[1:])} do not "
+                         f"match the model's {tuple(model.latent_shape)}")
+    fisher = fisher_diagonal(model, data, "all" if fisher_path is None or not Path(fisher_path).exists()
+                             else subset, epochs=fisher_epochs, seed=seed, path=fisher_path,
+                             progress=progress)
+    if loss is None:
+        loss = training_loss(model, data, time_samples=time_samples, seed=seed, progress=progress)
+        if pretrain_loss_path is not None:
+            np.save(pretrain_loss_path, loss)
+    return attribute_by_unlearning(model, data, queries, fisher, loss, indices=indices,
+                                   out_dir=out_dir, subset=subset, lr=lr, n_batches=n_batches,
+                                   batch_size=batch_size, time_samples=time_samples, seed=seed,
+                                   n_train=n_train, progress=progress)
+
+
+def main(argv=None):
+    """Command line of :func:`attribute_from_files` with the paper's MSCOCO defaults."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m t2i_common.attribution", description=main.__doc__)
+    ap.add_argument("--model", required=True, help="diffusers UNet folder or SD folder")
+    ap.add_argument("--dataroot", required=True, help="folder with coco17_train_latents.npy and "
+                                                      "coco17_train_text_embeddings.npy")
+    ap.add_argument("--sample_dir", required=True, help="folder with latents.npy, "
+                                                        "text_embeddings.npy, images/")
+    ap.add_argument("--result_dir", required=True)
+    ap.add_argument("--sample_idx", type=int, nargs="*", default=None)
+    ap.add_argument("--fisher_path", default=None)
+    ap.add_argument("--pretrain_loss_path", default=None)
+    ap.add_argument("--weight_selection", default="cross-attn-kv", choices=list(WEIGHT_SUBSETS))
+    ap.add_argument("--unlearn_lr", type=float, default=0.01)
+    ap.add_argument("--unlearn_batch_size", type=int, default=80)
+    ap.add_argument("--unlearn_grad_accum_steps", type=int, default=625)
+    ap.add_argument("--loss_time_samples", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    d, s = Path(a.dataroot), Path(a.sample_dir)
+    images = s / "images" if (s / "images").exists() else None
+    attribute_from_files(a.model, d / "coco17_train_latents.npy", d / "coco17_train_text_embeddings.npy",
+                         s / "latents.npy", s / "text_embeddings.npy", a.result_dir,
+                         indices=a.sample_idx, query_images=images, fisher_path=a.fisher_path,
+                         pretrain_loss_path=a.pretrain_loss_path, subset=a.weight_selection,
+                         lr=a.unlearn_lr, n_batches=a.unlearn_grad_accum_steps,
+                         batch_size=a.unlearn_batch_size, time_samples=a.loss_time_samples,
+                         device=a.device)
+
+
+if __name__ == "__main__":
+    main()
