@@ -74,6 +74,7 @@ import torch
 from t2i_common import attribution_baselines as B
 from t2i_common import counterfactual as CF
 from t2i_common import report
+from t2i_common.models import load_clip
 
 if threads:
     torch.set_num_threads(threads)
@@ -81,6 +82,7 @@ report.setup_matplotlib()
 out = report.outdir(out_name)
 world = CF.AttributionWorld(n_train=n_train, concepts=tuple(map(tuple, concepts)), k=k,
                             steps=train_steps, unet_channels=tuple(unet_channels), seed=seed)
+clip = load_clip()   # the toy CLIP (data/toy-sd/clip)
 unlearn = dict(subset=subset, lr=unlearn_lr, n_batches=unlearn_batches,
                batch_size=unlearn_batch_size)
 '''
@@ -140,7 +142,7 @@ scores = {m: None for m in methods}
 timings = {}
 for m in methods:
     t1 = time.perf_counter()
-    scores[m] = CF.method_scores(setup, [m], unlearn=unlearn,
+    scores[m] = CF.method_scores(setup, [m], clip=clip, unlearn=unlearn,
                                  trak=dict(proj_dim=trak_proj_dim, subset=trak_subset))[m]
     timings[m] = time.perf_counter() - t1
 rankings = {m: B.rank_scores(s) for m, s in scores.items()}
@@ -157,7 +159,7 @@ table.round(3)
         code('''
 # NBVAL_CHECK_OUTPUT
 for m, r in table.iterrows():
-    print(f"{m:12s} ground-truth images in the top 10: {r['found']:2d} / {r['of']}")
+    print(f"{m:12s} ground-truth images in the top 10: {int(r['found']):2d} / {int(r['of'])}")
 '''),
         md("## 4. The paper's figure: each query next to the top-10 training images of each method"),
         code('''
@@ -213,12 +215,11 @@ out_name = "21_leave_k_out"
         code(SETUP),
         code(PREPARE),
         code('''
-scores = CF.method_scores(setup, methods, unlearn=unlearn)
+scores = CF.method_scores(setup, methods, clip=clip, unlearn=unlearn)
 rankings = {m: B.rank_scores(s) for m, s in scores.items()}
-from t2i_common.models import load_clip
 t0 = time.perf_counter()
 long = CF.leave_k_out(world, setup.samples, setup.base, setup.queries, rankings, ks,
-                      clip=load_clip(), time_samples=20, seed=seed, gen_steps=gen_steps)
+                      clip=clip, time_samples=20, seed=seed, gen_steps=gen_steps)
 print(f"{long.shape[0]} leave-K-out retrainings and evaluations in {time.perf_counter() - t0:.0f} s")
 report.save_table(long.set_index(["method", "K", "query"]), out, "leave_k_out_per_query")
 '''),
@@ -305,7 +306,7 @@ world = CF.AttributionWorld(**{**world.__dict__, "abc_concept": tuple(abc_concep
         md("## 1. Customised-model benchmark"),
         code('''
 abc = CF.prepare_abc(setup, n_exemplars=n_exemplars, steps=abc_steps, n_queries=abc_queries)
-abc_scores = CF.method_scores(abc, abc_methods, unlearn=unlearn)
+abc_scores = CF.method_scores(abc, abc_methods, clip=clip, unlearn=unlearn)
 abc_rank = {m: B.rank_scores(s) for m, s in abc_scores.items()}
 abc_table = B.retrieval_table(abc_rank, abc.truth, k=10)
 report.save_table(abc_table, out, "abc_retrieval")
@@ -318,7 +319,7 @@ abc_table.round(3)
         code('''
 # NBVAL_CHECK_OUTPUT
 for m, r in abc_table.iterrows():
-    print(f"{m:12s} exemplars in the top 10: {r['found']:2d} / {r['of']}")
+    print(f"{m:12s} exemplars in the top 10: {int(r['found']):2d} / {int(r['of'])}")
 '''),
         md("## 2. Ablations: Fisher, weight subset, gradient draws"),
         code('''
@@ -328,7 +329,7 @@ variants.update({f"draws {n * unlearn_batch_size}": dict(unlearn, n_batches=n) f
 variants["random"] = None
 abl = {}
 for name, kw in variants.items():
-    s = (CF.method_scores(setup, ["random"])["random"] if kw is None
+    s = (CF.method_scores(setup, ["random"], clip=clip)["random"] if kw is None
          else CF.unlearning_scores(setup, progress=False, **kw))
     abl[name] = B.rank_scores(s)
 abl_table = B.retrieval_table(abl, setup.truth, k=10)
@@ -350,7 +351,7 @@ report.save_results(out, dict(abc=abc_table.reset_index().to_dict(orient="record
                               verdicts=verdicts))
 # NBVAL_CHECK_OUTPUT
 for name, r in abl_table.iterrows():
-    print(f"{name:22s} ground truth in the top 10: {r['found']:2d} / {r['of']}")
+    print(f"{name:22s} ground truth in the top 10: {int(r['found']):2d} / {int(r['of'])}")
 print(verdicts)
 '''),
         md("""
