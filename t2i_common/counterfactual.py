@@ -52,6 +52,11 @@ class AttributionWorld:
     lr: float = 2e-3
     warmup: int = 30
     caption_dropout: float = 0.1
+    #: leave-K-out retraining: "masked" = the base run's exact minibatch, noise and timestep
+    #: sequence with the removed images' terms dropped from every batch mean; "resample" = a fresh
+    #: run on the kept images with the same seed (the paper's procedure; its batches differ from
+    #: the base run's, which adds retraining noise to every Delta L)
+    retrain: str = "masked"
 
     def key(self) -> dict:
         d = dataclasses.asdict(self)
@@ -128,15 +133,25 @@ def train_world_model(world: AttributionWorld, samples, exclude=(), *, init=None
     else:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "key.json").write_text(json.dumps(key, indent=1))
-        pairs = training.toy_training_pairs([samples[i] for i in keep])
         cfg = _cfg(world, base)
-        unet, info = training.train_unet(
-            pairs, base.text_encoder, base.vae, base.tokenizer, cfg, steps,
-            caption_dropout=world.caption_dropout, batch_size=world.batch_size, lr=world.lr,
-            seed=world.seed, out_dir=folder, ckpt_every=max(50, steps // 4), resume=True,
-            init=copy.deepcopy(init) if init is not None else None, ema_decay=None,
-            warmup=min(world.warmup, max(1, steps // 2)), scheduler=base.scheduler,
-            progress=progress)
+        common = dict(caption_dropout=world.caption_dropout, batch_size=world.batch_size,
+                      lr=world.lr, seed=world.seed, out_dir=folder,
+                      ckpt_every=max(50, steps // 4), warmup=min(world.warmup, max(1, steps // 2)),
+                      scheduler=base.scheduler, progress=progress)
+        if world.retrain == "masked" and init is None:
+            removed = np.zeros(len(samples), bool)
+            removed[exclude] = True
+            unet, info = train_unet_masked(training.toy_training_pairs(samples), removed,
+                                           base.text_encoder, base.vae, base.tokenizer, cfg, steps,
+                                           **common)
+        elif world.retrain in ("masked", "resample"):
+            pairs = training.toy_training_pairs([samples[i] for i in keep])
+            unet, info = training.train_unet(
+                pairs, base.text_encoder, base.vae, base.tokenizer, cfg, steps, resume=True,
+                init=copy.deepcopy(init) if init is not None else None, ema_decay=None, **common)
+        else:
+            raise ValueError(f"AttributionWorld.retrain must be 'masked' or 'resample', got "
+                             f"{world.retrain!r}")
         info = dict(wall_s=info["wall_s"], final_loss=info["final_loss"], n_train=len(keep),
                     removed=len(exclude), steps=steps)
         unet.save_pretrained(folder / "unet")
@@ -147,6 +162,55 @@ def train_world_model(world: AttributionWorld, samples, exclude=(), *, init=None
     model = T2IModel(base.tokenizer, base.text_encoder, base.vae, unet.eval(), base.scheduler,
                      name=f"attribution-{tag}-{fingerprint(key)}")
     return model, info
+
+
+def train_unet_masked(pairs, removed, text_encoder, vae, tokenizer, cfg, steps: int, *,
+                      caption_dropout: float = 0.1, batch_size: int = 32, lr: float = 1e-3,
+                      seed: int = 0, out_dir=None, ckpt_every: int = 200, warmup: int = 100,
+                      scheduler=None, progress: bool = True):
+    """:func:`training.train_unet`'s eps-prediction training from scratch (same initialisation,
+    generator and draws: images, caption, caption dropout, posterior sample, t, eps), except that
+    the images flagged in ``removed`` contribute nothing: each batch's loss is the mean over its
+    kept images.  With nothing removed this is the base run; with K removed it is the same run
+    that never saw those K images - the leave-K-out counterfactual without the retraining noise
+    of a re-sampled batch sequence.  Resumable through ``out_dir``."""
+    import torch.nn.functional as F
+
+    from . import training
+    from .sdformat import build_scheduler, build_unet
+
+    data = training.as_pairs(pairs)
+    removed = torch.as_tensor(np.asarray(removed, bool))
+    if len(removed) != len(data):
+        raise ValueError(f"removed mask has {len(removed)} entries for {len(data)} images")
+    sched = scheduler or build_scheduler(cfg)
+    abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
+    sf = float(vae.config.scaling_factor)
+    captions, per_image = training._caption_table(data, extra=("",))
+    emb = training.encode_texts(text_encoder, tokenizer, captions, cfg.max_length)
+    mu, sd = training.encode_latent_posteriors(vae, data.images)
+    torch.manual_seed(seed)
+    unet = build_unet(cfg)
+
+    def loss_fn(model, g):
+        idx = training._draw(len(data), batch_size, g)
+        cap = training.draw_captions(per_image, idx, g, caption_dropout)
+        z0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g)) * sf
+        t = torch.randint(len(abar), (len(idx),), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        pred = model(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, encoder_hidden_states=emb[cap]).sample
+        keep = (~removed[idx]).float()
+        per = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
+        return (per * keep).sum() / keep.sum().clamp_min(1.0)
+
+    hp = dict(stage="unet-masked", n=len(data), batch_size=batch_size,
+              caption_dropout=caption_dropout, removed=np.flatnonzero(removed.numpy()).tolist(),
+              scaling_factor=round(sf, 6))
+    unet, _, info = training._fit("unet", unet, loss_fn, steps=steps, lr=lr, seed=seed,
+                                  out_dir=out_dir, ckpt_every=ckpt_every, resume=True,
+                                  warmup=warmup, progress=progress, hparams=hp, desc="UNet")
+    return unet.eval(), info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,7 +414,6 @@ def prepare_abc(setup: AttributionSetup, *, n_exemplars: int = 4, steps: int = 6
     as the original concatenates them; ground truth = indices 0..n_exemplars-1).  The Fisher is
     the base model's (the original uses SD's); N in lr / N is the pretraining-set size."""
     from . import attribution as A
-    from .cache import ResultCache
 
     world = setup.world
     ex = abc_exemplars(world, n_exemplars, seed)

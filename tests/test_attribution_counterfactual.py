@@ -50,6 +50,35 @@ def test_retraining_with_nothing_removed_reproduces_the_base_exactly(tmp_path):
     assert g["mse"][0] > 0.0
 
 
+def test_masked_retraining_is_train_unet_with_removed_terms_dropped(tmp_path):
+    """With nothing removed, the masked loop is train_unet's run (same init and draws); removing
+    images changes the weights; the 'resample' variant (the paper's) also reproduces itself."""
+    import dataclasses
+
+    from t2i_common import training
+
+    w = CF.AttributionWorld(**TINY_WORLD)
+    samples, _ = CF.make_world(w)
+    base = CF._components(w.base)
+    cfg = CF._cfg(w, base)
+    kw = dict(caption_dropout=w.caption_dropout, batch_size=4, lr=w.lr, seed=0, warmup=1,
+              scheduler=base.scheduler, progress=False)
+    pairs = training.toy_training_pairs(samples)
+    masked, _ = CF.train_unet_masked(pairs, np.zeros(len(samples), bool), base.text_encoder,
+                                     base.vae, base.tokenizer, cfg, 3, **kw)
+    ref, _ = training.train_unet(pairs, base.text_encoder, base.vae, base.tokenizer, cfg, 3,
+                                 ema_decay=None, **kw)
+    for (n, a), (_, b) in zip(masked.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+    rs = dataclasses.replace(w, retrain="resample")
+    r1, _ = CF.train_world_model(rs, samples, exclude=[1], cache_root=tmp_path / "a", progress=False)
+    r2, _ = CF.train_world_model(rs, samples, exclude=[1], cache_root=tmp_path / "b", progress=False)
+    assert A.weights_fingerprint(r1.unet) == A.weights_fingerprint(r2.unet)
+    with pytest.raises(ValueError, match="retrain must be"):
+        CF.train_world_model(dataclasses.replace(w, retrain="x"), samples, cache_root=tmp_path / "c",
+                             progress=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # the original's MSCOCO files on a tiny model
 # ------------------------------------------------------------------------------------------------

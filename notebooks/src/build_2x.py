@@ -3,9 +3,12 @@ unlearning).
 
     .venv/bin/python notebooks/src/build_2x.py            # (re)write the three notebooks, no outputs
     T2I_CACHE=$(mktemp -d) .venv/bin/python -m t2i_common.runner 20 21 22   # a cold default run
+    .venv/bin/python notebooks/src/build_2x.py --interpret interp.json   # fill the interpretations
 """
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import nbformat as nbf
@@ -362,11 +365,27 @@ INTERPRETATION_22
     ])
 
 
-def main():
+def interpret(path):
+    """Fill the INTERPRETATION_2x cells of the executed notebooks from a json {stem: markdown}."""
+    texts = json.loads(Path(path).read_text())
+    for stem, text in texts.items():
+        f = HERE / f"{stem}.ipynb"
+        nb = nbf.read(f, as_version=4)
+        tag = f"INTERPRETATION_{stem[:2]}"
+        for c in nb.cells:
+            if c.cell_type == "markdown" and tag in c.source:
+                c.source = c.source.replace(tag, text.strip())
+        nbf.write(nb, f)
+        print("interpreted", f)
+
+
+def main(argv):
+    if len(argv) == 2 and argv[0] == "--interpret":
+        return interpret(argv[1])
     for name, fn in [("20_attribution", nb20), ("21_leave_k_out", nb21), ("22_abc_ablations", nb22)]:
         nbf.write(fn(), HERE / f"{name}.ipynb")
         print("wrote", HERE / f"{name}.ipynb")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
