@@ -435,3 +435,13 @@ def prepare_abc(setup: AttributionSetup, *, n_exemplars: int = 4, steps: int = 6
     return AttributionSetup(world, allsamples, {tuple(world.abc_concept): np.arange(n_exemplars)},
                             tuned, data, queries, truth, setup.fisher, loss,
                             dict(setup.settings, n_train=len(setup.samples)), info)
+
+
+def oracle_ranking(truth, n: int) -> np.ndarray:
+    """[Q, n] rankings that put each query's ground-truth images first (in index order), then the
+    rest: the leave-K-out reference of removing exactly the truly responsible images."""
+    out = []
+    for t in truth:
+        t = np.asarray(t, dtype=np.int64)
+        out.append(np.concatenate([t, np.setdiff1d(np.arange(n), t)]))
+    return np.stack(out)
