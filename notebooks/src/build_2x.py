@@ -227,7 +227,7 @@ t0 = time.perf_counter()
 long = CF.leave_k_out(world, setup.samples, setup.base, setup.queries, rankings, ks,
                       clip=clip, time_samples=20, seed=seed, gen_steps=gen_steps)
 print(f"{long.shape[0]} leave-K-out retrainings and evaluations in {time.perf_counter() - t0:.0f} s")
-report.save_table(long.set_index(["method", "K", "query"]), out, "leave_k_out_per_query")
+_ = report.save_table(long.set_index(["method", "K", "query"]), out, "leave_k_out_per_query")
 '''),
         md("## The paper's table layout, our toy numbers beside the paper's MSCOCO numbers"),
         code('''
@@ -270,7 +270,7 @@ for ax, col, lab in zip(axes, ["dL", "mse", "clip"], ["Delta L (higher better)",
     long.groupby("method")[col].mean().reindex(methods).plot.bar(ax=ax, color="steelblue")
     ax.set_title(lab, fontsize=9)
     ax.set_xlabel("")
-report.save_figure(fig, out, "leave_k_out")
+_ = report.save_figure(fig, out, "leave_k_out")
 '''),
         md("""
 ## Interpretation
