@@ -133,3 +133,11 @@ def test_mscoco_file_path_on_a_tiny_model(mscoco_files, tmp_path):
                                pretrain_loss_path=tmp_path / "bad_loss.npy", **kw)
     with pytest.raises(FileNotFoundError, match="neither a Stable-Diffusion folder"):
         A.load_attribution_model(tmp_path)
+
+
+def test_oracle_ranking_puts_the_ground_truth_first():
+    r = CF.oracle_ranking([np.array([3, 1]), np.array([0])], 5)
+    np.testing.assert_array_equal(r[0], [3, 1, 0, 2, 4])
+    np.testing.assert_array_equal(r[1], [0, 1, 2, 3, 4])
+    from t2i_common import attribution_baselines as B
+    assert B.recall_at_k(r[0], [1, 3], k=2) == 1.0
