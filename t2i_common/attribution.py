@@ -1,0 +1,723 @@
+"""Data attribution by unlearning synthesized images (Wang et al., NeurIPS '24).
+
+Which training images made the model generate z^?  Unlearn z^ (raise its loss with one Newton
+step preconditioned by the Fisher information, so the weights move as little as possible for the
+rest of the data) and rank the training images by how much their loss rises:
+
+    theta_-  = theta_0 + (lr / N) F^-1 grad_theta L(z^, theta_0)          (Newton step, Eq. 5)
+    tau(z^, z_i) = L(z_i, theta_-) - L(z_i, theta_0)                        (influence, Eq. 6)
+
+The pieces, as the original code (PeterWang512/AttributeByUnlearning, ``mscoco/``) computes them:
+
+* :class:`TrainingSet` - latents of every training image and of its horizontal flip (2N rows,
+  unflipped first) and the text embeddings of its captions [N, P, L, D]; read from the original's
+  ``coco17_train_latents.npy`` / ``coco17_train_text_embeddings.npy`` or encoded from images.
+* :func:`training_loss` - per row the mean eps-MSE over the timesteps {0, 50, ..., 950} (20; a
+  parameter) and every caption, through :func:`t2i_common.engine.denoise_errors`; cached per chunk
+  of rows, resumable, shardable.
+* :func:`fisher_diagonal` - mean of squared per-sample gradients (``torch.func`` vmap of grad),
+  random t and fresh noise per sample, ``epochs`` passes (5 in the original); saved as the
+  original's ``{param_name: tensor}`` ``.pt``.
+* :func:`unlearn_delta` / :func:`unlearned` - the Newton step in float64, gradient averaged over
+  ``n_batches`` x ``batch_size`` (noise, distinct timestep) draws of the query (original 625 x 80),
+  lr 0.01, only the parameters of a weight subset (default cross-attention K/V); the model is
+  restored bit-exactly afterwards.
+* :func:`influence_from_losses` / :func:`save_influence` - loss after - loss before, max over the
+  two flips, rank = argsort(-influence), the original's ``influence_{idx}.pkl``.
+
+Deliberate differences (each keeps the method, removes a fragility):
+
+* Noise of the loss pass depends only on (seed, row, timestep): row r draws its [K, C, h, w] noise
+  from ``NoiseBank(seed).draw(K, stream=r)``.  The original seeds the noise per *batch* (seed 0 +
+  batch index), so the pre- and post-unlearning passes had to use identical batch sizes; here any
+  batch size, chunking or shard layout gives the same noise.  As everywhere in the engine, the
+  captions of one row share the noise (the original draws one per caption): common random numbers
+  across captions, which lowers the variance of the mean.  For bit-identical losses before and
+  after unlearning keep ``batch_size`` fixed (CPU matmuls may round differently per batch shape).
+* The Fisher pass draws its timesteps, noise and caption from a seeded generator outside the vmap
+  (the original calls ``torch.randn`` / ``np.random`` inside it), so it is reproducible and equal
+  to a loop of single-sample gradients (tested).
+* ``damping`` (default 0, the original's choice) can be added to F before dividing.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .cache import ResultCache
+from .engine import NoiseBank, denoise_errors
+
+#: parameter-name patterns per weight subset: every group must match (any substring of a group)
+WEIGHT_SUBSETS = {
+    "cross-attn-kv": (("attn2",), ("to_k", "to_v")),
+    "cross-attn": (("attn2",),),
+    "attn": (("attn",),),
+    "all": (),
+}
+
+
+def select_parameters(unet, subset: str = "cross-attn-kv") -> list[str]:
+    """Names of the UNet parameters a weight subset updates (the original's ``check_substrings``:
+    a name is selected when, for every pattern group, it contains one of the group's strings)."""
+    if subset not in WEIGHT_SUBSETS:
+        raise ValueError(f"unknown weight subset {subset!r}; choose one of {list(WEIGHT_SUBSETS)}")
+    groups = WEIGHT_SUBSETS[subset]
+    names = [n for n, _ in unet.named_parameters()
+             if all(any(s in n for s in g) for g in groups)]
+    if not names:
+        raise ValueError(f"weight subset {subset!r} selects no parameter of this UNet; its "
+                         f"parameter names look like {[n for n, _ in unet.named_parameters()][:3]}")
+    return names
+
+
+def weights_fingerprint(unet) -> str:
+    """sha1 of all UNet weights (keys caches of per-model results such as the pre-training loss)."""
+    h = hashlib.sha1()
+    for n, p in unet.state_dict().items():
+        h.update(n.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def loss_timesteps(time_samples: int = 20, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The original's loss grid ``arange(0, T, T // time_samples)`` (20 -> 0, 50, ..., 950)."""
+    if time_samples < 1 or num_train_timesteps % time_samples:
+        raise ValueError(f"time_samples must divide the {num_train_timesteps} training timesteps, "
+                         f"got {time_samples}")
+    return torch.arange(0, num_train_timesteps, num_train_timesteps // time_samples)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingSet:
+    """A training set in latent space, the original's layout.
+
+    latents: [2N, C, h, w] float32 - N images then their N horizontal flips (row N + i is the flip
+    of row i); text_emb: [N, P, L, D] - P caption embeddings per image (the original: 5 COCO
+    captions).  ``images`` (uint8 [N, H, W, 3]) and ``captions`` are optional, for baselines and
+    figures.
+    """
+    latents: torch.Tensor
+    text_emb: torch.Tensor
+    images: np.ndarray | None = None
+    captions: list | None = None
+
+    def __post_init__(self):
+        self.latents = torch.as_tensor(self.latents, dtype=torch.float32)
+        self.text_emb = torch.as_tensor(self.text_emb, dtype=torch.float32)
+        check_training_set(self.latents.shape, self.text_emb.shape, "latents", "text_emb")
+        if self.images is not None and len(self.images) != self.n:
+            raise ValueError(f"TrainingSet: {len(self.images)} images for {self.n} training rows; "
+                             f"give one image per unflipped latent")
+
+    @property
+    def n(self) -> int:
+        return int(self.text_emb.shape[0])
+
+    @classmethod
+    def from_npy(cls, latents_path, text_path, images=None, captions=None) -> "TrainingSet":
+        """The original's files: ``coco17_train_latents.npy`` [2N, C, h, w] (unflipped rows first)
+        and ``coco17_train_text_embeddings.npy`` [N, P, L, D]; shapes are checked before any work."""
+        lat, txt = _load_npy(latents_path), _load_npy(text_path)
+        check_training_set(lat.shape, txt.shape, latents_path, text_path)
+        return cls(torch.from_numpy(np.array(lat, dtype=np.float32)),
+                   torch.from_numpy(np.array(txt, dtype=np.float32)), images, captions)
+
+    @classmethod
+    def from_images(cls, model, images, captions, batch_size: int = 64) -> "TrainingSet":
+        """Encode uint8 [N, H, W, 3] images and their flips with the model's VAE (posterior mean)
+        and each image's captions with its text encoder.  Images with fewer captions than the most
+        captioned one repeat theirs cyclically, so every image has P embeddings."""
+        images = np.asarray(images)
+        caps = [[c] if isinstance(c, str) else list(c) for c in captions]
+        if len(caps) != len(images) or any(not c for c in caps):
+            raise ValueError(f"TrainingSet.from_images: {len(images)} images need as many non-empty "
+                             f"caption lists, got {len(caps)}")
+        x = model.preprocess(list(images))
+        lat = torch.cat([model.encode_images(x, batch_size=batch_size),
+                         model.encode_images(x.flip(-1), batch_size=batch_size)]).float().cpu().clone()
+        P = max(len(c) for c in caps)
+        flat = [c[j % len(c)] for c in caps for j in range(P)]
+        emb = model.encode_prompts(flat).float().cpu().clone()   # clone: out of inference mode
+        return cls(lat, emb.view(len(images), P, *emb.shape[1:]), images, caps)
+
+    def save_npy(self, folder, prefix: str = "coco17_train") -> tuple[Path, Path]:
+        """Write ``{prefix}_latents.npy`` and ``{prefix}_text_embeddings.npy`` (original names)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        a, b = folder / f"{prefix}_latents.npy", folder / f"{prefix}_text_embeddings.npy"
+        np.save(a, self.latents.numpy())
+        np.save(b, self.text_emb.numpy())
+        return a, b
+
+
+def _load_npy(path):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; point at the .npy file written by the "
+                                f"preprocessing (e.g. the original's download_mscoco.sh)")
+    return np.load(path, mmap_mode="r")
+
+
+def check_training_set(lat_shape, txt_shape, lat_name="latents", txt_name="text_emb") -> None:
+    """Clear errors for malformed training-set arrays (raised before any model work)."""
+    if len(lat_shape) != 4:
+        raise ValueError(f"{lat_name}: latents must be [2N, C, h, w] (images then their flips), got "
+                         f"shape {tuple(lat_shape)}")
+    if len(txt_shape) != 4:
+        raise ValueError(f"{txt_name}: text embeddings must be [N, P, L, D] (P captions per image), "
+                         f"got shape {tuple(txt_shape)}; a [N, L, D] array needs [:, None]")
+    if lat_shape[0] != 2 * txt_shape[0]:
+        raise ValueError(f"{lat_name} has {lat_shape[0]} rows but {txt_name} has {txt_shape[0]} "
+                         f"images: the latents must hold 2N rows (N unflipped, then N flipped); "
+                         f"regenerate one of the files so the counts match")
+
+
+@dataclass
+class QuerySet:
+    """Synthesized queries z^: latents [Q, C, h, w], prompt embeddings [Q, L, D], optional images
+    (uint8 [Q, H, W, 3]) and prompts."""
+    latents: torch.Tensor
+    text_emb: torch.Tensor
+    images: np.ndarray | None = None
+    prompts: list | None = None
+
+    def __post_init__(self):
+        self.latents = torch.as_tensor(self.latents, dtype=torch.float32)
+        self.text_emb = torch.as_tensor(self.text_emb, dtype=torch.float32)
+        if self.latents.ndim != 4 or self.text_emb.ndim != 3 or len(self.latents) != len(self.text_emb):
+            raise ValueError(f"QuerySet: latents [Q, C, h, w] and text_emb [Q, L, D] with the same Q "
+                             f"needed, got {tuple(self.latents.shape)} and {tuple(self.text_emb.shape)}")
+
+    def __len__(self):
+        return len(self.latents)
+
+    def check_index(self, idx: int) -> int:
+        if not 0 <= int(idx) < len(self):
+            raise IndexError(f"query index {idx} is out of range: the query set has {len(self)} "
+                             f"queries (0..{len(self) - 1}); pass an index below {len(self)}")
+        return int(idx)
+
+    @classmethod
+    def from_npy(cls, latents_path, text_path, image_dir=None) -> "QuerySet":
+        """The original's ``latents.npy`` [Q, C, h, w], ``text_embeddings.npy`` [Q, 1, L, D] (the
+        first caption is used, as ``np.load(...)[[idx], 0]``) and optional ``images/{i}.png``."""
+        lat, txt = _load_npy(latents_path), _load_npy(text_path)
+        if txt.ndim == 4:
+            txt = txt[:, 0]
+        if lat.ndim != 4 or txt.ndim != 3:
+            raise ValueError(f"{latents_path}: query latents must be [Q, C, h, w] (got "
+                             f"{lat.shape}) and {text_path} [Q, 1, L, D] or [Q, L, D] (got {txt.shape})")
+        if len(lat) != len(txt):
+            raise ValueError(f"{latents_path} holds {len(lat)} queries but {text_path} holds "
+                             f"{len(txt)}; both must come from the same generate_samples run")
+        images = None
+        if image_dir is not None:
+            from PIL import Image
+            files = [Path(image_dir) / f"{i}.png" for i in range(len(lat))]
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise FileNotFoundError(f"query images missing in {image_dir}: {missing[:3]}; "
+                                        f"expected one {{i}}.png per query")
+            images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        return cls(torch.from_numpy(np.array(lat, dtype=np.float32)),
+                   torch.from_numpy(np.array(txt, dtype=np.float32)), images)
+
+
+def check_compatible(model, data: TrainingSet) -> None:
+    """The training latents / embeddings must fit the model (latent shape, text width)."""
+    if tuple(data.latents.shape[1:]) != tuple(model.latent_shape):
+        raise ValueError(f"training latents have shape {tuple(data.latents.shape[1:])} per row but "
+                         f"the model expects {tuple(model.latent_shape)}; encode the images with "
+                         f"this model's VAE at its resolution")
+    width = model.unet.config.cross_attention_dim
+    if data.text_emb.shape[-1] != width:
+        raise ValueError(f"text embeddings are {data.text_emb.shape[-1]}-d but the UNet's "
+                         f"cross-attention expects {width}; encode captions with its text encoder")
+
+
+# ------------------------------------------------------------------------------------------------
+# training-set loss pass
+# ------------------------------------------------------------------------------------------------
+def row_noise(shape, seed: int, row: int, K: int) -> torch.Tensor:
+    """Noise [K, C, h, w] of training row ``row``: a function of (seed, row, timestep) only."""
+    return NoiseBank(shape, seed).draw(K, stream=int(row))
+
+
+def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int = 0,
+                  rows=None, shard=(0, 1), chunk: int = 64, batch_size: int = 256,
+                  cache: ResultCache | None = None, progress: bool = True) -> np.ndarray:
+    """L(z_i, theta) per training row: mean over captions and the timesteps
+    :func:`loss_timesteps` of ||eps - eps_theta(z_t, t, c)||^2 / dim (the original's
+    ``collect_loss`` with avg_timesteps and avg_captions).
+
+    rows: row indices (default all 2N); returned float64 [len(rows)].  Rows are processed in chunks
+    of ``chunk``; with ``shard=(i, n)`` only chunks c with c % n == i are computed (others NaN) -
+    run every shard against the same ``cache`` and a final call with the default shard reads them
+    all back.  ``cache``: per-chunk results (key it by the model weights, e.g.
+    :func:`weights_fingerprint`), so a killed run resumes.
+    """
+    check_compatible(model, data)
+    i_shard, n_shard = (int(s) for s in shard)
+    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    rows = np.arange(len(data.latents)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(data.latents)):
+        raise IndexError(f"training_loss: rows must lie in 0..{len(data.latents) - 1}")
+    ts = loss_timesteps(time_samples, model.num_train_timesteps)
+    K, P = len(ts), data.text_emb.shape[1]
+    N = data.n
+    out = np.full(len(rows), np.nan)
+    chunks = [(c, rows[s:s + chunk]) for c, s in enumerate(range(0, len(rows), chunk))]
+    mine = [(c, r) for c, r in chunks if c % n_shard == i_shard]
+    for c, r in tqdm(mine, disable=not progress, desc="training loss"):
+        cid = f"rows{int(r[0])}-{int(r[-1])}-{len(r)}"
+        if cache is not None and cache.has(cid):
+            vals = cache.load(cid)
+        else:
+            img = torch.as_tensor(r % N)
+            emb = data.text_emb[img].reshape(-1, *data.text_emb.shape[2:])
+            cond_idx = torch.arange(len(r) * P).view(len(r), P)
+            noise = torch.stack([row_noise(model.latent_shape, seed, int(i), K) for i in r])
+            res = denoise_errors(model, data.latents[torch.as_tensor(r)], emb, cond_idx,
+                                 timesteps=ts, noise=noise, batch_size=batch_size)
+            vals = res["mse"].double().mean(dim=(1, 2)).numpy()
+            if cache is not None:
+                cache.save(cid, vals)
+        pos = c * chunk
+        out[pos:pos + len(r)] = vals
+    return out
+
+
+def loss_cache(model, data: TrainingSet, time_samples: int, seed: int, batch_size: int,
+               root=None, tag: str = "") -> ResultCache:
+    """The per-chunk cache of :func:`training_loss` for these weights, data and settings."""
+    key = dict(weights=weights_fingerprint(model.unet), latents=data.latents,
+               text=data.text_emb, time_samples=time_samples, seed=seed, batch_size=batch_size,
+               tag=tag)
+    return ResultCache("attribution-loss", key, root=root)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fisher information
+# ------------------------------------------------------------------------------------------------
+def _eps_loss(unet, params, buffers, zt, t, emb, eps, target="loss"):
+    pred = torch.func.functional_call(unet, (params, buffers), (zt, t),
+                                      {"encoder_hidden_states": emb, "return_dict": False})[0]
+    if target == "sq_norm":          # D-TRAK's output function: mean ||eps_theta||^2
+        return pred.pow(2).mean()
+    return F.mse_loss(pred, eps)
+
+
+def per_sample_grads(unet, names, z0, t, emb, eps, abar, how: str = "vmap",
+                     target: str = "loss") -> dict:
+    """Gradients of the eps-MSE of each sample w.r.t. the parameters ``names``: dict of
+    [B, *shape].  ``how="vmap"``: ``torch.func.vmap(grad)`` (the original's compute_fisher);
+    ``how="loop"``: one backward per sample (the reference it must equal).  The UNet's attention
+    runs through diffusers' plain ``AttnProcessor`` meanwhile (SDPA has no vmap batching rule on
+    CPU, so functorch would fall back to a slow per-sample loop)."""
+    if target not in ("loss", "sq_norm"):
+        raise ValueError(f"per_sample_grads: target must be 'loss' or 'sq_norm', got {target!r}")
+    with _plain_attention(unet):
+        return _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target)
+
+
+class _plain_attention:
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __enter__(self):
+        self.saved = None
+        if hasattr(self.unet, "attn_processors"):
+            from diffusers.models.attention_processor import AttnProcessor
+            self.saved = dict(self.unet.attn_processors)
+            self.unet.set_attn_processor(AttnProcessor())
+        return self.unet
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.unet.set_attn_processor(self.saved)
+        return False
+
+
+def _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target):
+    all_p = {n: p.detach() for n, p in unet.named_parameters()}
+    params = {n: all_p[n] for n in names}
+    frozen = {n: p for n, p in all_p.items() if n not in params}
+    buffers = {n: b.detach() for n, b in unet.named_buffers()}
+    a = abar[t].view(-1, 1, 1, 1).to(z0.dtype)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+
+    def one(p, zt1, t1, emb1, eps1):
+        return _eps_loss(unet, {**frozen, **p}, buffers, zt1[None], t1[None], emb1[None], eps1[None],
+                         target)
+
+    if how == "vmap":
+        return torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0, 0))(params, zt, t, emb, eps)
+    if how == "loop":
+        gs = [torch.func.grad(one)(params, zt[i], t[i], emb[i], eps[i]) for i in range(len(zt))]
+        return {n: torch.stack([g[n] for g in gs]) for n in names}
+    raise ValueError(f"per_sample_grads: how must be 'vmap' or 'loop', got {how!r}")
+
+
+def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: int = 5,
+                    batch_size: int = 32, seed: int = 0, progress: bool = True,
+                    path=None) -> dict:
+    """Diagonal empirical Fisher F = E[(grad_theta L(z, theta))^2] over the 2N training rows.
+
+    Per sample: a random timestep t ~ U{0..T-1}, fresh noise and one random caption, drawn from a
+    generator seeded with (seed, epoch) (original: compute_fisher.py, batch 32, 5 epochs).  Batch
+    means of squared per-sample gradients are averaged (float64), as in the original.  With
+    ``path`` the result is saved as ``{param_name: tensor}`` (the original's ``fisher_info.pt``)
+    and reloaded if it already exists for the same parameter names.
+    """
+    check_compatible(model, data)
+    unet = model.unet
+    names = select_parameters(unet, subset)
+    if path is not None and Path(path).exists():
+        fisher = torch.load(path, map_location="cpu")
+        if set(names) <= set(fisher):
+            return {n: fisher[n] for n in names}
+    abar = model.alphas_cumprod.float()
+    T, P = len(abar), data.text_emb.shape[1]
+    acc = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in unet.named_parameters() if n in names}
+    count = 0
+    dev = model.device
+    for ep in range(epochs):
+        g = torch.Generator().manual_seed(int(seed) * 1000003 + ep)
+        for s in tqdm(range(0, len(data.latents), batch_size), disable=not progress,
+                      desc=f"Fisher epoch {ep + 1}/{epochs}"):
+            r = torch.arange(s, min(s + batch_size, len(data.latents)))
+            t = torch.randint(T, (len(r),), generator=g)
+            eps = torch.randn((len(r),) + tuple(model.latent_shape), generator=g)
+            cap = torch.randint(P, (len(r),), generator=g)
+            emb = data.text_emb[r % data.n, cap]
+            gs = per_sample_grads(unet, names, data.latents[r].to(dev), t.to(dev), emb.to(dev),
+                                  eps.to(dev), abar.to(dev))
+            for n in names:
+                acc[n] += gs[n].double().square().mean(0).cpu()
+            count += 1
+    fisher = {n: v / count for n, v in acc.items()}
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(fisher, path)
+    return fisher
+
+
+# ------------------------------------------------------------------------------------------------
+# unlearning
+# ------------------------------------------------------------------------------------------------
+def query_draws(seed: int, n_batches: int, batch_size: int, T: int, shape) -> tuple:
+    """The (timestep, noise) draws of the query gradient: per batch ``batch_size`` *distinct*
+    timesteps (a random permutation's head, as the original) and standard-normal noise, from one
+    generator seeded with ``seed``.  Returns t [n_batches, B] and eps [n_batches, B, C, h, w]."""
+    if batch_size > T:
+        raise ValueError(f"batch_size {batch_size} > {T} timesteps: the draws of one batch must be "
+                         f"distinct timesteps; use a batch size <= {T}")
+    g = torch.Generator().manual_seed(int(seed))
+    t = torch.stack([torch.randperm(T, generator=g)[:batch_size] for _ in range(n_batches)])
+    eps = torch.randn((n_batches, batch_size) + tuple(shape), generator=g)
+    return t, eps
+
+
+def query_gradient(model, latent, emb, names, *, n_batches: int = 625, batch_size: int = 80,
+                   seed: int = 0, progress: bool = False) -> dict:
+    """grad_theta L(z^, theta): the eps-MSE of the query averaged over ``n_batches`` batches of
+    ``batch_size`` (noise, distinct timestep) draws (the original's gradient accumulation over
+    625 x 80, divided by 625).  Returns float64 tensors for the parameters ``names``."""
+    unet = model.unet
+    params = dict(unet.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"query_gradient: the UNet has no parameter(s) {missing[:3]}")
+    abar = model.alphas_cumprod.float()
+    ts, noise = query_draws(seed, n_batches, batch_size, len(abar), model.latent_shape)
+    z0 = torch.as_tensor(latent, dtype=torch.float32).reshape(1, *model.latent_shape)
+    e = torch.as_tensor(emb, dtype=torch.float32).reshape(1, *emb.shape[-2:])
+    old = {n: p.requires_grad for n, p in params.items()}
+    grad = {n: torch.zeros(params[n].shape, dtype=torch.float64) for n in names}
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+            p.grad = None
+        with torch.enable_grad():
+            for b in tqdm(range(n_batches), disable=not progress, desc="query gradient"):
+                t, eps = ts[b], noise[b]
+                a = abar[t].view(-1, 1, 1, 1)
+                zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+                loss = F.mse_loss(model.eps(zt, t.to(model.device),
+                                            e.expand(len(t), -1, -1)).float(), eps.to(model.device))
+                gs = torch.autograd.grad(loss, [params[n] for n in names])
+                for n, gn in zip(names, gs):
+                    grad[n] += gn.detach().double().cpu()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(old[n])
+    return {n: v / n_batches for n, v in grad.items()}
+
+
+def newton_step(grad: dict, fisher: dict | None, lr: float, n_train: int,
+                damping: float = 0.0) -> dict:
+    """Delta theta = (lr / N) F^-1 grad (float64).  ``fisher=None`` is the SGD ablation without the
+    Fisher preconditioner: Delta theta = (lr / N) grad."""
+    out = {}
+    for n, gn in grad.items():
+        gn = gn.double()
+        if fisher is None:
+            out[n] = lr * gn / n_train
+            continue
+        if n not in fisher:
+            raise KeyError(f"the Fisher information has no entry {n!r}; recompute it with a weight "
+                           f"subset that covers this parameter (e.g. subset='all')")
+        f = fisher[n].double().cpu() + damping
+        if (f <= 0).any():
+            raise ValueError(f"Fisher entry {n!r} has {(f <= 0).sum().item()} non-positive values; "
+                             f"pass damping > 0")
+        out[n] = lr * gn / (f * n_train)
+    return out
+
+
+class unlearned:
+    """Context manager: add ``delta`` (float64 update, cast to each parameter's dtype) to the UNet
+    on entry and restore the saved original tensors bit-exactly on exit."""
+
+    def __init__(self, unet, delta: dict):
+        self.unet, self.delta = unet, delta
+
+    def __enter__(self):
+        params = dict(self.unet.named_parameters())
+        self.saved = {n: params[n].detach().clone() for n in self.delta}
+        with torch.no_grad():
+            for n, d in self.delta.items():
+                p = params[n]
+                p.copy_((p.detach().double() + d.to(p.device)).to(p.dtype))
+        return self.unet
+
+    def __exit__(self, *exc):
+        params = dict(self.unet.named_parameters())
+        with torch.no_grad():
+            for n, v in self.saved.items():
+                params[n].copy_(v)
+        return False
+
+
+def unlearn_delta(model, latent, emb, fisher, *, n_train: int, subset: str = "cross-attn-kv",
+                  lr: float = 0.01, n_batches: int = 625, batch_size: int = 80, seed: int = 0,
+                  damping: float = 0.0, use_fisher: bool = True) -> dict:
+    """The Newton unlearning update of one query (see :func:`newton_step`).
+
+    ``use_fisher=False`` is the paper's ablation "SGD without Fisher": the raw gradient step,
+    rescaled to the Euclidean length of the Newton step (otherwise lr / N * grad is so short that
+    float32 weights round it away; the ranking then compares directions only)."""
+    names = select_parameters(model.unet, subset)
+    g = query_gradient(model, latent, emb, names, n_batches=n_batches, batch_size=batch_size,
+                       seed=seed)
+    newton = newton_step(g, fisher, lr, n_train, damping)
+    if use_fisher:
+        return newton
+    sgd = newton_step(g, None, lr, n_train)
+    norm = lambda d: torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))  # noqa: E731
+    scale = norm(newton) / norm(sgd).clamp_min(1e-300)
+    return {n: v * scale for n, v in sgd.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# influence
+# ------------------------------------------------------------------------------------------------
+def influence_from_losses(loss_after, loss_before) -> dict:
+    """tau = loss after - loss before per row; max over each image's unflipped and flipped row;
+    rank = argsort(-tau) (stable).  Returns the original's ``{'influence', 'rank'}``."""
+    a, b = np.asarray(loss_after, np.float64), np.asarray(loss_before, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) % 2:
+        raise ValueError(f"losses before/after must be equal [2N] arrays, got {a.shape} and {b.shape}"
+                         f"; use the pre-training loss of the same training set and settings")
+    tau = a - b
+    n = len(tau) // 2
+    infl = np.maximum(tau[:n], tau[n:])
+    return {"influence": infl, "rank": np.argsort(-infl, kind="stable")}
+
+
+def save_influence(result: dict, folder, idx: int) -> Path:
+    """Write ``folder/influence_{idx}.pkl`` holding ``{'influence', 'rank'}`` (original format)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / f"influence_{int(idx)}.pkl"
+    tmp = p.with_suffix(".pkl.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump({"influence": np.asarray(result["influence"]),
+                     "rank": np.asarray(result["rank"])}, f)
+    tmp.replace(p)
+    return p
+
+
+def load_influence(folder, idx: int) -> dict:
+    p = Path(folder) / f"influence_{int(idx)}.pkl"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found; run attribute_by_unlearning for query {idx}")
+    with open(p, "rb") as f:
+        res = pickle.load(f)
+    if set(res) != {"influence", "rank"}:
+        raise ValueError(f"{p} is not an influence file: keys {sorted(res)}, expected "
+                         f"['influence', 'rank']")
+    return res
+
+
+def attribute_by_unlearning(model, data: TrainingSet, queries: QuerySet, fisher, pretrain_loss, *,
+                            indices=None, out_dir=None, subset: str = "cross-attn-kv",
+                            lr: float = 0.01, n_batches: int = 625, batch_size: int = 80,
+                            time_samples: int = 20, seed: int = 0, damping: float = 0.0,
+                            use_fisher: bool = True, n_train: int | None = None,
+                            loss_batch_size: int = 256, progress: bool = True) -> dict:
+    """Influence of every training image on each query ``indices`` (default all).
+
+    For each query: Newton-unlearn it, recompute the training loss (same noise as
+    ``pretrain_loss``), restore the weights, write ``out_dir/influence_{idx}.pkl``; a query whose
+    file exists is read back (resume).  ``n_train``: N in lr / N (default the training-set size;
+    the original's AbC setting hard-codes 400M for LAION).  Returns {idx: {'influence', 'rank'}}.
+    """
+    indices = list(range(len(queries))) if indices is None else [queries.check_index(i) for i in indices]
+    pretrain_loss = np.asarray(pretrain_loss, np.float64)
+    if pretrain_loss.shape != (len(data.latents),):
+        raise ValueError(f"pretrain_loss has shape {pretrain_loss.shape} but the training set has "
+                         f"{len(data.latents)} rows (2N); recompute it with training_loss on the "
+                         f"same training set")
+    check_compatible(model, data)
+    out = {}
+    for idx in tqdm(indices, disable=not progress, desc="unlearning queries"):
+        if out_dir is not None and (Path(out_dir) / f"influence_{idx}.pkl").exists():
+            out[idx] = load_influence(out_dir, idx)
+            continue
+        delta = unlearn_delta(model, queries.latents[idx], queries.text_emb[idx], fisher,
+                              n_train=n_train or data.n, subset=subset, lr=lr,
+                              n_batches=n_batches, batch_size=batch_size, seed=seed,
+                              damping=damping, use_fisher=use_fisher)
+        with unlearned(model.unet, delta):
+            after = training_loss(model, data, time_samples=time_samples, seed=seed,
+                                  batch_size=loss_batch_size, progress=False)
+        out[idx] = influence_from_losses(after, pretrain_loss)
+        if out_dir is not None:
+            save_influence(out[idx], out_dir, idx)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the original's MSCOCO setting from files
+# ------------------------------------------------------------------------------------------------
+class UNetModel:
+    """The minimum of :class:`~t2i_common.models.T2IModel` the attribution code needs, around a
+    bare diffusers ``UNet2DConditionModel`` (the original's MSCOCO model: a UNet trained on
+    precomputed latents and text embeddings, ``DDPMScheduler(num_train_timesteps=1000)``)."""
+
+    def __init__(self, unet, scheduler, device="cpu", dtype=torch.float32):
+        self.unet = unet.to(device, dtype).eval().requires_grad_(False)
+        self.scheduler, self.device, self.dtype = scheduler, torch.device(device), dtype
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).cpu()
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        s = int(unet.config.sample_size)
+        self.latent_shape = (int(unet.config.in_channels), s, s)
+        self.name = "unet"
+
+    def eps(self, z_t, t, emb):
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(z_t.shape[0])
+        return self.unet(z_t.to(self.device, self.dtype), t,
+                         encoder_hidden_states=emb.to(self.device, self.dtype)).sample
+
+
+def load_attribution_model(path, device="cpu", dtype=torch.float32):
+    """A Stable-Diffusion folder (``model_index.json``: :func:`models.load_t2i`) or a bare diffusers
+    UNet folder (``config.json`` + weights) with the original's ``DDPMScheduler(1000)``."""
+    p = Path(path)
+    if (p / "model_index.json").exists():
+        from .models import load_t2i
+        return load_t2i(p, device=device, dtype=dtype)
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{p} is neither a Stable-Diffusion folder (model_index.json) nor a "
+                                f"diffusers UNet folder (config.json); save the UNet with "
+                                f"UNet2DConditionModel.save_pretrained(folder)")
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    return UNetModel(UNet2DConditionModel.from_pretrained(p), DDPMScheduler(num_train_timesteps=1000),
+                     device, dtype)
+
+
+def attribute_from_files(model_path, train_latents, train_text, query_latents, query_text, out_dir,
+                         *, indices=None, query_images=None, fisher_path=None,
+                         pretrain_loss_path=None, subset: str = "cross-attn-kv", lr: float = 0.01,
+                         n_batches: int = 625, batch_size: int = 80, time_samples: int = 20,
+                         fisher_epochs: int = 5, n_train: int | None = None, seed: int = 0,
+                         device="cpu", progress: bool = True) -> dict:
+    """The original's ``compute_influence.py`` pipeline on its file formats: every file and query
+    index is checked before the model is loaded.  A missing ``fisher_path`` / ``pretrain_loss_path``
+    file is computed and written there (``fisher_info.pt``, ``pretrain_loss.npy``)."""
+    data = TrainingSet.from_npy(train_latents, train_text)
+    queries = QuerySet.from_npy(query_latents, query_text, query_images)
+    indices = list(range(len(queries))) if indices is None else [queries.check_index(i) for i in indices]
+    if pretrain_loss_path is not None and Path(pretrain_loss_path).exists():
+        loss = np.load(pretrain_loss_path)
+        if loss.shape != (len(data.latents),):
+            raise ValueError(f"{pretrain_loss_path} has shape {loss.shape}, the training set "
+                             f"{len(data.latents)} rows; delete it to recompute")
+    else:
+        loss = None
+    model = load_attribution_model(model_path, device=device)
+    check_compatible(model, data)
+    if tuple(queries.latents.shape[1:]) != tuple(model.latent_shape):
+        raise ValueError(f"{query_latents}: query latents {tuple(queries.latents.shape[1:])} do not "
+                         f"match the model's {tuple(model.latent_shape)}")
+    fisher = fisher_diagonal(model, data, "all" if fisher_path is None or not Path(fisher_path).exists()
+                             else subset, epochs=fisher_epochs, seed=seed, path=fisher_path,
+                             progress=progress)
+    if loss is None:
+        loss = training_loss(model, data, time_samples=time_samples, seed=seed, progress=progress)
+        if pretrain_loss_path is not None:
+            np.save(pretrain_loss_path, loss)
+    return attribute_by_unlearning(model, data, queries, fisher, loss, indices=indices,
+                                   out_dir=out_dir, subset=subset, lr=lr, n_batches=n_batches,
+                                   batch_size=batch_size, time_samples=time_samples, seed=seed,
+                                   n_train=n_train, progress=progress)
+
+
+def main(argv=None):
+    """Command line of :func:`attribute_from_files` with the paper's MSCOCO defaults."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m t2i_common.attribution", description=main.__doc__)
+    ap.add_argument("--model", required=True, help="diffusers UNet folder or SD folder")
+    ap.add_argument("--dataroot", required=True, help="folder with coco17_train_latents.npy and "
+                                                      "coco17_train_text_embeddings.npy")
+    ap.add_argument("--sample_dir", required=True, help="folder with latents.npy, "
+                                                        "text_embeddings.npy, images/")
+    ap.add_argument("--result_dir", required=True)
+    ap.add_argument("--sample_idx", type=int, nargs="*", default=None)
+    ap.add_argument("--fisher_path", default=None)
+    ap.add_argument("--pretrain_loss_path", default=None)
+    ap.add_argument("--weight_selection", default="cross-attn-kv", choices=list(WEIGHT_SUBSETS))
+    ap.add_argument("--unlearn_lr", type=float, default=0.01)
+    ap.add_argument("--unlearn_batch_size", type=int, default=80)
+    ap.add_argument("--unlearn_grad_accum_steps", type=int, default=625)
+    ap.add_argument("--loss_time_samples", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    d, s = Path(a.dataroot), Path(a.sample_dir)
+    images = s / "images" if (s / "images").exists() else None
+    attribute_from_files(a.model, d / "coco17_train_latents.npy", d / "coco17_train_text_embeddings.npy",
+                         s / "latents.npy", s / "text_embeddings.npy", a.result_dir,
+                         indices=a.sample_idx, query_images=images, fisher_path=a.fisher_path,
+                         pretrain_loss_path=a.pretrain_loss_path, subset=a.weight_selection,
+                         lr=a.unlearn_lr, n_batches=a.unlearn_grad_accum_steps,
+                         batch_size=a.unlearn_batch_size, time_samples=a.loss_time_samples,
+                         device=a.device)
+
+
+if __name__ == "__main__":
+    main()
