@@ -254,7 +254,7 @@ def row_noise(shape, seed: int, row: int, K: int) -> torch.Tensor:
 
 
 def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int = 0,
-                  rows=None, shard=(0, 1), chunk: int = 64, batch_size: int = 256,
+                  rows=None, shard=None, chunk: int = 64, batch_size: int = 256,
                   cache: ResultCache | None = None, progress: bool = True) -> np.ndarray:
     """L(z_i, theta) per training row: mean over captions and the timesteps
     :func:`loss_timesteps` of ||eps - eps_theta(z_t, t, c)||^2 / dim (the original's
@@ -262,14 +262,21 @@ def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int
 
     rows: row indices (default all 2N); returned float64 [len(rows)].  Rows are processed in chunks
     of ``chunk``; with ``shard=(i, n)`` only chunks c with c % n == i are computed (others NaN) -
-    run every shard against the same ``cache`` and a final call with the default shard reads them
-    all back.  ``cache``: per-chunk results (key it by the model weights, e.g.
+    run every shard against the same ``cache`` and a final call without shard reads them all
+    back.  With a ``cache`` and no ``shard``, the shard comes from ``accelerate launch`` (every
+    process then returns all rows, read back from the cache after a barrier) or the runner's
+    ``--shard`` (:func:`t2i_common.distributed.resolve_shard`); without a cache every process
+    computes everything.  ``cache``: per-chunk results (key it by the model weights, e.g.
     :func:`weights_fingerprint`), so a killed run resumes.
     """
+    from .distributed import LOCAL, ShardError, resolve_shard
+
     check_compatible(model, data)
-    i_shard, n_shard = (int(s) for s in shard)
-    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    sh = resolve_shard(shard) if shard is not None or cache is not None else LOCAL
+    if sh.live and cache is None:
+        raise ShardError(f"training_loss: running as {sh} needs cache=... (the processes exchange "
+                         f"chunks through it)")
+    i_shard, n_shard = sh.rank, sh.world
     rows = np.arange(len(data.latents)) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= len(data.latents)):
         raise IndexError(f"training_loss: rows must lie in 0..{len(data.latents) - 1}")
@@ -295,6 +302,15 @@ def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int
                 cache.save(cid, vals)
         pos = c * chunk
         out[pos:pos + len(r)] = vals
+    if sh.live:  # accelerate launch: the other processes' chunks, from the shared cache
+        from accelerate import PartialState
+
+        from .distributed import accelerate_cpu
+        PartialState(cpu=accelerate_cpu()).wait_for_everyone()
+        for c, r in chunks:
+            if c % n_shard != i_shard:
+                cid = f"rows{int(r[0])}-{int(r[-1])}-{len(r)}"
+                out[c * chunk:c * chunk + len(r)] = cache.load(cid)
     return out
 
 

@@ -1,8 +1,8 @@
 """Worker of tests/test_distributed.py, started by ``accelerate launch --cpu --num_processes N``.
 
 ``score``: MI relation-testing scores (:func:`t2i_common.infotheory.aro_scores`) of toy items on
-the toy checkpoint, sharded over the launched processes through the shared cache; each rank
-writes its complete result and its :class:`~t2i_common.distributed.MapStats` to ``--out``.
+the toy checkpoint and the attribution training-loss pass, sharded over the launched processes
+through the shared cache; each rank writes its complete results and its :class:`~t2i_common.distributed.MapStats` to ``--out``.
 ``--kill-rank R --kill-after K``: rank R dies (``os._exit``) when it starts its (K+1)-th batch,
 after K batches are in the cache (a lost process).
 ``lora``: a few data-parallel HardNeg LoRA steps on the toy checkpoint
@@ -36,6 +36,18 @@ def toy_items(n: int, seed: int = 3):
     return items
 
 
+def attribution_loss(model, items, cache):
+    """The attribution paper's training-set loss pass over 4 toy images (8 rows with the flips),
+    chunks of 2 rows, cached: under accelerate launch every process computes its chunks."""
+    from t2i_common import attribution as A
+    from t2i_common.cache import ResultCache
+
+    ts = A.TrainingSet.from_images(model, np.stack([it["image_options"][0] for it in items[:4]]),
+                                   [[it["caption_options"][0]] for it in items[:4]])
+    rc = ResultCache("dist_test_loss", {"n": 4}, root=cache) if cache else None
+    return A.training_loss(model, ts, time_samples=2, chunk=2, cache=rc, progress=False)
+
+
 def score(a):
     from t2i_common import distributed, infotheory
     from t2i_common.cache import ResultCache
@@ -58,6 +70,7 @@ def score(a):
     res = infotheory.aro_scores(model, items, n_samples=a.samples, estimator="both", cache=rc,
                                 images_per_call=a.chunk, progress=False)
     st = distributed.last_stats
+    res["training_loss"] = attribution_loss(model, items, a.cache)
     out = Path(a.out)
     np.savez(out / f"scores_rank{rank}.npz", **res)
     (out / f"stats_rank{rank}.json").write_text(json.dumps(dict(

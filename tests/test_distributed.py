@@ -212,14 +212,19 @@ def one_process_scores():
     from t2i_common.models import load_t2i
     from tests.dist_worker import toy_items
 
-    return infotheory.aro_scores(load_t2i("toy"), toy_items(8), n_samples=4, estimator="both",
-                                 images_per_call=2, progress=False)
+    from tests.dist_worker import attribution_loss
+
+    model, items = load_t2i("toy"), toy_items(8)
+    res = infotheory.aro_scores(model, items, n_samples=4, estimator="both", images_per_call=2,
+                                progress=False)
+    res["training_loss"] = attribution_loss(model, items, None)
+    return res
 
 
 def _assert_same_bytes(out, ref, ranks=(0, 1)):
     for r in ranks:
         z = np.load(Path(out) / f"scores_rank{r}.npz")
-        for k in ("orthogonal", "standard"):
+        for k in ("orthogonal", "standard", "training_loss"):
             assert z[k].tobytes() == ref[k].tobytes(), (r, k)
 
 
