@@ -25,8 +25,9 @@ shard ``k mod n``.  Each example belongs to exactly one shard, the shares differ
 chunk, and - because a chunk is the same batch whatever N is - every example is computed in the
 same batch as in a one-process run, so results are byte-identical to it (on CPU, where a batch
 composition can change the last bits of a convolution, this matters).  Noise never depends on the
-process: every loop draws it from generators keyed by the example (``NoiseBank(shape,
-seed).draw(K, stream=example)``, ``infotheory.draw_samples(..., stream=example)``).
+process: loops draw it from the seed alone (DiffusionITM's bank ``NoiseBank(shape, seed).draw(K)``,
+shared by all examples) or from generators keyed by the example (``NoiseBank.draw(K,
+stream=example)``, ``infotheory.draw_samples(..., stream=example)``, the attribution rows).
 
 After its share, a process started by ``accelerate launch`` waits for the others
 (``wait_for_everyone``) and every process reduces the complete result from the cache.  An
@@ -35,6 +36,11 @@ with the other shards' examples as NaN placeholders (:func:`placeholder`) and sa
 warning; the figures of such a run are meaningless and the runner keeps them apart; the plain
 run afterwards (no shard) finds every example in the cache and makes the tables without
 computing anything.
+
+Data-parallel training (second half of the module): :class:`Piece` (this process's rows of a
+global batch), :class:`LossModule` (the loss inside DDP's ``forward``) and
+:func:`make_accelerator`, used by :func:`t2i_common.trainloop._fit`; HardNeg LoRA
+(:func:`t2i_common.lora.train_step`) spreads its micro-batches over the processes instead.
 """
 from __future__ import annotations
 
