@@ -248,7 +248,7 @@ def train_prior(pairs, prior, prior_text_encoder, tokenizer, image_embeds, prior
     zi = torch.as_tensor(image_embeds).float()
     if len(zi) != len(data):
         raise ValueError(f"train_prior: {len(data)} images but {len(zi)} image embeddings")
-    if float(prior.clip_std.abs().min()) == 0.0:
+    if float(prior.clip_std.detach().abs().min()) == 0.0:
         raise ValueError("train_prior: prior.clip_std is zero; set clip_mean/clip_std to the image "
                          "embedding statistics first (unclip_components_from_sd does)")
     mean, std = prior.clip_mean.detach().clone(), prior.clip_std.detach().clone()
