@@ -300,17 +300,22 @@ class UnCLIPModel:
 
     @torch.inference_mode()
     def decode(self, image_embeds, prompts=None, *, num_steps: int = 25, guidance_scale: float = 3.0,
-               noise_level: int = 0, seed: int = 0, latents=None, batch_size: int = 64,
+               noise_level: int = 0, seed: int = 0, seeds=None, latents=None, batch_size: int = 64,
                output: str = "uint8", progress: bool = False):
         """Decode CLIP image embeddings [B, D] (optionally with captions) into images with DDIM
-        (eta 0).  Item i starts from noise seeded by (seed, i) unless ``latents`` [B, C, h, w] (e.g.
-        a DDIM inversion) are given.  ``output``: "uint8" (numpy [B, R, R, 3]), "tensor" ([-1, 1])
+        (eta 0).  Item i starts from noise seeded by (seed, i) - or by ``seeds[i]`` alone, so that
+        it does not depend on the batch - unless ``latents`` [B, C, h, w] (e.g. a DDIM inversion)
+        are given.  ``output``: "uint8" (numpy [B, R, R, 3]), "tensor" ([-1, 1])
         or "latents"."""
         from tqdm.auto import tqdm
 
         labels, caps, null = self._decoder_inputs(image_embeds, prompts, noise_level, seed)
         B = len(labels)
-        if latents is None:
+        if latents is None and seeds is not None:
+            if len(seeds) != B:
+                raise ValueError(f"decode: {B} embeddings but {len(seeds)} seeds")
+            latents = torch.stack([_seeded_noise(self.latent_shape, s, 0) for s in seeds])
+        elif latents is None:
             latents = torch.stack([_seeded_noise(self.latent_shape, seed, i) for i in range(B)])
         elif tuple(latents.shape) != (B,) + self.latent_shape:
             raise ValueError(f"decode: latents must be [{B}, {', '.join(map(str, self.latent_shape))}], "
@@ -421,20 +426,28 @@ class UnCLIPModel:
 
     @torch.inference_mode()
     def sample_prior(self, prompts, *, n_candidates: int = 2, num_steps: int = 25,
-                     guidance_scale: float = 4.0, seed: int = 0, batch_size: int = 256) -> dict:
+                     guidance_scale: float = 4.0, seed: int = 0, seeds=None,
+                     batch_size: int = 256) -> dict:
         """Draw ``n_candidates`` prior samples per prompt and keep the one with the larger dot
-        product with the CLIP text embedding (paper Sec. 2.1: 2 samples).  Returns dict(chosen
-        [B, D], candidates [B, K, D], scores [B, K], index [B], text_embeds [B, D])."""
+        product with the CLIP text embedding (paper Sec. 2.1: 2 samples).  Candidate k of prompt i
+        starts from noise seeded by (seeds[i], 1 + k) (default seeds[i] = seed * 100003 + i), so it
+        does not depend on the batch.  Returns dict(chosen [B, D], candidates [B, K, D],
+        scores [B, K], index [B], text_embeds [B, D])."""
+        self._need_prior("prior sampling")
         if n_candidates < 1:
             raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
         prompts = list(prompts)
         B, K = len(prompts), int(n_candidates)
+        seeds = [seed * 100003 + i for i in range(B)] if seeds is None else list(seeds)
+        if len(seeds) != B:
+            raise ValueError(f"sample_prior: {B} prompts but {len(seeds)} seeds")
+        D = int(self.prior.config.embedding_dim)
         cands = []
         for i in range(0, B * K, batch_size):
             ids = range(i, min(i + batch_size, B * K))
+            lat = torch.stack([_seeded_noise((D,), seeds[j // K], 1 + j % K) for j in ids])
             cands.append(self.prior_embeddings([prompts[j // K] for j in ids], num_steps=num_steps,
-                                               guidance_scale=guidance_scale,
-                                               seeds=[seed * 7_000_003 + j for j in ids]))
+                                               guidance_scale=guidance_scale, latents=lat))
         cands = torch.cat(cands).view(B, K, -1).cpu()
         text = self.encode_prior_texts(prompts)[0].cpu()
         chosen, scores, idx = select_by_dot_product(cands, text)
@@ -448,15 +461,18 @@ class UnCLIPModel:
 
     def generate(self, prompts, *, mode: str = "prior", caption: bool = True,
                  n_candidates: int = 2, prior_steps: int = 25, prior_guidance: float = 4.0,
-                 num_steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
+                 num_steps: int = 25, guidance_scale: float = 3.0, seed: int = 0, seeds=None,
                  progress: bool = False) -> np.ndarray:
         """Text-to-image.  ``mode``: "prior" (prior -> decoder, the paper's unCLIP), "text" (the
         text embedding fed to the decoder directly, no prior), or "caption" (zero image embedding,
-        caption only).  ``caption``: also give the caption to the decoder's cross-attention."""
+        caption only).  ``caption``: also give the caption to the decoder's cross-attention.
+        Prompt i draws everything from ``seeds[i]`` (default seed * 100003 + i): decoder noise
+        (seeds[i], 0), prior candidates (seeds[i], 1 + k)."""
         prompts = list(prompts)
+        seeds = [seed * 100003 + i for i in range(len(prompts))] if seeds is None else list(seeds)
         if mode == "prior":
             z = self.sample_prior(prompts, n_candidates=n_candidates, num_steps=prior_steps,
-                                  guidance_scale=prior_guidance, seed=seed)["chosen"]
+                                  guidance_scale=prior_guidance, seeds=seeds)["chosen"]
         elif mode == "text":
             z = self.text_embeddings_as_image_embeddings(prompts)
         elif mode == "caption":
@@ -464,19 +480,19 @@ class UnCLIPModel:
         else:
             raise ValueError(f"generate: mode must be 'prior', 'text' or 'caption', got {mode!r}")
         if mode == "caption":
-            return self._decode_caption_only(prompts, num_steps, guidance_scale, seed, progress)
+            return self._decode_caption_only(prompts, num_steps, guidance_scale, seeds)
         return self.decode(z, prompts if caption else None, num_steps=num_steps,
-                           guidance_scale=guidance_scale, seed=seed, progress=progress)
+                           guidance_scale=guidance_scale, seeds=seeds, progress=progress)
 
     @torch.inference_mode()
-    def _decode_caption_only(self, prompts, num_steps, guidance_scale, seed, progress):
+    def _decode_caption_only(self, prompts, num_steps, guidance_scale, seeds):
         """Caption-only decoding: class_labels all zero (the decoder's null embedding) in both
         branches, guidance on the caption alone."""
         B = len(prompts)
         caps, null = self.encode_captions(prompts), self.encode_captions([""] * B)
         labels = torch.zeros(B, 2 * self.embedding_dim, device=self.device, dtype=self.dtype)
         sched = self._ddim(num_steps)
-        x = torch.stack([_seeded_noise(self.latent_shape, seed, i) for i in range(B)]).to(self.device)
+        x = torch.stack([_seeded_noise(self.latent_shape, s, 0) for s in seeds]).to(self.device)
         for t in sched.timesteps:
             out = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([null, caps]),
                             class_labels=torch.cat([labels, labels])).sample

@@ -90,13 +90,10 @@ def generate_cached(model, prompts, method: str, *, seed: int = 0, num_steps: in
             # noise of prompt i does not depend on how the prompts are chunked
             return [model.generate([p], num_steps=num_steps, guidance_scale=guidance_scale,
                                    seed=seed * 1009 + i)[0] for p, i in zip(ps, ids)]
-        out = []
-        for p, i in zip(ps, ids):
-            out.append(model.generate([p], mode=method, caption=caption, n_candidates=n_candidates,
-                                      prior_steps=prior_steps, prior_guidance=prior_guidance,
-                                      num_steps=num_steps, guidance_scale=guidance_scale,
-                                      seed=seed * 1009 + i)[0])
-        return out
+        return list(model.generate(ps, mode=method, caption=caption, n_candidates=n_candidates,
+                                   prior_steps=prior_steps, prior_guidance=prior_guidance,
+                                   num_steps=num_steps, guidance_scale=guidance_scale,
+                                   seeds=[seed * 1009 + i for i in ids]))
 
     res = cache_mod.map_cached(run, range(len(prompts)), rc, desc=f"generate ({method})",
                                progress=progress, chunk=batch_size)
@@ -115,7 +112,22 @@ def fidelity(images, prompts) -> dict:
     out = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
     out["n"] = len(rows)
     out["n_match"] = int(sum(r["match"] for r in rows))
+    out["matches"] = [bool(r["match"]) for r in rows]
     return out
+
+
+def paired_comparison(matches_a, matches_b) -> dict:
+    """Exact McNemar test of two methods judged on the same prompts (and seeds): counts of prompts
+    only A / only B got right, and the two-sided binomial p-value on those discordant pairs."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(matches_a, bool), np.asarray(matches_b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_comparison: {a.shape} vs {b.shape} prompts")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return dict(n=int(len(a)), rate_a=float(a.mean()), rate_b=float(b.mean()), only_a=only_a,
+                only_b=only_b, p_value=p)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -293,3 +293,14 @@ def test_decoder_training_starts_from_the_base_unet_and_learns(tiny_sd_dir, tmp_
         ut.train_decoder(pairs, parts["unet"], parts["text_encoder"], parts["vae"], parts["tokenizer"],
                          zi, parts["image_normalizer"], parts["image_noising_scheduler"],
                          parts["scheduler"], 1, embedding_dropout=1.5, progress=False)
+
+
+def test_generation_does_not_depend_on_the_batch(tiny_unclip):
+    m = tiny_unclip
+    both = m.generate(["a red circle", "a blue square"], seeds=[5, 6], num_steps=2, prior_steps=2)
+    one = m.generate(["a blue square"], seeds=[6], num_steps=2, prior_steps=2)
+    assert np.array_equal(both[1], one[0])
+    cap = m.generate(["a red circle", "a blue square"], mode="caption", seeds=[5, 6], num_steps=2)
+    assert np.array_equal(cap[1], m.generate(["a blue square"], mode="caption", seeds=[6], num_steps=2)[0])
+    with pytest.raises(ValueError, match="mode must be"):
+        m.generate(["a red circle"], mode="nope")

@@ -87,3 +87,12 @@ def test_clip_score_prefers_the_right_caption(tiny_sd_dir):
     assert 0.0 <= s <= 100.0
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         ue.clip_score(clip, ims, ["a red circle"])
+
+
+def test_paired_comparison_exact_mcnemar():
+    a = [True] * 10 + [False] * 5 + [True] * 5
+    b = [False] * 10 + [False] * 5 + [True] * 5
+    r = ue.paired_comparison(a, b)
+    assert (r["only_a"], r["only_b"], r["n"]) == (10, 0, 20)
+    assert r["p_value"] == pytest.approx(2 * 0.5 ** 10)
+    assert ue.paired_comparison(a, a)["p_value"] == 1.0
