@@ -12,6 +12,8 @@ and caption encodings are computed once.
   level drawn from {0 with probability ``zero_noise_fraction``, else U{0..max_noise_level-1}}
   (Stable unCLIP's augmentation; the paper's decoder has none), replaced by zeros (the pipelines'
   null) with probability 0.1, and the caption replaced by "" with probability 0.5 (paper Sec. 2.1).
+  The toy recipe adds a continuation stage with 80 % clean embeddings: the embedding enters only
+  through the time-embedding path (Stable unCLIP's design), which learns slowly on a CPU budget.
 * :func:`train_prior` - ``PriorTransformer`` predicting the clean normalised image embedding
   (x - clip_mean) / clip_std from [caption tokens, text embedding, timestep, noised embedding,
   query] (x0 objective, MSE; paper Sec. 2.1), the caption replaced by "" with probability 0.1.
@@ -176,9 +178,11 @@ def train_decoder(pairs, unet, text_encoder, vae, tokenizer, image_embeds, image
                   zero_noise_fraction: float = 0.5, max_noise_level: int = 1000, seed: int = 0,
                   out_dir=None, ckpt_every: int = 50, resume: bool = True,
                   ema_decay: float | None = 0.998, snr_gamma: float | None = 5.0,
-                  progress: bool = True, stop_after=None, warmup: int = 50):
+                  progress: bool = True, stop_after=None, warmup: int = 50,
+                  ckpt_name: str = "decoder"):
     """Fine-tune ``unet`` (a projection-class-embedding UNet, e.g. :func:`decoder_unet_from`) as the
     unCLIP decoder on ``pairs`` (``training.as_pairs``) with per-image CLIP ``image_embeds``.
+    ``ckpt_name``: checkpoint file stem in ``out_dir`` (a continuation stage needs its own).
     Returns (unet or its EMA, info)."""
     for name, p in (("embedding_dropout", embedding_dropout), ("caption_dropout", caption_dropout),
                     ("zero_noise_fraction", zero_noise_fraction)):
@@ -223,7 +227,7 @@ def train_decoder(pairs, unet, text_encoder, vae, tokenizer, image_embeds, image
     hp = dict(stage="decoder", n=len(data), batch_size=batch_size, embedding_dropout=embedding_dropout,
               caption_dropout=caption_dropout, zero_noise_fraction=zero_noise_fraction,
               max_noise_level=max_noise_level, snr_gamma=snr_gamma, D=D, scaling_factor=round(sf, 6))
-    unet, ema, info = training._fit("decoder", unet, loss_fn, steps=steps, lr=lr, seed=seed,
+    unet, ema, info = training._fit(ckpt_name, unet, loss_fn, steps=steps, lr=lr, seed=seed,
                                     out_dir=out_dir, ckpt_every=ckpt_every, resume=resume,
                                     warmup=warmup, ema_decay=ema_decay, progress=progress, hparams=hp,
                                     stop_after=stop_after, desc="unCLIP decoder")
@@ -288,7 +292,7 @@ def train_prior(pairs, prior, prior_text_encoder, tokenizer, image_embeds, prior
 class UnCLIPBudget:
     """Data size, steps, batch sizes and learning rates of :func:`build_toy_unclip`."""
     n_train: int = 20000
-    decoder_steps: int = 2500
+    decoder_steps: int = 1200
     decoder_batch: int = 64
     decoder_lr: float = 5e-4
     embedding_dropout: float = 0.1
@@ -300,6 +304,11 @@ class UnCLIPBudget:
     prior_lr: float = 1e-3
     prior_caption_dropout: float = 0.1
     prior_layers: int = 4
+    #: continuation of the decoder from its EMA weights (fresh optimizer and schedule) with more
+    #: clean (un-augmented) embeddings, which strengthens the image-embedding pathway
+    decoder_extra_steps: int = 600
+    decoder_extra_lr: float = 5e-4
+    decoder_extra_zero_noise_fraction: float = 0.8
     ckpt_every: int = 50
 
 
@@ -348,10 +357,22 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
                                zero_noise_fraction=budget.zero_noise_fraction,
                                max_noise_level=budget.max_noise_level, **common)
     log["stages"]["decoder"] = training._stage_log(info, t)
+    if budget.decoder_extra_steps > 0:
+        t = time.perf_counter()
+        unet, info = train_decoder(pairs, unet, parts["text_encoder"], parts["vae"], parts["tokenizer"],
+                                   zi, parts["image_normalizer"], parts["image_noising_scheduler"],
+                                   parts["scheduler"], budget.decoder_extra_steps,
+                                   batch_size=budget.decoder_batch, lr=budget.decoder_extra_lr,
+                                   embedding_dropout=budget.embedding_dropout,
+                                   caption_dropout=budget.caption_dropout,
+                                   zero_noise_fraction=budget.decoder_extra_zero_noise_fraction,
+                                   max_noise_level=budget.max_noise_level, ckpt_name="decoder_extra",
+                                   **common)
+        log["stages"]["decoder_extra"] = training._stage_log(info, t)
     parts["unet"] = unet
     log["train_wall_s"] = round(sum(s["wall_s"] for s in log["stages"].values()), 2)
     log["s_per_step"] = {k: round(log["stages"][k]["wall_s"] / max(1, log["stages"][k]["steps"]), 4)
-                         for k in ("prior", "decoder")}
+                         for k in log["stages"] if k != "data"}
     log["total_wall_s_this_call"] = round(time.perf_counter() - t0, 2)
     save_unclip_folder(out_dir, parts, extra={"training_log.json": log})
     return log

@@ -23,6 +23,7 @@ def test_checkpoint_is_small_and_logged():
     log = json.loads((FOLDER / "training_log.json").read_text())
     assert log["stages"]["prior"]["steps"] == log["budget"]["prior_steps"]
     assert log["stages"]["decoder"]["steps"] == log["budget"]["decoder_steps"]
+    assert log["stages"]["decoder_extra"]["steps"] == log["budget"]["decoder_extra_steps"]
 
 
 def test_toy_checkpoint_runs_in_both_diffusers_pipelines():
