@@ -1,0 +1,697 @@
+"""unCLIP (Ramesh et al. 2022): a diffusion prior and a CLIP-image-embedding decoder, with
+variations, interpolations and text diffs, in the layout of diffusers' Stable unCLIP.
+
+Layout (``stabilityai/stable-diffusion-2-1-unclip`` + the Karlo prior, as loaded by
+``diffusers.StableUnCLIPPipeline`` / ``StableUnCLIPImg2ImgPipeline``):
+
+* **decoder** - a latent-diffusion ``UNet2DConditionModel`` with ``class_embed_type="projection"``.
+  The CLIP image embedding z_i is noise-augmented at a level ``noise_level``
+  (``StableUnCLIPImageNormalizer.scale`` -> ``image_noising_scheduler.add_noise`` -> ``unscale``),
+  concatenated with the sinusoidal embedding of that level, and enters as ``class_labels`` (a
+  projection added to the timestep embedding); the caption, if any, enters through cross-attention.
+  Guidance: null = (empty caption, all-zero ``class_labels``), guided prediction
+  null + s (cond - null), exactly what the diffusers pipelines do.
+* **prior** - ``diffusers.PriorTransformer`` over [caption tokens, CLIP text embedding z_t,
+  timestep, noised image embedding, query token] predicting the clean (normalised) image embedding
+  (x0 objective); outputs are unnormalised with ``prior.clip_mean`` / ``clip_std``
+  (``post_process_latents``).  :meth:`UnCLIPModel.sample_prior` draws ``n_candidates`` (paper: 2)
+  per caption and keeps the one with the larger dot product with z_t (cosine, i.e. the dot product
+  of the L2-normalised CLIP embeddings as in the paper).
+* **image encoder** - ``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor``; the embedding
+  fed to the decoder is its raw ``image_embeds`` (as in ``StableUnCLIPImg2ImgPipeline``).
+
+Manipulations (paper Sec. 3): :func:`slerp` (interpolation, decoder noise fixed),
+:func:`text_diff_direction` z_d = normalize(z_t - z_t0) and :meth:`UnCLIPModel.text_diff`
+(decode slerp(z_i, z_d, theta) from the DDIM inversion x_T of the source image).  Raw CLIP
+embeddings are not unit vectors and the decoder was trained on raw ones, so slerp here runs on the
+directions and interpolates the norms linearly (:func:`slerp`); on unit vectors it is the paper's
+slerp exactly.
+
+Deterministic samplers (DDIM, eta = 0) are used for both stages so that a sample depends only on
+its own seed (not on the batch it is in); tests check them against the diffusers pipelines given
+the same initial noise.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import paths
+
+DEFAULT_UNCLIP = paths.DATA / "toy-unclip"
+UNCLIP_ALIASES = {
+    "toy-unclip": str(DEFAULT_UNCLIP),
+    "sd2.1-unclip": "stabilityai/stable-diffusion-2-1-unclip",
+    "sd2.1-unclip-small": "stabilityai/stable-diffusion-2-1-unclip-small",
+    "karlo": "kakaobrain/karlo-v1-alpha",
+}
+#: sub-folders of a full (text-to-image) Stable unCLIP folder
+PRIOR_PARTS = ("prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler")
+DECODER_PARTS = ("image_normalizer", "image_noising_scheduler", "tokenizer", "text_encoder",
+                 "unet", "scheduler", "vae")
+ENCODER_PARTS = ("feature_extractor", "image_encoder")
+
+
+# ------------------------------------------------------------------------------------------------
+# embedding geometry
+# ------------------------------------------------------------------------------------------------
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def check_theta(theta, name: str = "theta"):
+    """theta must lie in [0, 1] (slerp's range); returns it as a float tensor."""
+    t = torch.as_tensor(theta, dtype=torch.float32)
+    if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+        raise ValueError(f"{name} must lie in [0, 1] (0 = first embedding, 1 = second), got "
+                         f"{theta!r}; the paper's text diffs use theta in [0, 0.5]")
+    return t
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, theta) -> torch.Tensor:
+    """Spherical interpolation z = sin((1-theta) w) / sin w * a^ + sin(theta w) / sin w * b^,
+    w = arccos(a^ . b^), rescaled to the linearly interpolated norm (1-theta)|a| + theta|b|.
+
+    On unit vectors this is the paper's slerp (Sec. 3.2); for raw CLIP embeddings it keeps the norm
+    statistics the decoder was trained on.  ``a``, ``b``: [D] or [B, D] (broadcast); ``theta``: a
+    scalar or [B] in [0, 1].  Endpoints are exact (theta 0 -> a, theta 1 -> b); (anti)parallel
+    inputs fall back to normalised linear interpolation.
+    """
+    t = check_theta(theta)
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"slerp: embeddings have different widths {a.shape[-1]} and {b.shape[-1]}")
+    a2, b2 = torch.broadcast_tensors(a, b)
+    if t.ndim == 1 and a2.ndim == 1:
+        a2, b2 = a2.expand(len(t), -1), b2.expand(len(t), -1)
+    t = t.reshape(-1, 1) if t.ndim else t
+    na, nb = a2.norm(dim=-1, keepdim=True), b2.norm(dim=-1, keepdim=True)
+    ua, ub = _unit(a2), _unit(b2)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    w = torch.arccos(cos)
+    sw = torch.sin(w)
+    small = sw.abs() < 1e-6
+    safe = torch.where(small, torch.ones_like(sw), sw)
+    ca = torch.where(small, 1 - t * torch.ones_like(sw), torch.sin((1 - t) * w) / safe)
+    cb = torch.where(small, t * torch.ones_like(sw), torch.sin(t * w) / safe)
+    direction = _unit(ca * ua + cb * ub)
+    out = direction * ((1 - t) * na + t * nb)
+    # exact endpoints (no float round trip through the unit sphere)
+    out = torch.where(t == 0, a2, out)
+    out = torch.where(t == 1, b2, out)
+    return out
+
+
+def text_diff_direction(z_t: torch.Tensor, z_t0: torch.Tensor) -> torch.Tensor:
+    """z_d = normalize(z_t - z_t0) of the L2-normalised CLIP text embeddings of the target caption
+    (z_t) and of a caption of the current image (z_t0) (paper Sec. 3.3)."""
+    z_t, z_t0 = torch.as_tensor(z_t).float(), torch.as_tensor(z_t0).float()
+    if z_t.shape[-1] != z_t0.shape[-1]:
+        raise ValueError(f"text_diff_direction: widths differ ({z_t.shape[-1]} vs {z_t0.shape[-1]})")
+    return _unit(_unit(z_t) - _unit(z_t0))
+
+
+def select_by_dot_product(candidates: torch.Tensor, text_embeds: torch.Tensor):
+    """The paper's prior trick: of ``candidates`` [B, K, D] keep, per row, the one with the larger
+    dot product of the L2-normalised embeddings with the text embedding [B, D].
+
+    Returns (chosen [B, D], scores [B, K], index [B])."""
+    if candidates.ndim != 3 or text_embeds.ndim != 2 or candidates.shape[0] != text_embeds.shape[0]:
+        raise ValueError(f"select_by_dot_product: candidates [B, K, D] and text [B, D] expected, got "
+                         f"{tuple(candidates.shape)} and {tuple(text_embeds.shape)}")
+    scores = (_unit(candidates.float()) * _unit(text_embeds.float())[:, None]).sum(-1)
+    idx = scores.argmax(1)
+    return candidates[torch.arange(len(idx)), idx], scores, idx
+
+
+def typical_norm(image_normalizer) -> float:
+    """sqrt(E|z_i|^2) of the image embeddings the normaliser's statistics were taken from:
+    |mean|^2 + sum(std^2).  Used to feed a (unit) text embedding to the decoder at an image
+    embedding's scale in the no-prior ablation."""
+    m, s = image_normalizer.mean.detach().float(), image_normalizer.std.detach().float()
+    return float(((m ** 2).sum() + (s ** 2).sum()).sqrt())
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------------
+def _seeded_noise(shape, seed: int, index: int) -> torch.Tensor:
+    """Noise of item ``index`` under ``seed`` (independent of the batch the item is in)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) * 100003 + int(index)))
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+class UnCLIPModel:
+    """Loaded Stable-unCLIP components (prior parts may be None for an image-variation folder).
+
+    Attributes are the diffusers component names: prior_tokenizer, prior_text_encoder, prior,
+    prior_scheduler, image_normalizer, image_noising_scheduler, tokenizer, text_encoder, unet,
+    scheduler, vae, feature_extractor, image_encoder; plus name, device, dtype, resolution,
+    latent_shape, embedding_dim.
+    """
+
+    def __init__(self, components: dict, *, name="unclip", device="cpu", dtype=torch.float32):
+        for k in PRIOR_PARTS + DECODER_PARTS + ENCODER_PARTS:
+            setattr(self, k, components.get(k))
+        missing = [k for k in DECODER_PARTS if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"UnCLIPModel {name}: decoder components missing: {missing}")
+        self.name, self.device, self.dtype = str(name), torch.device(device), dtype
+        for k in ("prior_text_encoder", "prior", "text_encoder", "unet", "vae", "image_encoder"):
+            m = getattr(self, k)
+            if m is not None:
+                m.to(self.device, dtype=dtype).eval().requires_grad_(False)
+        self.image_normalizer.to(self.device, dtype)
+        self.image_normalizer.requires_grad_(False)
+        cfg = self.unet.config
+        if cfg.class_embed_type != "projection":
+            raise ValueError(f"{name}: unet/config.json has class_embed_type={cfg.class_embed_type!r}; "
+                             f"a Stable unCLIP decoder needs 'projection' (the image embedding enters "
+                             f"as class_labels)")
+        self.embedding_dim = int(self.image_normalizer.config.embedding_dim)
+        if int(cfg.projection_class_embeddings_input_dim) != 2 * self.embedding_dim:
+            raise ValueError(f"{name}: unet projection_class_embeddings_input_dim="
+                             f"{cfg.projection_class_embeddings_input_dim} but image_normalizer "
+                             f"embedding_dim={self.embedding_dim}; it must be 2 x embedding_dim")
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.resolution = int(cfg.sample_size) * self.vae_scale_factor
+        self.latent_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def has_prior(self) -> bool:
+        return all(getattr(self, k) is not None for k in PRIOR_PARTS)
+
+    def _need_prior(self, what):
+        if not self.has_prior:
+            missing = [k for k in PRIOR_PARTS if getattr(self, k) is None]
+            raise ValueError(f"{what} needs the diffusion prior, but {self.name} has no {missing}. "
+                             f"Use a text-to-image Stable unCLIP folder (with prior/, prior_text_encoder/, "
+                             f"prior_tokenizer/, prior_scheduler/) or pass prior='kakaobrain/karlo-v1-alpha' "
+                             f"(or a local copy) to load_unclip")
+
+    def check_embeddings(self, z: torch.Tensor, what: str = "image_embeds") -> torch.Tensor:
+        z = torch.as_tensor(z)
+        if z.ndim == 1:
+            z = z[None]
+        if z.ndim != 2 or z.shape[-1] != self.embedding_dim:
+            raise ValueError(f"{what}: expected CLIP embeddings [B, {self.embedding_dim}] (the width of "
+                             f"{self.name}'s image_normalizer / image encoder), got {tuple(z.shape)}; "
+                             f"embed with this model's CLIP (encode_images / encode_prior_texts)")
+        return z.to(self.device, self.dtype)
+
+    # ---- CLIP side ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, images, batch_size: int = 256) -> torch.Tensor:
+        """Raw CLIP image embeddings ``image_encoder(feature_extractor(images)).image_embeds``
+        [B, D] of PIL images / uint8 arrays (what StableUnCLIPImg2ImgPipeline feeds the decoder)."""
+        if self.image_encoder is None or self.feature_extractor is None:
+            raise ValueError(f"{self.name} has no image_encoder/feature_extractor; use a folder in the "
+                             f"StableUnCLIPImg2ImgPipeline layout")
+        from .imageio import to_pil
+        images = [to_pil(im).convert("RGB") for im in images]
+        if not images:
+            raise ValueError("encode_images: no images given")
+        out = []
+        for i in range(0, len(images), batch_size):
+            px = self.feature_extractor(images=images[i:i + batch_size], return_tensors="pt").pixel_values
+            out.append(self.image_encoder(px.to(self.device, self.dtype)).image_embeds.float())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode_prior_texts(self, prompts):
+        """(text_embeds [B, D], last_hidden_state [B, L, D], attention mask [B, L] bool) of the
+        prior's CLIP text encoder, tokenised as in StableUnCLIPPipeline._encode_prior_prompt."""
+        self._need_prior("encode_prior_texts")
+        tok = self.prior_tokenizer(list(prompts), padding="max_length", truncation=True,
+                                   max_length=self.prior_tokenizer.model_max_length, return_tensors="pt")
+        out = self.prior_text_encoder(tok.input_ids.to(self.device))
+        return out.text_embeds.float(), out.last_hidden_state, tok.attention_mask.bool().to(self.device)
+
+    @torch.inference_mode()
+    def encode_captions(self, prompts) -> torch.Tensor:
+        """Decoder caption hidden states [B, L, D] (each distinct prompt encoded once)."""
+        prompts = [str(p) for p in prompts]
+        pending = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if pending:
+            ids = self.tokenizer(pending, padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            for p, h in zip(pending, self.text_encoder(ids.to(self.device))[0]):
+                self._text_cache[p] = h
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    # ---- decoder ------------------------------------------------------------------------------
+    def noise_image_embeddings(self, image_embeds, noise_level: int, noise=None) -> torch.Tensor:
+        """``class_labels`` of the decoder: normalise, noise to ``noise_level`` with the image-noising
+        scheduler, unnormalise, concatenate the sinusoidal embedding of the level
+        (StableUnCLIPPipeline.noise_image_embeddings)."""
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        z = self.check_embeddings(image_embeds)
+        T = int(self.image_noising_scheduler.config.num_train_timesteps)
+        lv = torch.as_tensor(noise_level, dtype=torch.long)
+        if (lv < 0).any() or (lv >= T).any():
+            raise ValueError(f"noise_level must be in [0, {T - 1}], got {noise_level!r}")
+        lv = lv.expand(len(z)) if lv.ndim == 0 else lv
+        if noise is None:
+            noise = torch.zeros_like(z)
+        x = self.image_normalizer.scale(z)
+        x = self.image_noising_scheduler.add_noise(x, noise=noise.to(x), timesteps=lv.to(self.device))
+        x = self.image_normalizer.unscale(x)
+        emb = get_timestep_embedding(lv.to(self.device), embedding_dim=z.shape[-1], flip_sin_to_cos=True,
+                                     downscale_freq_shift=0).to(x.dtype)
+        return torch.cat([x, emb], 1)
+
+    def _ddim(self, num_steps):
+        from diffusers import DDIMScheduler
+        s = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+        s.set_timesteps(num_steps)
+        return s
+
+    def _guided(self, x, t, labels, caps, null_caps, guidance_scale):
+        """Guided model output: null (empty caption, zero class_labels) + s (cond - null)."""
+        if guidance_scale == 1.0:
+            return self.unet(x, t, encoder_hidden_states=caps, class_labels=labels).sample
+        out = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([null_caps, caps]),
+                        class_labels=torch.cat([torch.zeros_like(labels), labels])).sample
+        u, c = out.chunk(2)
+        return u + guidance_scale * (c - u)
+
+    def _decoder_inputs(self, image_embeds, prompts, noise_level, seed):
+        z = self.check_embeddings(image_embeds, "image_embeds")
+        B = len(z)
+        prompts = [""] * B if prompts is None else ([prompts] * B if isinstance(prompts, str) else list(prompts))
+        if len(prompts) != B:
+            raise ValueError(f"decode: {B} embeddings but {len(prompts)} prompts")
+        aug = None
+        if noise_level:
+            aug = torch.stack([_seeded_noise((self.embedding_dim,), seed + 7919, i) for i in range(B)])
+        labels = self.noise_image_embeddings(z, noise_level, aug)
+        return labels, self.encode_captions(prompts), self.encode_captions([""] * B)
+
+    @torch.inference_mode()
+    def decode(self, image_embeds, prompts=None, *, num_steps: int = 25, guidance_scale: float = 3.0,
+               noise_level: int = 0, seed: int = 0, seeds=None, latents=None, batch_size: int = 64,
+               output: str = "uint8", progress: bool = False):
+        """Decode CLIP image embeddings [B, D] (optionally with captions) into images with DDIM
+        (eta 0).  Item i starts from noise seeded by (seed, i) - or by ``seeds[i]`` alone, so that
+        it does not depend on the batch - unless ``latents`` [B, C, h, w] (e.g. a DDIM inversion)
+        are given.  ``output``: "uint8" (numpy [B, R, R, 3]), "tensor" ([-1, 1])
+        or "latents"."""
+        from tqdm.auto import tqdm
+
+        labels, caps, null = self._decoder_inputs(image_embeds, prompts, noise_level, seed)
+        B = len(labels)
+        if latents is None and seeds is not None:
+            if len(seeds) != B:
+                raise ValueError(f"decode: {B} embeddings but {len(seeds)} seeds")
+            latents = torch.stack([_seeded_noise(self.latent_shape, s, 0) for s in seeds])
+        elif latents is None:
+            latents = torch.stack([_seeded_noise(self.latent_shape, seed, i) for i in range(B)])
+        elif tuple(latents.shape) != (B,) + self.latent_shape:
+            raise ValueError(f"decode: latents must be [{B}, {', '.join(map(str, self.latent_shape))}], "
+                             f"got {tuple(latents.shape)}")
+        outs = []
+        for i in tqdm(range(0, B, batch_size), disable=not progress, desc="decode"):
+            sl = slice(i, i + batch_size)
+            sched = self._ddim(num_steps)
+            x = latents[sl].to(self.device, self.dtype) * sched.init_noise_sigma
+            for t in sched.timesteps:
+                e = self._guided(sched.scale_model_input(x, t), t, labels[sl], caps[sl], null[sl],
+                                 guidance_scale)
+                x = sched.step(e, t, x).prev_sample
+            outs.append(x)
+        z0 = torch.cat(outs)
+        if output == "latents":
+            return z0
+        img = torch.cat([self.vae.decode(z0[i:i + batch_size] / self.scaling_factor).sample
+                         for i in range(0, B, batch_size)]).clamp(-1, 1)
+        if output == "tensor":
+            return img
+        if output != "uint8":
+            raise ValueError(f"decode: output must be 'uint8', 'tensor' or 'latents', got {output!r}")
+        return _to_uint8(img)
+
+    @torch.inference_mode()
+    def encode_latents(self, images) -> torch.Tensor:
+        """VAE posterior-mean latents (times the scaling factor) of uint8 images / PIL."""
+        from .imageio import to_pil
+        arr = []
+        for im in images:
+            pil = to_pil(im).convert("RGB")
+            if pil.size != (self.resolution, self.resolution):
+                from PIL import Image
+                pil = pil.resize((self.resolution, self.resolution), Image.BICUBIC)
+            arr.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
+        x = torch.stack(arr).to(self.device, self.dtype)
+        return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+
+    @torch.inference_mode()
+    def invert(self, latents, image_embeds, prompts=None, *, num_steps: int = 25,
+               guidance_scale: float = 1.0, noise_level: int = 0) -> torch.Tensor:
+        """Deterministic DDIM inversion x_0 -> x_T under the decoder conditioned on
+        ``image_embeds`` (the paper fixes the decoder noise of a text diff this way, Sec. 3.3).
+
+        Walks the sampling grid of :meth:`decode` backwards, approximating eps(x_t, t) by the model
+        output at the previous (less noisy) latent - the standard DDIM inversion."""
+        labels, caps, null = self._decoder_inputs(image_embeds, prompts, noise_level, 0)
+        sched = self._ddim(num_steps)
+        ac = sched.alphas_cumprod.to(self.device, torch.float32)
+        step = sched.config.num_train_timesteps // num_steps
+        x = latents.to(self.device, self.dtype)
+        pred_type = sched.config.prediction_type
+        for t in sched.timesteps.flip(0):
+            prev = int(t) - step
+            a_prev = ac[prev] if prev >= 0 else sched.final_alpha_cumprod.to(ac)
+            a_t = ac[int(t)]
+            out = self._guided(x, t, labels, caps, null, guidance_scale)
+            if pred_type == "epsilon":
+                eps = out
+            elif pred_type == "v_prediction":
+                eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+            else:
+                raise ValueError(f"invert: prediction_type {pred_type!r} not supported "
+                                 f"(epsilon or v_prediction)")
+            x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+            x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+        return x
+
+    # ---- prior --------------------------------------------------------------------------------
+    def _prior_ddim(self, num_steps):
+        from diffusers import DDIMScheduler
+        s = DDIMScheduler.from_config(self.prior_scheduler.config)
+        s.set_timesteps(num_steps)
+        return s
+
+    @torch.inference_mode()
+    def prior_embeddings(self, prompts, *, num_steps: int = 25, guidance_scale: float = 4.0,
+                         seeds=None, latents=None) -> torch.Tensor:
+        """One prior sample per prompt: CLIP image embeddings [B, D] (unnormalised with
+        clip_mean/clip_std).  DDIM (eta 0) on the prior scheduler's schedule; guidance on the
+        caption (null = the empty caption, as the pipeline); item i starts from ``seeds[i]``'s
+        noise unless ``latents`` are given."""
+        self._need_prior("prior sampling")
+        prompts = list(prompts)
+        B = len(prompts)
+        emb, hid, mask = self.encode_prior_texts(prompts)
+        nemb, nhid, nmask = self.encode_prior_texts([""] * B)
+        D = int(self.prior.config.embedding_dim)
+        if latents is None:
+            seeds = list(range(B)) if seeds is None else list(seeds)
+            latents = torch.stack([_seeded_noise((D,), s, 0) for s in seeds])
+        sched = self._prior_ddim(num_steps)
+        x = latents.to(self.device, self.dtype) * sched.init_noise_sigma
+        use_cfg = guidance_scale > 1.0
+        for t in sched.timesteps:
+            if use_cfg:
+                out = self.prior(torch.cat([x, x]), timestep=t, proj_embedding=torch.cat([nemb, emb]),
+                                 encoder_hidden_states=torch.cat([nhid, hid]),
+                                 attention_mask=torch.cat([nmask, mask])).predicted_image_embedding
+                u, c = out.chunk(2)
+                out = u + guidance_scale * (c - u)
+            else:
+                out = self.prior(x, timestep=t, proj_embedding=emb, encoder_hidden_states=hid,
+                                 attention_mask=mask).predicted_image_embedding
+            x = sched.step(out, t, x).prev_sample
+        return self.prior.post_process_latents(x).float()
+
+    @torch.inference_mode()
+    def sample_prior(self, prompts, *, n_candidates: int = 2, num_steps: int = 25,
+                     guidance_scale: float = 4.0, seed: int = 0, seeds=None,
+                     batch_size: int = 256) -> dict:
+        """Draw ``n_candidates`` prior samples per prompt and keep the one with the larger dot
+        product with the CLIP text embedding (paper Sec. 2.1: 2 samples).  Candidate k of prompt i
+        starts from noise seeded by (seeds[i], 1 + k) (default seeds[i] = seed * 100003 + i), so it
+        does not depend on the batch.  Returns dict(chosen [B, D], candidates [B, K, D],
+        scores [B, K], index [B], text_embeds [B, D])."""
+        self._need_prior("prior sampling")
+        if n_candidates < 1:
+            raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+        prompts = list(prompts)
+        B, K = len(prompts), int(n_candidates)
+        seeds = [seed * 100003 + i for i in range(B)] if seeds is None else list(seeds)
+        if len(seeds) != B:
+            raise ValueError(f"sample_prior: {B} prompts but {len(seeds)} seeds")
+        D = int(self.prior.config.embedding_dim)
+        cands = []
+        for i in range(0, B * K, batch_size):
+            ids = range(i, min(i + batch_size, B * K))
+            lat = torch.stack([_seeded_noise((D,), seeds[j // K], 1 + j % K) for j in ids])
+            cands.append(self.prior_embeddings([prompts[j // K] for j in ids], num_steps=num_steps,
+                                               guidance_scale=guidance_scale, latents=lat))
+        cands = torch.cat(cands).view(B, K, -1).cpu()
+        text = self.encode_prior_texts(prompts)[0].cpu()
+        chosen, scores, idx = select_by_dot_product(cands, text)
+        return dict(chosen=chosen, candidates=cands, scores=scores, index=idx, text_embeds=text)
+
+    def text_embeddings_as_image_embeddings(self, prompts) -> torch.Tensor:
+        """The no-prior ablation's input: the CLIP text embedding direction scaled to the typical
+        image-embedding norm (:func:`typical_norm`), fed to the decoder as if it were z_i."""
+        z = self.encode_prior_texts(list(prompts))[0].cpu()
+        return _unit(z) * typical_norm(self.image_normalizer)
+
+    def generate(self, prompts, *, mode: str = "prior", caption: bool = True,
+                 n_candidates: int = 2, prior_steps: int = 25, prior_guidance: float = 4.0,
+                 num_steps: int = 25, guidance_scale: float = 3.0, seed: int = 0, seeds=None,
+                 progress: bool = False) -> np.ndarray:
+        """Text-to-image.  ``mode``: "prior" (prior -> decoder, the paper's unCLIP), "text" (the
+        text embedding fed to the decoder directly, no prior), or "caption" (zero image embedding,
+        caption only).  ``caption``: also give the caption to the decoder's cross-attention.
+        Prompt i draws everything from ``seeds[i]`` (default seed * 100003 + i): decoder noise
+        (seeds[i], 0), prior candidates (seeds[i], 1 + k)."""
+        prompts = list(prompts)
+        seeds = [seed * 100003 + i for i in range(len(prompts))] if seeds is None else list(seeds)
+        if mode == "prior":
+            z = self.sample_prior(prompts, n_candidates=n_candidates, num_steps=prior_steps,
+                                  guidance_scale=prior_guidance, seeds=seeds)["chosen"]
+        elif mode == "text":
+            z = self.text_embeddings_as_image_embeddings(prompts)
+        elif mode == "caption":
+            z = torch.zeros(len(prompts), self.embedding_dim)
+        else:
+            raise ValueError(f"generate: mode must be 'prior', 'text' or 'caption', got {mode!r}")
+        if mode == "caption":
+            return self._decode_caption_only(prompts, num_steps, guidance_scale, seeds)
+        return self.decode(z, prompts if caption else None, num_steps=num_steps,
+                           guidance_scale=guidance_scale, seeds=seeds, progress=progress)
+
+    @torch.inference_mode()
+    def _decode_caption_only(self, prompts, num_steps, guidance_scale, seeds):
+        """Caption-only decoding: class_labels all zero (the decoder's null embedding) in both
+        branches, guidance on the caption alone."""
+        B = len(prompts)
+        caps, null = self.encode_captions(prompts), self.encode_captions([""] * B)
+        labels = torch.zeros(B, 2 * self.embedding_dim, device=self.device, dtype=self.dtype)
+        sched = self._ddim(num_steps)
+        x = torch.stack([_seeded_noise(self.latent_shape, s, 0) for s in seeds]).to(self.device)
+        for t in sched.timesteps:
+            out = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([null, caps]),
+                            class_labels=torch.cat([labels, labels])).sample
+            u, c = out.chunk(2)
+            x = sched.step(u + guidance_scale * (c - u), t, x).prev_sample
+        return _to_uint8(self.vae.decode(x / self.scaling_factor).sample.clamp(-1, 1))
+
+    # ---- manipulations ------------------------------------------------------------------------
+    def variations(self, images, n: int = 4, *, seed: int = 0, **decode_kw) -> np.ndarray:
+        """``n`` variations of each image: its CLIP embedding decoded with ``n`` different decoder
+        noises.  Returns uint8 [len(images), n, R, R, 3]."""
+        z = self.encode_images(images)
+        zz = z.repeat_interleave(n, 0)
+        out = self.decode(zz, seed=seed, **decode_kw)
+        return out.reshape(len(z), n, *out.shape[1:])
+
+    def interpolate(self, image_a, image_b, thetas, *, seed: int = 0, **decode_kw) -> np.ndarray:
+        """slerp(z_a, z_b, theta) for each theta, all decoded from the same decoder noise
+        (paper Fig. 4).  Returns uint8 [len(thetas), R, R, 3]."""
+        thetas = check_theta(list(thetas), "thetas")
+        z = self.encode_images([image_a, image_b])
+        zs = slerp(z[0], z[1], thetas)
+        lat = _seeded_noise(self.latent_shape, seed, 0).expand(len(thetas), -1, -1, -1)
+        return self.decode(zs, latents=lat, **decode_kw)
+
+    def text_diff(self, image, source_caption: str, target_caption: str, thetas, *,
+                  num_steps: int = 25, guidance_scale: float = 3.0, invert_guidance=None,
+                  return_inversion: bool = False):
+        """Text diff (paper Sec. 3.3, Fig. 5): z_d = normalize(z_t - z_t0) from the target and source
+        captions, decode slerp(z_i, z_d, theta) for each theta, the decoder noise fixed to the DDIM
+        inversion x_T of the source image under z_i.  theta = 0 is the DDIM reconstruction.
+
+        ``invert_guidance``: guidance scale of the inversion (default: ``guidance_scale``, so that
+        theta = 0 reproduces the source as closely as the sampler allows).
+        Returns uint8 [len(thetas), R, R, 3] (and x_T with ``return_inversion``)."""
+        thetas = check_theta(list(thetas), "thetas")
+        self._need_prior("text diffs (the CLIP text encoder lives in prior_text_encoder)")
+        z_i = self.encode_images([image])
+        zt = self.encode_prior_texts([target_caption, source_caption])[0].cpu()
+        z_d = text_diff_direction(zt[0], zt[1])
+        z_d = z_d * z_i.norm()  # slerp interpolates the norms; keep the source's
+        x_T = self.invert(self.encode_latents([image]), z_i, num_steps=num_steps,
+                          guidance_scale=guidance_scale if invert_guidance is None else invert_guidance)
+        zs = slerp(z_i[0].cpu(), z_d, thetas)
+        out = self.decode(zs, latents=x_T.expand(len(thetas), -1, -1, -1).cpu(), num_steps=num_steps,
+                          guidance_scale=guidance_scale)
+        return (out, x_T) if return_inversion else out
+
+
+# ------------------------------------------------------------------------------------------------
+# loading / saving
+# ------------------------------------------------------------------------------------------------
+def resolve_unclip(name_or_path) -> tuple[str, bool]:
+    s = str(name_or_path)
+    s = UNCLIP_ALIASES.get(s, s)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not (p / "model_index.json").exists():
+            raise FileNotFoundError(f"{p} is not a Stable unCLIP folder: it has no model_index.json. "
+                                    f"Point at a folder written by save_unclip_folder / "
+                                    f"StableUnCLIPPipeline.save_pretrained")
+        return str(p), True
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        return s, False
+    raise FileNotFoundError(f"unknown unCLIP model {name_or_path!r}: not a local folder, not a hub id, "
+                            f"not an alias ({', '.join(sorted(UNCLIP_ALIASES))})")
+
+
+def _component_loaders():
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, PriorTransformer,
+                           UNet2DConditionModel)
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import \
+        StableUnCLIPImageNormalizer
+    from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPTokenizer, CLIPVisionModelWithProjection)
+    sched = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+    return dict(tokenizer=CLIPTokenizer, prior_tokenizer=CLIPTokenizer, text_encoder=CLIPTextModel,
+                prior_text_encoder=CLIPTextModelWithProjection, prior=PriorTransformer,
+                image_normalizer=StableUnCLIPImageNormalizer, unet=UNet2DConditionModel,
+                vae=AutoencoderKL, image_encoder=CLIPVisionModelWithProjection,
+                feature_extractor=CLIPImageProcessor, _sched=sched)
+
+
+def _load_part(loc, sub, kind, local_only, dtype, loaders):
+    if kind in ("scheduler", "prior_scheduler", "image_noising_scheduler"):
+        from diffusers import SchedulerMixin  # noqa: F401
+        cfg_file = None
+        if Path(loc).exists():
+            cfg_file = Path(loc) / sub / "scheduler_config.json"
+            cls_name = json.loads(cfg_file.read_text()).get("_class_name", "DDPMScheduler")
+        else:
+            from huggingface_hub import hf_hub_download
+            cls_name = json.loads(Path(hf_hub_download(loc, "scheduler_config.json", subfolder=sub,
+                                                       local_files_only=local_only)).read_text())["_class_name"]
+        import diffusers
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None:
+            raise ValueError(f"{loc}/{sub}: unknown scheduler class {cls_name}")
+        return cls.from_pretrained(loc, subfolder=sub, local_files_only=local_only)
+    cls = loaders[kind]
+    kw = dict(subfolder=sub, local_files_only=local_only)
+    if kind not in ("tokenizer", "prior_tokenizer", "feature_extractor"):
+        kw["torch_dtype"] = dtype
+    return cls.from_pretrained(loc, **kw)
+
+
+def load_unclip(name_or_path=None, *, prior=None, prior_text_model=None, device="cpu",
+                dtype=torch.float32, need_prior: bool = True,
+                allow_download: bool | None = None) -> UnCLIPModel:
+    """Load a Stable unCLIP checkpoint (local folder, hub id or alias; default ``data/toy-unclip``).
+
+    A text-to-image folder (the toy one, or one saved from StableUnCLIPPipeline) holds the prior
+    parts itself.  The image-variation release ``stabilityai/stable-diffusion-2-1-unclip`` does
+    not; pass ``prior="kakaobrain/karlo-v1-alpha"`` (sub-folders prior/, prior_scheduler/,
+    text_encoder/, tokenizer/) - or any folder with prior_*/ sub-folders.  With ``need_prior``
+    (default) a missing prior is an error raised before anything heavy is loaded.
+    """
+    loc, local = resolve_unclip(name_or_path or DEFAULT_UNCLIP)
+    if allow_download is None:
+        allow_download = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
+    index = None
+    if local:
+        index = json.loads((Path(loc) / "model_index.json").read_text())
+        if need_prior and prior is None and not all(index.get(k) and index[k][0] for k in PRIOR_PARTS):
+            raise FileNotFoundError(
+                f"{loc} has no diffusion prior (model_index.json lacks "
+                f"{[k for k in PRIOR_PARTS if not (index.get(k) and index[k][0])]}). Pass "
+                f"prior='kakaobrain/karlo-v1-alpha' (or a local folder with prior/ and prior_scheduler/), "
+                f"or need_prior=False to load only the image-embedding decoder")
+    loaders = _component_loaders()
+
+    def load_all(local_only):
+        parts = {}
+        for k in DECODER_PARTS + ENCODER_PARTS:
+            if index is not None and not (index.get(k) and index[k][0]):
+                continue
+            try:
+                parts[k] = _load_part(loc, k, k, local_only, dtype, loaders)
+            except (OSError, EnvironmentError) as err:
+                if k in ENCODER_PARTS:
+                    continue
+                raise FileNotFoundError(f"could not load {k}/ of {loc}: {err}") from err
+        src = loc if prior is None else resolve_unclip(prior)[0]
+        if prior is None and index is not None and all(index.get(k) and index[k][0] for k in PRIOR_PARTS):
+            for k in PRIOR_PARTS:
+                parts[k] = _load_part(loc, k, k, local_only, dtype, loaders)
+        elif prior is not None:
+            p_index = Path(src) / "model_index.json"
+            names = {k: k for k in PRIOR_PARTS}
+            if not (Path(src).exists() and (Path(src) / "prior_text_encoder").exists()):
+                names.update(prior_text_encoder="text_encoder", prior_tokenizer="tokenizer")  # Karlo
+            del p_index
+            for k in PRIOR_PARTS:
+                if k in ("prior_text_encoder", "prior_tokenizer") and prior_text_model is not None:
+                    cls = loaders[k]
+                    kw = dict(local_files_only=local_only)
+                    if k == "prior_text_encoder":
+                        kw["torch_dtype"] = dtype
+                    parts[k] = cls.from_pretrained(prior_text_model, **kw)
+                else:
+                    parts[k] = _load_part(src, names[k], k, local_only, dtype, loaders)
+        return parts
+
+    try:
+        parts = load_all(True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        if local or not allow_download:
+            raise FileNotFoundError(f"could not load the Stable unCLIP checkpoint {loc} offline: {err}. "
+                                    f"Download it (huggingface-cli download {loc} --local-dir DIR) and "
+                                    f"pass DIR") from err
+        parts = load_all(False)
+    m = UnCLIPModel(parts, name=loc, device=device, dtype=dtype)
+    if need_prior:
+        m._need_prior("load_unclip(need_prior=True)")
+    return m
+
+
+def save_unclip_folder(folder, components: dict, extra: dict | None = None) -> Path:
+    """Write a folder that both ``StableUnCLIPPipeline.from_pretrained`` and
+    ``StableUnCLIPImg2ImgPipeline.from_pretrained`` load: every component in its sub-folder and
+    one ``model_index.json`` listing all of them (_class_name StableUnCLIPPipeline; the img2img
+    pipeline ignores the prior entries, the text-to-image one the image-encoder entries)."""
+    import diffusers
+    from diffusers import StableUnCLIPPipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t2i = StableUnCLIPPipeline(**{k: components[k] for k in PRIOR_PARTS + DECODER_PARTS})
+    t2i.save_pretrained(folder, safe_serialization=True)
+    components["image_encoder"].save_pretrained(folder / "image_encoder", safe_serialization=True)
+    components["feature_extractor"].save_pretrained(folder / "feature_extractor")
+    idx = json.loads((folder / "model_index.json").read_text())
+    idx["image_encoder"] = ["transformers", type(components["image_encoder"]).__name__]
+    idx["feature_extractor"] = ["transformers", type(components["feature_extractor"]).__name__]
+    idx["_diffusers_version"] = diffusers.__version__
+    (folder / "model_index.json").write_text(json.dumps(idx, indent=2, sort_keys=True) + "\n")
+    if extra:
+        for name, obj in extra.items():
+            (folder / name).write_text(json.dumps(obj, indent=1) + "\n")
+    return folder

@@ -1,0 +1,315 @@
+"""Measuring unCLIP on the toy world: text-to-image fidelity (prior + decoder, no-prior ablations,
+the toy SD), CLIP score, a Frechet distance on CLIP image features, variations, interpolation
+paths and text diffs - every judgement by the package's pixel checker (``toyworld.check_prompt`` /
+``detect_objects``) against the toy world's ground truth.
+
+Generated images are cached per example (``cache.ResultCache``; key: model, method, sampler
+parameters), so a killed notebook resumes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import cache as cache_mod
+from . import toyworld as tw
+
+#: zero-shot MS-COCO 256x256 FID of the paper (Ramesh et al. 2022, Table 2)
+PAPER_FID = {"unCLIP (diffusion prior)": 10.39, "unCLIP (AR prior)": 10.63, "GLIDE": 12.24,
+             "DALL-E": 28.0}
+METHODS = ("prior", "text", "caption", "sd")
+METHOD_LABELS = {"prior": "unCLIP: prior + decoder", "text": "decoder fed z_t (no prior)",
+                 "caption": "decoder, caption only (no z)", "sd": "toy SD (GLIDE analogue)"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Frechet distance
+# ------------------------------------------------------------------------------------------------
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017, FID's formula).
+
+    tr((S1 S2)^(1/2)) is computed as the sum of sqrt of the eigenvalues of
+    S1^(1/2) S2 S1^(1/2) (symmetric PSD, so the eigenvalues are real and >= 0 up to round-off),
+    in float64."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"frechet_distance: shapes do not agree (mu {mu1.shape}/{mu2.shape}, "
+                         f"sigma {s1.shape}/{s2.shape})")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = r1 @ s2 @ r1
+    ev = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_sqrt = float(np.sqrt(np.clip(ev, 0, None)).sum())
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] (unbiased covariance,
+    as torchmetrics' FrechetInceptionDistance)."""
+    a = np.asarray(feats_a, np.float64)
+    b = np.asarray(feats_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"frechet_distance: need two [N >= 2, D] feature sets of equal D, got "
+                         f"{a.shape} and {b.shape}")
+    return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
+                                       np.cov(b, rowvar=False))
+
+
+def clip_score(clip_embedder, images, prompts) -> float:
+    """CLIPScore as torchmetrics defines it: mean over pairs of 100 * max(cos(image, text), 0)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"clip_score: {len(images)} images but {len(prompts)} prompts")
+    im = clip_embedder.encode_images(list(images))
+    tx = clip_embedder.encode_texts(list(prompts))
+    return float((100 * (im * tx).sum(1).clamp(min=0)).mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# generation with caching
+# ------------------------------------------------------------------------------------------------
+def generate_cached(model, prompts, method: str, *, seed: int = 0, num_steps: int = 25,
+                    guidance_scale: float = 3.0, prior_guidance: float = 4.0, prior_steps: int = 25,
+                    n_candidates: int = 2, caption: bool = True, cache: bool = True,
+                    batch_size: int = 50, progress: bool = True) -> np.ndarray:
+    """Images [N, R, R, 3] for ``prompts`` by ``method``: "prior" / "text" / "caption" (an
+    :class:`unclip.UnCLIPModel`) or "sd" (a ``models.T2IModel``).  Prompt i uses seed (seed, i)
+    whatever the batch, so per-example caching is exact."""
+    prompts = list(prompts)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    key = dict(model=model.name, method=method, seed=seed, num_steps=num_steps,
+               guidance_scale=guidance_scale, prior_guidance=prior_guidance, prior_steps=prior_steps,
+               n_candidates=n_candidates, caption=caption, prompts=prompts)
+    rc = cache_mod.ResultCache("unclip_generate", key, enabled=cache)
+
+    def run(ids):
+        ps = [prompts[i] for i in ids]
+        if method == "sd":
+            # T2IModel seeds item j of a call by (seed, j): shift the seed per chunk so that the
+            # noise of prompt i does not depend on how the prompts are chunked
+            return [model.generate([p], num_steps=num_steps, guidance_scale=guidance_scale,
+                                   seed=seed * 1009 + i)[0] for p, i in zip(ps, ids)]
+        return list(model.generate(ps, mode=method, caption=caption, n_candidates=n_candidates,
+                                   prior_steps=prior_steps, prior_guidance=prior_guidance,
+                                   num_steps=num_steps, guidance_scale=guidance_scale,
+                                   seeds=[seed * 1009 + i for i in ids]))
+
+    res = cache_mod.map_cached(run, range(len(prompts)), rc, desc=f"generate ({method})",
+                               progress=progress, chunk=batch_size)
+    return np.stack([res[i] for i in range(len(prompts))])
+
+
+def fidelity(images, prompts) -> dict:
+    """Rates of the checker's booleans and ``match`` (colour and shape bound to the same objects,
+    and the relation for relational prompts) over (image, prompt) pairs."""
+    rows = []
+    for im, p in zip(images, prompts):
+        r = dict(tw.check_prompt(im, p))
+        r["match"] = bool(r.get("both", False) and r.get("relation_ok", True))
+        rows.append(r)
+    keys = sorted({k for r in rows for k in r})
+    out = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+    out["n"] = len(rows)
+    out["n_match"] = int(sum(r["match"] for r in rows))
+    out["matches"] = [bool(r["match"]) for r in rows]
+    return out
+
+
+def paired_comparison(matches_a, matches_b) -> dict:
+    """Exact McNemar test of two methods judged on the same prompts (and seeds): counts of prompts
+    only A / only B got right, and the two-sided binomial p-value on those discordant pairs."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(matches_a, bool), np.asarray(matches_b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_comparison: {a.shape} vs {b.shape} prompts")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return dict(n=int(len(a)), rate_a=float(a.mean()), rate_b=float(b.mean()), only_a=only_a,
+                only_b=only_b, p_value=p)
+
+
+# ------------------------------------------------------------------------------------------------
+# attributes of generated images
+# ------------------------------------------------------------------------------------------------
+def main_object(image) -> dict | None:
+    """colour / shape / size / centroid of the largest detected object, or None (no object)."""
+    found = tw.detect_objects(image)
+    if not found:
+        return None
+    o = found[0]
+    return dict(colour=o["colour"], shape=o["shape"], size=o["size"], centroid=o["centroid"])
+
+
+def _single_object_sources(n: int, seed: int):
+    return tw.make_samples(n, seed, kinds=("single",))
+
+
+def variation_stats(model, samples, n_variations: int = 4, *, seed: int = 0, num_steps: int = 25,
+                    guidance_scale: float = 3.0, cache: bool = True, progress: bool = True) -> dict:
+    """Decode each (single-object) source image's own CLIP embedding with ``n_variations`` decoder
+    noises; report how often a variation keeps the source's colour, shape, size (and colour and
+    shape together), and diversity: mean pairwise RMS pixel distance ([0, 1] units) of the
+    variations of one source, and mean pairwise centroid distance in pixels."""
+    samples = list(samples)
+    key = dict(model=model.name, n_var=n_variations, seed=seed, num_steps=num_steps,
+               guidance_scale=guidance_scale,
+               images=[cache_mod.fingerprint(s.image) for s in samples])
+    rc = cache_mod.ResultCache("unclip_variations", key, enabled=cache)
+
+    def run(ids):
+        ims = [samples[i].image for i in ids]
+        v = model.variations(ims, n_variations, seed=seed, num_steps=num_steps,
+                             guidance_scale=guidance_scale)
+        return list(v)
+
+    res = cache_mod.map_cached(run, range(len(samples)), rc, desc="variations", progress=progress,
+                               chunk=16)
+    keep = {k: [] for k in ("colour", "shape", "size", "colour_and_shape")}
+    pix, cen = [], []
+    for i, s in enumerate(samples):
+        src = s.scene.objects[0]
+        objs = []
+        for im in res[i]:
+            o = main_object(im)
+            objs.append(o)
+            keep["colour"].append(o is not None and o["colour"] == src.colour)
+            keep["shape"].append(o is not None and o["shape"] == src.shape)
+            keep["size"].append(o is not None and o["size"] == src.size)
+            keep["colour_and_shape"].append(o is not None and o["colour"] == src.colour
+                                            and o["shape"] == src.shape)
+        v = res[i].astype(np.float64) / 255
+        for a in range(len(v)):
+            for b in range(a + 1, len(v)):
+                pix.append(float(np.sqrt(((v[a] - v[b]) ** 2).mean())))
+                if objs[a] is not None and objs[b] is not None:
+                    cen.append(float(np.hypot(*np.subtract(objs[a]["centroid"], objs[b]["centroid"]))))
+    out = {f"keeps_{k}": float(np.mean(v)) for k, v in keep.items()}
+    out.update(n_sources=len(samples), n_variations=n_variations,
+               n_keeps_colour_and_shape=int(sum(keep["colour_and_shape"])),
+               n_total=len(keep["colour"]),
+               diversity_pixel_rms=float(np.mean(pix)) if pix else float("nan"),
+               diversity_centroid_px=float(np.mean(cen)) if cen else float("nan"))
+    return out, res
+
+
+def interpolation_pairs(n: int, seed: int):
+    """Pairs of single-object toy images that differ in both colour and shape (stream ``seed``)."""
+    pool = _single_object_sources(8 * n + 16, seed)
+    pairs, used = [], set()
+    for i, a in enumerate(pool):
+        if i in used:
+            continue
+        for j in range(i + 1, len(pool)):
+            b = pool[j]
+            oa, ob = a.scene.objects[0], b.scene.objects[0]
+            if j not in used and oa.colour != ob.colour and oa.shape != ob.shape:
+                pairs.append((a, b))
+                used.update((i, j))
+                break
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+def interpolation_paths(model, pairs, thetas, *, seed: int = 0, num_steps: int = 25,
+                        guidance_scale: float = 3.0, progress: bool = True):
+    """For each pair (A, B), decode slerp(z_A, z_B, theta) for every theta from one fixed decoder
+    noise; return per-theta fractions of decodes showing A's colour / B's colour / A's shape /
+    B's shape, and the images [n_pairs, n_theta, R, R, 3]."""
+    from tqdm.auto import tqdm
+
+    thetas = [float(t) for t in thetas]
+    ims = []
+    for k, (a, b) in enumerate(tqdm(pairs, desc="interpolations", disable=not progress)):
+        ims.append(model.interpolate(a.image, b.image, thetas, seed=seed * 1009 + k,
+                                     num_steps=num_steps, guidance_scale=guidance_scale))
+    ims = np.stack(ims)
+    rows = []
+    for j, th in enumerate(thetas):
+        c = {"colour_A": 0, "colour_B": 0, "shape_A": 0, "shape_B": 0}
+        for k, (a, b) in enumerate(pairs):
+            o = main_object(ims[k, j])
+            oa, ob = a.scene.objects[0], b.scene.objects[0]
+            if o is not None:
+                c["colour_A"] += o["colour"] == oa.colour
+                c["colour_B"] += o["colour"] == ob.colour
+                c["shape_A"] += o["shape"] == oa.shape
+                c["shape_B"] += o["shape"] == ob.shape
+        rows.append(dict(theta=th, **{k: v / len(pairs) for k, v in c.items()}))
+    return rows, ims
+
+
+# ------------------------------------------------------------------------------------------------
+# text diffs
+# ------------------------------------------------------------------------------------------------
+EDITS = ("colour", "shape", "size")
+
+
+def text_diff_edits(samples, edit: str) -> list[tuple]:
+    """(sample, source caption, target caption, target value) for single-object samples.
+    colour / shape: "a {c} {s}" -> the next colour / shape in the world's order (a fixed,
+    balanced choice); size: "a {z} {c} {s}" -> the other size."""
+    if edit not in EDITS:
+        raise ValueError(f"edit must be one of {EDITS}, got {edit!r}")
+    cols, shapes = list(tw.COLOURS), list(tw.SHAPES)
+    out = []
+    for k, s in enumerate(samples):
+        o = s.scene.objects[0]
+        if edit == "colour":
+            new = cols[(cols.index(o.colour) + 1 + k % (len(cols) - 1)) % len(cols)]
+            out.append((s, f"a {o.colour} {o.shape}", f"a {new} {o.shape}", new))
+        elif edit == "shape":
+            new = shapes[(shapes.index(o.shape) + 1 + k % (len(shapes) - 1)) % len(shapes)]
+            out.append((s, f"a {o.colour} {o.shape}", f"a {o.colour} {new}", new))
+        else:
+            new = "large" if o.size == "small" else "small"
+            out.append((s, f"a {o.size} {o.colour} {o.shape}", f"a {new} {o.colour} {o.shape}", new))
+    return out
+
+
+def text_diff_sweep(model, samples, edit: str, thetas, *, num_steps: int = 25,
+                    guidance_scale: float = 3.0, cache: bool = True, progress: bool = True):
+    """Text diffs of single-object sources for one ``edit``: per theta the fraction of edits whose
+    intended attribute reached the target, the fractions keeping each other attribute, and
+    ``success`` (target reached and the other two kept).  Returns (rows, images
+    [n, n_theta, R, R, 3], edits)."""
+    thetas = [float(t) for t in thetas]
+    edits = text_diff_edits(samples, edit)
+    key = dict(model=model.name, edit=edit, thetas=thetas, num_steps=num_steps,
+               guidance_scale=guidance_scale,
+               items=[(cache_mod.fingerprint(e[0].image), e[1], e[2]) for e in edits])
+    rc = cache_mod.ResultCache("unclip_text_diff", key, enabled=cache)
+    res = cache_mod.map_cached(
+        lambda i: model.text_diff(edits[i][0].image, edits[i][1], edits[i][2], thetas,
+                                  num_steps=num_steps, guidance_scale=guidance_scale),
+        range(len(edits)), rc, desc=f"text diffs ({edit})", progress=progress)
+    others = [a for a in EDITS if a != edit]
+    rows = []
+    for j, th in enumerate(thetas):
+        n = dict(target=0, success=0, **{f"keeps_{a}": 0 for a in others})
+        for i, (s, _, _, new) in enumerate(edits):
+            o = main_object(res[i][j])
+            src = s.scene.objects[0]
+            if o is None:
+                continue
+            hit = o[edit] == new
+            kept = {a: o[a] == getattr(src, a) for a in others}
+            n["target"] += hit
+            for a in others:
+                n[f"keeps_{a}"] += kept[a]
+            n["success"] += hit and all(kept.values())
+        rows.append(dict(edit=edit, theta=th, n=len(edits),
+                         **{k: v / len(edits) for k, v in n.items()}))
+    return rows, np.stack([res[i] for i in range(len(edits))]), edits
+
+
+def best_theta(rows, target_min: float = 0.7, keep_key: str = "keeps_shape", keep_min: float = 0.8,
+               theta_max: float = 0.5):
+    """Smallest theta <= theta_max whose row reaches ``target_min`` on the target while keeping
+    ``keep_key`` >= ``keep_min``; None if there is none."""
+    for r in sorted(rows, key=lambda r: r["theta"]):
+        if r["theta"] <= theta_max + 1e-9 and r["target"] >= target_min and r[keep_key] >= keep_min:
+            return r
+    return None

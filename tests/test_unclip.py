@@ -1,0 +1,306 @@
+"""unCLIP: the Stable-unCLIP folder layout (both diffusers pipelines), the package's samplers against
+the pipelines, slerp / text-diff geometry, prior selection, DDIM inversion, bad inputs, resumable
+training.  A tiny random-weight checkpoint built from configs (no downloads)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from t2i_common import training, unclip
+from t2i_common import unclip_training as ut
+
+
+@pytest.fixture(scope="module")
+def tiny_unclip_dir(tiny_sd_dir, tmp_path_factory):
+    from t2i_common import toyworld as tw
+
+    parts = ut.unclip_components_from_sd(tiny_sd_dir, prior_layers=1)
+    imgs = torch.from_numpy(np.stack([np.asarray(tw.to_pil(s.image).resize((16, 16)))
+                                      for s in tw.make_samples(64, 0)]))
+    zi = ut.image_embeddings(parts["image_encoder"], imgs)
+    torch.manual_seed(0)
+    parts = ut.unclip_components_from_sd(tiny_sd_dir, embed_mean=zi.mean(0), embed_std=zi.std(0),
+                                         prior_layers=1)
+    with torch.no_grad():  # non-trivial projection so the embedding matters
+        torch.nn.init.normal_(parts["unet"].class_embedding.linear_2.weight, std=0.05)
+    folder = tmp_path_factory.mktemp("tiny_unclip")
+    unclip.save_unclip_folder(folder, parts)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_unclip(tiny_unclip_dir):
+    return unclip.load_unclip(tiny_unclip_dir)
+
+
+def _image(seed=0):
+    from t2i_common import toyworld as tw
+    return np.asarray(tw.to_pil(tw.make_samples(1, seed, kinds=("single",))[0].image).resize((16, 16)))
+
+
+def test_folder_layout_is_stable_unclip(tiny_unclip_dir):
+    idx = json.loads((tiny_unclip_dir / "model_index.json").read_text())
+    assert idx["_class_name"] == "StableUnCLIPPipeline"
+    for k in unclip.PRIOR_PARTS + unclip.DECODER_PARTS + unclip.ENCODER_PARTS:
+        assert idx[k][0] in ("diffusers", "transformers", "stable_diffusion"), k
+        assert (tiny_unclip_dir / k).is_dir(), k
+    unet = json.loads((tiny_unclip_dir / "unet" / "config.json").read_text())
+    assert unet["class_embed_type"] == "projection"
+    assert unet["projection_class_embeddings_input_dim"] == 2 * 32
+
+
+def test_runs_in_plain_diffusers_pipelines(tiny_unclip_dir):
+    from diffusers import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
+
+    pipe = StableUnCLIPPipeline.from_pretrained(tiny_unclip_dir)
+    out = pipe(["a red circle", "a blue square"], height=16, width=16, num_inference_steps=2,
+               prior_num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert out.shape == (2, 16, 16, 3) and np.isfinite(out).all()
+    pipe2 = StableUnCLIPImg2ImgPipeline.from_pretrained(tiny_unclip_dir)
+    from PIL import Image
+    out2 = pipe2(Image.fromarray(_image()), prompt="", height=16, width=16, num_inference_steps=2,
+                 noise_level=10, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out2.shape == (1, 16, 16, 3) and np.isfinite(out2).all()
+
+
+def _ddim_pipe(cls, folder, m):
+    from diffusers import DDIMScheduler
+    pipe = cls.from_pretrained(folder)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,
+                                               set_alpha_to_one=False)
+    if hasattr(pipe, "prior_scheduler"):
+        pipe.prior_scheduler = DDIMScheduler.from_config(pipe.prior_scheduler.config)
+    return pipe
+
+
+def test_decode_equals_img2img_pipeline(tiny_unclip_dir, tiny_unclip):
+    """Same image, same initial latents, DDIM in both: the package's decoder sampler reproduces
+    StableUnCLIPImg2ImgPipeline (guidance 3, caption and image embedding)."""
+    from diffusers import StableUnCLIPImg2ImgPipeline
+    from PIL import Image
+
+    m = tiny_unclip
+    pipe = _ddim_pipe(StableUnCLIPImg2ImgPipeline, tiny_unclip_dir, m)
+    lat = torch.randn((1,) + m.latent_shape, generator=torch.Generator().manual_seed(3))
+    img = Image.fromarray(_image())
+    ref = pipe(img, prompt="a red circle", height=16, width=16, num_inference_steps=4,
+               guidance_scale=3.0, latents=lat.clone(), output_type="pt").images
+    z = m.encode_images([img])
+    ours = m.decode(z, ["a red circle"], num_steps=4, guidance_scale=3.0, latents=lat, output="tensor")
+    torch.testing.assert_close((ours + 1) / 2, ref.clamp(0, 1), atol=1e-4, rtol=0)
+    # the image embedding matters: another embedding gives another image
+    other = m.decode(z * 0.5, ["a red circle"], num_steps=4, latents=lat, output="tensor")
+    assert (other - ours).abs().max() > 1e-3
+
+
+def test_prior_and_decoder_equal_text_pipeline(tiny_unclip_dir, tiny_unclip):
+    """Prior (guided, DDIM) then decoder: the package reproduces StableUnCLIPPipeline given the same
+    prior and decoder starting noise."""
+    from diffusers import StableUnCLIPPipeline
+
+    m = tiny_unclip
+    pipe = _ddim_pipe(StableUnCLIPPipeline, tiny_unclip_dir, m)
+    g = torch.Generator().manual_seed(5)
+    plat = torch.randn(1, m.embedding_dim, generator=g)
+    lat = torch.randn((1,) + m.latent_shape, generator=g)
+    ref = pipe("a red circle", height=16, width=16, num_inference_steps=3, guidance_scale=2.0,
+               prior_num_inference_steps=3, prior_guidance_scale=4.0, prior_latents=plat.clone(),
+               latents=lat.clone(), output_type="pt").images
+    z = m.prior_embeddings(["a red circle"], num_steps=3, guidance_scale=4.0, latents=plat)
+    ours = m.decode(z, ["a red circle"], num_steps=3, guidance_scale=2.0, latents=lat, output="tensor")
+    torch.testing.assert_close((ours + 1) / 2, ref.clamp(0, 1), atol=1e-4, rtol=0)
+
+
+def test_noised_class_labels_match_pipeline(tiny_unclip):
+    """The batched training conditioning equals the pipeline's noise_image_embeddings per level."""
+    m = tiny_unclip
+    z = torch.randn(3, m.embedding_dim, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(3, m.embedding_dim, generator=torch.Generator().manual_seed(2))
+    levels = torch.tensor([0, 250, 999])
+    batched = ut.noised_class_labels(z, levels, noise, m.image_normalizer.mean.detach(),
+                                     m.image_normalizer.std.detach(),
+                                     torch.as_tensor(m.image_noising_scheduler.alphas_cumprod))
+    for i, lv in enumerate(levels.tolist()):
+        one = m.noise_image_embeddings(z[i:i + 1], lv, noise[i:i + 1])
+        torch.testing.assert_close(batched[i:i + 1], one, atol=1e-5, rtol=1e-5)
+    # level 0 keeps the embedding (abar_0 ~ 1) up to the first beta
+    assert (batched[0, :m.embedding_dim] - z[0]).abs().max() < 0.05 * z[0].abs().max()
+
+
+# ---- geometry ------------------------------------------------------------------------------------
+def test_slerp_endpoints_norms_and_angle():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, generator=g) * 3, torch.randn(8, generator=g) * 5
+    assert torch.equal(unclip.slerp(a, b, 0.0), a) and torch.equal(unclip.slerp(a, b, 1.0), b)
+    th = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    z = unclip.slerp(a, b, th)
+    torch.testing.assert_close(z.norm(dim=1), (1 - th) * a.norm() + th * b.norm())
+    ua, ub = a / a.norm(), b / b.norm()
+    w = torch.arccos(ua @ ub)
+    ang = torch.arccos(((z / z.norm(dim=1, keepdim=True)) @ ua).clamp(-1, 1))
+    torch.testing.assert_close(ang, th * w, atol=1e-5, rtol=0)  # constant angular speed
+    zu = unclip.slerp(ua, ub, th)  # unit vectors stay on the sphere
+    torch.testing.assert_close(zu.norm(dim=1), torch.ones(5))
+    # orthogonal unit vectors: slerp at 0.5 is (e1 + e2) / sqrt 2
+    e1, e2 = torch.eye(4)[0], torch.eye(4)[1]
+    torch.testing.assert_close(unclip.slerp(e1, e2, 0.5), (e1 + e2) / 2 ** 0.5)
+
+
+@pytest.mark.parametrize("theta", [-0.1, 1.5, float("nan")])
+def test_theta_outside_unit_interval_is_an_error(theta, tiny_unclip):
+    with pytest.raises(ValueError, match=r"theta must lie in \[0, 1\]"):
+        unclip.slerp(torch.ones(4), torch.ones(4), theta)
+    with pytest.raises(ValueError, match=r"thetas must lie in \[0, 1\]"):
+        tiny_unclip.text_diff(_image(), "a red circle", "a blue circle", [0.0, theta])
+
+
+def test_text_diff_direction_closed_form():
+    zt, zt0 = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
+    torch.testing.assert_close(unclip.text_diff_direction(zt, zt0), torch.tensor([1.0, -1.0, 0]) / 2 ** 0.5)
+
+
+def test_select_by_dot_product_keeps_larger():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cands = torch.tensor([[[0.2, 1.0], [5.0, 0.1]], [[0.0, 3.0], [1.0, 1.0]]])
+    chosen, scores, idx = unclip.select_by_dot_product(cands, text)
+    assert idx.tolist() == [1, 0]
+    torch.testing.assert_close(chosen, torch.stack([cands[0, 1], cands[1, 0]]))
+
+
+def test_sample_prior_keeps_candidate_with_larger_dot_product(tiny_unclip):
+    m = tiny_unclip
+    out = m.sample_prior(["a red circle", "a blue square", "a green diamond"], n_candidates=2,
+                         num_steps=3, seed=1)
+    assert out["candidates"].shape == (3, 2, m.embedding_dim)
+    cos = torch.nn.functional.cosine_similarity(out["candidates"], out["text_embeds"][:, None], dim=-1)
+    torch.testing.assert_close(out["scores"], cos, atol=1e-5, rtol=0)
+    for i in range(3):
+        k = int(cos[i].argmax())
+        assert torch.equal(out["chosen"][i], out["candidates"][i, k])
+    assert not torch.allclose(out["candidates"][:, 0], out["candidates"][:, 1])  # 2 distinct draws
+    # seeded: the same call gives the same candidates; a sample does not depend on its batch
+    again = m.sample_prior(["a red circle"], n_candidates=2, num_steps=3, seed=1)
+    torch.testing.assert_close(again["candidates"][0], out["candidates"][0])
+
+
+def test_text_diff_at_theta_zero_is_the_ddim_reconstruction(tiny_unclip):
+    m = tiny_unclip
+    im = _image(2)
+    out, x_T = m.text_diff(im, "a red circle", "a blue circle", [0.0, 0.3], num_steps=5,
+                           guidance_scale=2.0, return_inversion=True)
+    rec = m.decode(m.encode_images([im]), num_steps=5, guidance_scale=2.0, latents=x_T.cpu())
+    assert np.array_equal(out[0], rec[0])
+    assert not np.array_equal(out[0], out[1])
+
+
+def test_ddim_inversion_inverts_the_sampler(tiny_unclip):
+    """Decoding x_T obtained by inverting a decoded sample returns (nearly) that sample; the
+    inversion is exact up to the eps(x_t) ~ eps(x_t-1) approximation, so with many steps the
+    latents agree closely."""
+    m = tiny_unclip
+    z = m.encode_images([_image(3)])
+    x0 = m.decode(z, num_steps=50, guidance_scale=1.0, seed=4, output="latents")
+    x_T = m.invert(x0, z, num_steps=50, guidance_scale=1.0)
+    back = m.decode(z, num_steps=50, guidance_scale=1.0, latents=x_T.cpu(), output="latents")
+    err = float((back - x0).pow(2).mean() / x0.pow(2).mean())
+    assert err < 1e-2, err
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+def test_embedding_of_wrong_width_is_an_error(tiny_unclip):
+    with pytest.raises(ValueError, match=r"expected CLIP embeddings \[B, 32\].*got \(2, 31\)"):
+        tiny_unclip.decode(torch.zeros(2, 31), num_steps=2)
+
+
+def test_folder_lacking_the_prior_is_an_error(tiny_unclip_dir, tmp_path):
+    import shutil
+    folder = tmp_path / "no_prior"
+    shutil.copytree(tiny_unclip_dir, folder)
+    idx = json.loads((folder / "model_index.json").read_text())
+    for k in unclip.PRIOR_PARTS:
+        idx.pop(k)
+        shutil.rmtree(folder / k)
+    idx["_class_name"] = "StableUnCLIPImg2ImgPipeline"
+    (folder / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(FileNotFoundError, match="has no diffusion prior.*karlo"):
+        unclip.load_unclip(folder)
+    m = unclip.load_unclip(folder, need_prior=False)  # the decoder alone still loads and runs
+    assert m.decode(m.encode_images([_image()]), num_steps=2).shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="needs the diffusion prior"):
+        m.generate(["a red circle"], num_steps=2)
+    # the prior taken from another folder (the Karlo route)
+    m2 = unclip.load_unclip(folder, prior=tiny_unclip_dir)
+    assert m2.has_prior
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        unclip.load_unclip(tmp_path)
+
+
+# ---- training ------------------------------------------------------------------------------------
+def _tiny_training_inputs(tiny_sd_dir):
+    from t2i_common import toyworld as tw
+
+    parts = ut.unclip_components_from_sd(tiny_sd_dir, prior_layers=1)
+    samples = tw.make_samples(32, 0)
+    pairs = training.PairData(torch.from_numpy(np.stack(
+        [np.asarray(tw.to_pil(s.image).resize((16, 16))) for s in samples])), [s.captions for s in samples])
+    zi = ut.image_embeddings(parts["image_encoder"], pairs.images)
+    parts = ut.unclip_components_from_sd(tiny_sd_dir, embed_mean=zi.mean(0), embed_std=zi.std(0),
+                                         prior_layers=1)
+    return parts, pairs, zi
+
+
+def test_prior_training_resumes_bit_exactly(tiny_sd_dir, tmp_path):
+    def run(out, stop=None):
+        parts, pairs, zi = _tiny_training_inputs(tiny_sd_dir)
+        return ut.train_prior(pairs, parts["prior"], parts["prior_text_encoder"], parts["prior_tokenizer"],
+                              zi, parts["prior_scheduler"], 6, batch_size=8, out_dir=out,
+                              ckpt_every=2, progress=False, stop_after=stop, warmup=2)
+
+    ref, info = run(tmp_path / "a")
+    with pytest.raises(training.Interrupted):
+        run(tmp_path / "b", stop=3)
+    res, info2 = run(tmp_path / "b")
+    assert info2["resumed_from"] == 2
+    for (k, v), (_, w) in zip(ref.state_dict().items(), res.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert info["losses"] == info2["losses"]
+
+
+def test_decoder_training_starts_from_the_base_unet_and_learns(tiny_sd_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    parts, pairs, zi = _tiny_training_inputs(tiny_sd_dir)
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # zero-initialised projection: identical to the base at the start
+        torch.testing.assert_close(parts["unet"](x, 10, encoder_hidden_states=h,
+                                                 class_labels=torch.randn(2, 64)).sample,
+                                   base(x, 10, encoder_hidden_states=h).sample)
+    unet, info = ut.train_decoder(pairs, parts["unet"], parts["text_encoder"], parts["vae"],
+                                  parts["tokenizer"], zi, parts["image_normalizer"],
+                                  parts["image_noising_scheduler"], parts["scheduler"], 4,
+                                  batch_size=4, out_dir=tmp_path, ckpt_every=2, progress=False,
+                                  ema_decay=None, warmup=1)
+    assert len(info["losses"]) == 4
+    assert unet.class_embedding.linear_2.weight.abs().sum() > 0  # the embedding pathway is trained
+    with pytest.raises(ValueError, match="embedding_dropout must be in"):
+        ut.train_decoder(pairs, parts["unet"], parts["text_encoder"], parts["vae"], parts["tokenizer"],
+                         zi, parts["image_normalizer"], parts["image_noising_scheduler"],
+                         parts["scheduler"], 1, embedding_dropout=1.5, progress=False)
+
+
+def test_generation_does_not_depend_on_the_batch(tiny_unclip):
+    m = tiny_unclip
+    both = m.generate(["a red circle", "a blue square"], seeds=[5, 6], num_steps=2, prior_steps=2)
+    one = m.generate(["a blue square"], seeds=[6], num_steps=2, prior_steps=2)
+    assert np.array_equal(both[1], one[0])
+    cap = m.generate(["a red circle", "a blue square"], mode="caption", seeds=[5, 6], num_steps=2)
+    assert np.array_equal(cap[1], m.generate(["a blue square"], mode="caption", seeds=[6], num_steps=2)[0])
+    with pytest.raises(ValueError, match="mode must be"):
+        m.generate(["a red circle"], mode="nope")

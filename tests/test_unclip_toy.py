@@ -1,0 +1,80 @@
+"""The shipped toy unCLIP checkpoint (data/toy-unclip): runs end to end in plain diffusers
+pipelines, and its quality on held-out toy data by the package's checker."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from t2i_common import toyworld as tw
+from t2i_common import unclip, unclip_eval
+
+FOLDER = unclip.DEFAULT_UNCLIP
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return unclip.load_unclip(FOLDER)
+
+
+def test_checkpoint_is_small_and_logged():
+    size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
+    assert size < 12 * 2 ** 20, size
+    log = json.loads((FOLDER / "training_log.json").read_text())
+    assert log["stages"]["prior"]["steps"] == log["budget"]["prior_steps"]
+    assert log["stages"]["decoder"]["steps"] == log["budget"]["decoder_steps"]
+    assert log["stages"]["decoder_extra"]["steps"] == log["budget"]["decoder_extra_steps"]
+
+
+def test_toy_checkpoint_runs_in_both_diffusers_pipelines():
+    from diffusers import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
+    from PIL import Image
+
+    pipe = StableUnCLIPPipeline.from_pretrained(FOLDER)
+    out = pipe("a red circle", height=32, width=32, num_inference_steps=2, prior_num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    pipe2 = StableUnCLIPImg2ImgPipeline.from_pretrained(FOLDER)
+    src = tw.make_samples(1, 1, kinds=("single",))[0].image
+    out2 = pipe2(Image.fromarray(src), height=32, width=32, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out2.shape == (1, 32, 32, 3) and np.isfinite(out2).all()
+
+
+def test_prior_maps_captions_to_the_right_image_embeddings(toy):
+    """For each of the 20 single-object captions the prior's (best-of-2) embedding is nearest to
+    the centroid of real image embeddings of that colour-shape combination."""
+    combos = [(c, s) for c in tw.COLOURS for s in tw.SHAPES]
+    out = toy.sample_prior([f"a {c} {s}" for c, s in combos], num_steps=15, seed=3)
+    real = tw.make_samples(600, 1, kinds=("single",))
+    z = torch.nn.functional.normalize(toy.encode_images([s.image for s in real]), dim=1)
+    keys = [(s.scene.objects[0].colour, s.scene.objects[0].shape) for s in real]
+    cent = torch.stack([z[[k == c for k in keys]].mean(0) for c in combos])
+    pred = torch.nn.functional.normalize(out["chosen"], dim=1) @ torch.nn.functional.normalize(cent, dim=1).T
+    assert int((pred.argmax(1) == torch.arange(20)).sum()) >= 18
+
+
+def test_decoding_own_embedding_keeps_colour_and_shape(toy):
+    """Regression on the shipped checkpoint: 10/20 at 15 steps when written (the issue's 0.85
+    target is not reached by this CPU-budget decoder; notebook 31 reports it), far above the
+    1/20 chance of colour and shape together."""
+    samples = tw.make_samples(20, 1, kinds=("single",))
+    res, _ = unclip_eval.variation_stats(toy, samples, 1, num_steps=15, cache=False, progress=False)
+    assert res["keeps_colour_and_shape"] >= 0.35, res
+    assert res["keeps_colour"] >= 0.6, res
+
+
+def test_ddim_reconstruction_of_a_toy_image(toy):
+    """theta = 0 of a text diff is the DDIM reconstruction: close to the source in pixels (RMSE
+    about 0.02 when written) and showing the same colour (and shape for 2 of the 3)."""
+    shapes_ok = 0
+    for s in tw.make_samples(3, 1, kinds=("single",)):
+        o = s.scene.objects[0]
+        out = toy.text_diff(s.image, f"a {o.colour} {o.shape}", f"a {o.colour} {o.shape}", [0.0],
+                            num_steps=25)
+        rmse = float(np.sqrt((((out[0].astype(float) - s.image.astype(float)) / 255) ** 2).mean()))
+        assert rmse < 0.05, rmse
+        got = unclip_eval.main_object(out[0])
+        assert got["colour"] == o.colour
+        shapes_ok += got["shape"] == o.shape
+    assert shapes_ok >= 2
