@@ -222,7 +222,7 @@ def sharded_map(fn, ids, cache, shard=None, *, desc: str = "examples", progress:
     sh, all_ids = share(ids, cache, shard, desc)
     chunk = int(chunk)
     stats = MapStats(sh, total=len(all_ids))
-    out, todo = {}, []
+    out, pending_parts = {}, []
     for k, part in enumerate(chunks_of(all_ids, chunk)):
         if k % sh.world != sh.rank:
             continue
@@ -235,10 +235,10 @@ def sharded_map(fn, ids, cache, shard=None, *, desc: str = "examples", progress:
             else:
                 pend.append(i)
         if pend:
-            todo.append(pend)
+            pending_parts.append(pend)
     label = desc if sh.single else f"{desc} [{sh.rank}/{sh.world}]"
     with tqdm(total=stats.mine, initial=stats.reused, desc=label, disable=not progress) as bar:
-        for part in todo:
+        for part in pending_parts:
             vals = _compute(fn, part, chunk)
             for i, v in zip(part, vals):
                 if cache is not None:
