@@ -352,6 +352,17 @@ def encode_latent_posteriors(vae, images, batch_size: int = 256):
     return torch.cat(mu), torch.cat(sd)
 
 
+def noised_latent_draw(mu, sd, idx, n_timesteps: int, g, scaling_factor: float):
+    """The random draws of one UNet training batch, in this order from ``g``: a VAE posterior sample
+    of the rows ``idx`` (scaled by ``scaling_factor``), timesteps uniform on [0, n_timesteps), and the
+    noise eps.  Shared by every UNet training loop so their batches stay draw-for-draw comparable
+    (attribution's masked retraining replays the base run's draws)."""
+    z0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g)) * scaling_factor
+    t = torch.randint(n_timesteps, (len(idx),), generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    return z0, t, eps
+
+
 def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, steps: int, *,
                caption_dropout: float = 0.1, batch_size: int = 128, lr: float = 1e-3,
                seed: int = 0, out_dir=None, ckpt_every: int = 200, resume: bool = True,
@@ -394,9 +405,7 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     def loss_fn(model, g, piece=None):
         idx = _draw(len(data), batch_size, g, w)
         cap = draw_captions(per_image, idx, g, caption_dropout)
-        z0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g)) * sf
-        t = torch.randint(T, (len(idx),), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
+        z0, t, eps = noised_latent_draw(mu, sd, idx, T, g, sf)
         r, dev = _rows(piece), _device_of(model)   # this process's rows of the global batch
         cap, z0, t, eps = cap[r], z0[r].to(dev), t[r], eps[r].to(dev)
         a = abar[t].view(-1, 1, 1, 1).to(dev)

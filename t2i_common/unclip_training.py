@@ -209,9 +209,7 @@ def train_decoder(pairs, unet, text_encoder, vae, tokenizer, image_embeds, image
     def loss_fn(model, g):
         idx = training._draw(len(data), batch_size, g)
         cap = training.draw_captions(per_image, idx, g, caption_dropout)
-        z0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g)) * sf
-        t = torch.randint(len(abar), (len(idx),), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
+        z0, t, eps = training.noised_latent_draw(mu, sd, idx, len(abar), g, sf)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         lv = torch.randint(max_noise_level, (len(idx),), generator=g)
