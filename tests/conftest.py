@@ -7,7 +7,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-torch.set_num_threads(1)
+# 1 thread unless the run asks for another count (`OMP_NUM_THREADS=2 make test` runs the unit tests
+# and, through the notebooks' `threads = None` default, the notebooks with 2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 TINY_WORDS = ["a", "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle",
               "diamond", "small", "large", "to", "the", "left", "right", "of", "above", "below",
