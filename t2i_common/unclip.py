@@ -691,6 +691,12 @@ def save_unclip_folder(folder, components: dict, extra: dict | None = None) -> P
     idx["feature_extractor"] = ["transformers", type(components["feature_extractor"]).__name__]
     idx["_diffusers_version"] = diffusers.__version__
     (folder / "model_index.json").write_text(json.dumps(idx, indent=2, sort_keys=True) + "\n")
+    # components loaded from a folder remember where ("_name_or_path"): a machine path that has
+    # no place in a shipped checkpoint
+    for cfg in folder.glob("*/config.json"):
+        c = json.loads(cfg.read_text())
+        if c.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
     if extra:
         for name, obj in extra.items():
             (folder / name).write_text(json.dumps(obj, indent=1) + "\n")

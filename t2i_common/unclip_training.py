@@ -304,7 +304,7 @@ class UnCLIPBudget:
     prior_layers: int = 4
     #: continuation of the decoder from its EMA weights (fresh optimizer and schedule) with more
     #: clean (un-augmented) embeddings, which strengthens the image-embedding pathway
-    decoder_extra_steps: int = 600
+    decoder_extra_steps: int = 2400
     decoder_extra_lr: float = 5e-4
     decoder_extra_zero_noise_fraction: float = 0.8
     ckpt_every: int = 50

@@ -48,6 +48,9 @@ def test_folder_layout_is_stable_unclip(tiny_unclip_dir):
     unet = json.loads((tiny_unclip_dir / "unet" / "config.json").read_text())
     assert unet["class_embed_type"] == "projection"
     assert unet["projection_class_embeddings_input_dim"] == 2 * 32
+    # the VAE comes from the SD folder: its config must not carry that machine path
+    for cfg in tiny_unclip_dir.glob("*/config.json"):
+        assert "_name_or_path" not in json.loads(cfg.read_text()), cfg
 
 
 def test_runs_in_plain_diffusers_pipelines(tiny_unclip_dir):
