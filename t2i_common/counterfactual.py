@@ -38,6 +38,12 @@ class AttributionWorld:
 
     n_train images from ``toyworld.make_samples(n_train, seed)`` with every concept excluded, then
     each concept placed as a single-object image in k images (disjoint, drawn with ``seed``).
+    ``rare``: what is rare.  "colour" (default): the concept's colour word and colour appear in
+    its k images only (every other object of that colour is excluded), so the model can learn
+    the colour from those k images alone and removing them is a real counterfactual;
+    "combination": only the (colour, shape) pair is rare - the colour and the shape are common
+    elsewhere and a model can compose them without the k images (the setting of the first
+    version, where leave-K-out showed no effect even for the oracle).
     ``abc_concept``: absent from the pre-training set, used by the customised-model benchmark.
     """
     n_train: int = 160
@@ -57,6 +63,7 @@ class AttributionWorld:
     #: run on the kept images with the same seed (the paper's procedure; its batches differ from
     #: the base run's, which adds retraining noise to every Delta L)
     retrain: str = "masked"
+    rare: str = "colour"
 
     def key(self) -> dict:
         d = dataclasses.asdict(self)
@@ -67,7 +74,21 @@ class AttributionWorld:
 def make_world(world: AttributionWorld):
     """(samples, {concept: sorted indices}) of the toy training set."""
     concepts = [tuple(c) for c in world.concepts]
-    excluded = concepts + [tuple(world.abc_concept)]
+    if world.rare == "colour":
+        colours = sorted({c for c, _ in concepts})
+        if len(colours) != len(concepts):
+            raise ValueError(f"AttributionWorld(rare='colour'): concepts {concepts} must have distinct "
+                             f"colours (each colour is rare to one concept)")
+        if len(tw.COLOURS) - len(colours) < 3:
+            raise ValueError(f"AttributionWorld(rare='colour'): {len(colours)} rare colours leave "
+                             f"fewer than the 3 a triple scene needs; use at most "
+                             f"{len(tw.COLOURS) - 3} concepts")
+        excluded = [(c, s) for c in colours for s in tw.SHAPES]
+    elif world.rare == "combination":
+        excluded = list(concepts)
+    else:
+        raise ValueError(f"AttributionWorld.rare must be 'colour' or 'combination', got {world.rare!r}")
+    excluded += [tuple(world.abc_concept)]
     if len(concepts) * world.k > world.n_train:
         raise ValueError(f"{len(concepts)} concepts x k={world.k} images exceed n_train={world.n_train}")
     samples = tw.make_samples(world.n_train, world.seed, exclude_combinations=excluded)

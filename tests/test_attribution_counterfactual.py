@@ -10,18 +10,36 @@ from t2i_common import counterfactual as CF
 TINY_WORLD = dict(n_train=12, k=2, steps=3, batch_size=4, warmup=1, unet_channels=(32, 64))
 
 
-def test_world_places_rare_concepts_in_exactly_k_images():
-    w = CF.AttributionWorld(n_train=40, k=3)
+@pytest.mark.parametrize("rare", ["colour", "combination"])
+def test_world_places_rare_concepts_in_exactly_k_images(rare):
+    w = CF.AttributionWorld(n_train=40, k=3, rare=rare)
     samples, where = CF.make_world(w)
     for (c, s), idx in where.items():
         assert len(idx) == 3
         has = [i for i, smp in enumerate(samples)
                if any(o.colour == c and o.shape == s for o in smp.scene.objects)]
         assert has == sorted(idx.tolist())
+        # rare="colour": the colour word and colour occur in the concept's k images only
+        has_colour = [i for i, smp in enumerate(samples) if any(o.colour == c for o in smp.scene.objects)]
+        if rare == "colour":
+            assert has_colour == sorted(idx.tolist())
+            assert not any(c in cap for i, smp in enumerate(samples) if i not in idx for cap in smp.captions)
+        else:
+            assert len(has_colour) > 3
     ab = tuple(w.abc_concept)
     assert not any((o.colour, o.shape) == ab for smp in samples for o in smp.scene.objects)
     ex = CF.abc_exemplars(w, 3)
     assert all((o.colour, o.shape) == ab for e in ex for o in e.scene.objects)
+
+
+def test_bad_world_settings_are_errors():
+    with pytest.raises(ValueError, match="distinct colours"):
+        CF.make_world(CF.AttributionWorld(concepts=(("purple", "diamond"), ("purple", "circle"))))
+    with pytest.raises(ValueError, match="at most 2 concepts"):
+        CF.make_world(CF.AttributionWorld(concepts=(("purple", "diamond"), ("yellow", "circle"),
+                                                    ("red", "square"))))
+    with pytest.raises(ValueError, match="rare must be"):
+        CF.make_world(CF.AttributionWorld(rare="shape"))
 
 
 def test_retraining_with_nothing_removed_reproduces_the_base_exactly(tmp_path):
