@@ -8,7 +8,7 @@ import pytest
 import torch
 
 # 1 thread unless the run asks for another count (`OMP_NUM_THREADS=2 make test` runs the unit tests
-# and, through the notebooks' `threads = None` default, the notebooks with 2)
+# and, through the `threads = None` default of the notebooks that do not train, those notebooks with 2)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 TINY_WORDS = ["a", "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle",
