@@ -2,6 +2,7 @@
 independent of the number of shards, a lost shard recomputed alone), the data-parallel training
 loop; and, marked ``distributed`` (deselect with ``-m "not distributed"``), real
 ``accelerate launch`` runs of 2 CPU processes (torchrun + gloo) against one process."""
+import contextlib
 import json
 import os
 import socket
@@ -180,6 +181,19 @@ def test_grad_accum_keeps_the_global_batch_and_bf16_runs():
 
 
 # ---------------------------------------------------------------- accelerate launch, 2 processes
+@contextlib.contextmanager
+def _one_thread():
+    """The workers run with 1 torch thread (``_launch``); the 1-process reference is computed
+    with 1 as well, whatever the run's thread count (``OMP_NUM_THREADS=2 make test``): float
+    results of a CPU kernel may depend on how it splits work between threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,9 +229,10 @@ def one_process_scores():
     from tests.dist_worker import attribution_loss
 
     model, items = load_t2i("toy"), toy_items(8)
-    res = infotheory.aro_scores(model, items, n_samples=4, estimator="both", images_per_call=2,
-                                progress=False)
-    res["training_loss"] = attribution_loss(model, items, None)
+    with _one_thread():
+        res = infotheory.aro_scores(model, items, n_samples=4, estimator="both", images_per_call=2,
+                                    progress=False)
+        res["training_loss"] = attribution_loss(model, items, None)
     return res
 
 
@@ -387,7 +402,8 @@ def test_two_process_lora_matches_one_process(tmp_path):
     _launch(["lora", "--out", tmp_path, "--steps", 3])
     two = torch.load(tmp_path / "lora.pt", weights_only=False)
     model = load_t2i("toy")
-    hist = lora.finetune_hardneg(model, lora_data(), None, lora_cfg(3), progress=False)
+    with _one_thread():
+        hist = lora.finetune_hardneg(model, lora_data(), None, lora_cfg(3), progress=False)
     for k in ("loss", "l_pos", "l_neg", "hinge_open", "kinds"):
         assert two["history"][k] == list(hist[k]), k
     assert len(set(two["history"]["l_pos"])) == 3               # a curve, not a constant
