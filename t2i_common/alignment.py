@@ -535,16 +535,9 @@ def prompt_fidelity(images, prompts) -> dict:
 def _train_config(model):
     """The architecture config of a toy-format checkpoint (``toy_config.json``); for other
     SD folders a config carrying only the tokenizer length (fine-tuning needs nothing else)."""
-    from dataclasses import fields
-
     from . import sdformat
-    f = Path(str(model.name)) / "toy_config.json"
-    if f.exists():
-        raw = json.loads(f.read_text())
-        names = {x.name for x in fields(sdformat.TinySDConfig)}
-        return sdformat.TinySDConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                        for k, v in raw.items() if k in names})
-    return sdformat.TinySDConfig(max_length=int(model.tokenizer.model_max_length))
+    cfg = sdformat.read_toy_config(str(model.name))
+    return cfg or sdformat.TinySDConfig(max_length=int(model.tokenizer.model_max_length))
 
 
 def _weights_fingerprint(module) -> str:

@@ -188,6 +188,22 @@ def save_sd_folder(folder, tokenizer, text_encoder, vae, unet, scheduler, clip=N
     return folder
 
 
+def read_toy_config(folder) -> TinySDConfig | None:
+    """The :class:`TinySDConfig` a toy-format folder was built with (``toy_config.json``; unknown
+    keys ignored, lists as tuples), or None for a folder without one (a real SD checkpoint)."""
+    from dataclasses import fields
+
+    f = Path(folder) / "toy_config.json"
+    if not f.exists():
+        return None
+    try:
+        raw = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e}); rebuild the folder or delete the file") from None
+    names = {x.name for x in fields(TinySDConfig)}
+    return TinySDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
+
+
 def sd21_base_unet_config() -> dict:
     """UNet architecture of stabilityai/stable-diffusion-2-1-base (865M parameters), for benchmarks
     with random weights (no download)."""

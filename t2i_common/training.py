@@ -258,7 +258,8 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
               lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0, out_dir=None,
               ckpt_every: int = 200, resume: bool = True, init=None, progress: bool = True,
               stop_after=None, warmup: int = 100, scale_images: int = 2048,
-              grad_accum: int = 1, mixed_precision: str | None = None):
+              grad_accum: int = 1, mixed_precision: str | None = None, decoder_only: bool = False,
+              name: str = "vae"):
     """Train ``sdformat.build_vae(cfg)`` (or fine-tune ``init``) on uint8 [N, H, W, 3] images.
 
     Loss: MSE + L1 of the reconstruction from a posterior sample, plus ``kl_weight`` x KL to N(0, I)
@@ -267,6 +268,12 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
     images is written into the config (SD 1.x's 0.18215 was found the same way).
     Returns ``(vae, info)`` with ``info["scaling_factor"]`` and ``info["recon_mse"]`` (train set).
     Data parallel / ``grad_accum`` / ``mixed_precision``: see :func:`_fit`.
+
+    ``decoder_only`` (needs ``init``): fine-tune only the decoder (``post_quant_conv`` + decoder) on
+    the frozen encoder's posterior samples, as Stability's ``sd-vae-ft-mse`` decoder was fine-tuned
+    for SD: encoder, latent space and ``scaling_factor`` stay exactly those of ``init``, so every
+    UNet trained on its latents stays valid (the KL term, an encoder term, is dropped).
+    ``name``: checkpoint stem in ``out_dir``.
     """
     from .sdformat import build_vae
 
@@ -275,27 +282,41 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
     if images.ndim != 4 or images.shape[1] != cfg.image_size:
         raise ValueError(f"train_vae: images must be uint8 [N, {cfg.image_size}, {cfg.image_size}, 3], "
                          f"got {tuple(images.shape)}")
+    if decoder_only and init is None:
+        raise ValueError("train_vae: decoder_only=True fine-tunes the decoder of an existing VAE; "
+                         "pass it as init=")
     torch.manual_seed(seed)
     vae = init.requires_grad_(True) if init is not None else build_vae(cfg)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+        sf_init = float(vae.config.scaling_factor)
 
     def loss_fn(model, g, piece=None):
         idx = _draw(len(images), batch_size, g)
         r = _rows(piece)
         x = to_unit(images[idx[r]]).to(_device_of(model))
-        post = model.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only and torch.is_grad_enabled()):
+            post = model.encode(x).latent_dist
         # the posterior noise of the whole global batch, then this process's rows
         noise = torch.randn((len(idx),) + tuple(post.mean.shape[1:]), generator=g)[r]
         z = post.mean + post.std * noise.to(x.device)
         rec = model.decode(z).sample
+        loss = F.mse_loss(rec, x) + (rec - x).abs().mean()
+        if decoder_only:
+            return loss
         kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).sum(dim=(1, 2, 3)).mean()
-        return F.mse_loss(rec, x) + (rec - x).abs().mean() + kl_weight * kl
+        return loss + kl_weight * kl
 
     hp = dict(stage="vae", n=len(images), batch_size=batch_size, kl_weight=kl_weight,
               cfg=asdict(cfg), fine_tune=init is not None)
-    vae, _, info = _fit("vae", vae, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
+    if decoder_only:
+        hp.update(decoder_only=True)
+    vae, _, info = _fit(name, vae, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
                         ckpt_every=ckpt_every, resume=resume, warmup=warmup, progress=progress,
-                        hparams=hp, stop_after=stop_after, desc="VAE", batch_size=batch_size,
-                        grad_accum=grad_accum, mixed_precision=mixed_precision)
+                        hparams=hp, stop_after=stop_after, desc="VAE decoder" if decoder_only else "VAE",
+                        batch_size=batch_size, grad_accum=grad_accum, mixed_precision=mixed_precision)
     g = torch.Generator().manual_seed(seed + 1)
     sub = images[torch.randperm(len(images), generator=g)[:scale_images]]
     with torch.no_grad():
@@ -307,8 +328,10 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
             mse.append(F.mse_loss(vae.decode(post.mean).sample.clamp(-1, 1), x,
                                   reduction="none").mean(dim=(1, 2, 3)))
         std = float(torch.cat(zs).std())
-    vae.register_to_config(scaling_factor=1.0 / std)
-    info.update(scaling_factor=1.0 / std, latent_std=std, recon_mse=float(torch.cat(mse).mean()))
+    if not decoder_only:  # a frozen encoder keeps the latent scale the UNets were trained with
+        vae.register_to_config(scaling_factor=1.0 / std)
+    info.update(scaling_factor=sf_init if decoder_only else 1.0 / std, latent_std=std,
+                recon_mse=float(torch.cat(mse).mean()))
     return vae, info
 
 

@@ -65,6 +65,50 @@ def clip_score(clip_embedder, images, prompts) -> float:
     return float((100 * (im * tx).sum(1).clamp(min=0)).mean())
 
 
+def model_key(model) -> dict:
+    """Cache identity of a generator: its name and a sha1 of the weights that shape its images
+    (UNet, VAE and, for unCLIP, the prior), so that retraining or replacing a checkpoint in place
+    never returns images cached from the old weights.  Computed once per model object."""
+    import hashlib
+
+    if getattr(model, "_t2i_cache_key", None) is None:
+        h = hashlib.sha1()
+        for part in ("unet", "vae", "prior"):
+            mod = getattr(model, part, None)
+            if mod is None:
+                continue
+            for k, t in mod.state_dict().items():
+                h.update(f"{part}.{k}".encode())
+                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+        model._t2i_cache_key = dict(name=str(model.name), weights=h.hexdigest()[:16])
+    return model._t2i_cache_key
+
+
+# ------------------------------------------------------------------------------------------------
+# a shared first stage for the GLIDE-analogue comparison
+# ------------------------------------------------------------------------------------------------
+def sd_with_vae_of(sd, unclip_model):
+    """``sd`` (a ``models.T2IModel``) decoding with ``unclip_model``'s VAE, so that a comparison of
+    the two generators differs only in the diffusion models.  Allowed only when both VAEs have the
+    same encoder weights and scaling factor (one latent space): true of SD 2.1 and its unCLIP,
+    and of the toy pair, whose unCLIP VAE is the toy SD's with a fine-tuned decoder
+    (``unclip_training``).  Otherwise a ValueError names the difference."""
+    from .models import T2IModel
+
+    a, b = sd.vae, unclip_model.vae
+    if abs(float(sd.scaling_factor) - float(unclip_model.scaling_factor)) > 1e-9:
+        raise ValueError(f"sd_with_vae_of: scaling factors differ ({sd.scaling_factor} vs "
+                         f"{unclip_model.scaling_factor}); the VAEs do not share a latent space - "
+                         f"compare with each model's own VAE instead")
+    ea = {k: v for k, v in a.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    eb = {k: v for k, v in b.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    if ea.keys() != eb.keys() or any(not torch.equal(ea[k].float().cpu(), eb[k].float().cpu()) for k in ea):
+        raise ValueError("sd_with_vae_of: the two VAE encoders differ, so their latent spaces do not "
+                         "match; compare with each model's own VAE instead")
+    return T2IModel(sd.tokenizer, sd.text_encoder, b, sd.unet, sd.scheduler,
+                    name=f"{sd.name}+vae:{unclip_model.name}", device=sd.device, dtype=sd.dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # generation with caching
 # ------------------------------------------------------------------------------------------------
@@ -78,7 +122,7 @@ def generate_cached(model, prompts, method: str, *, seed: int = 0, num_steps: in
     prompts = list(prompts)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    key = dict(model=model.name, method=method, seed=seed, num_steps=num_steps,
+    key = dict(model=model_key(model), method=method, seed=seed, num_steps=num_steps,
                guidance_scale=guidance_scale, prior_guidance=prior_guidance, prior_steps=prior_steps,
                n_candidates=n_candidates, caption=caption, prompts=prompts)
     rc = cache_mod.ResultCache("unclip_generate", key, enabled=cache)
@@ -142,6 +186,31 @@ def main_object(image) -> dict | None:
     return dict(colour=o["colour"], shape=o["shape"], size=o["size"], centroid=o["centroid"])
 
 
+@torch.inference_mode()
+def vae_round_trip_reads(vae, samples, batch_size: int = 256) -> dict:
+    """The first stage's ceiling: per (shape, size) of single-object ``samples``, the fraction of
+    VAE round trips (decode of the posterior mean) in which the checker reads the ground-truth
+    colour, shape and size.  No latent diffusion model decoding through ``vae`` can keep an
+    attribute more often than its round trip does."""
+    samples = list(samples)
+    if not samples or any(len(s.scene.objects) != 1 for s in samples):
+        raise ValueError("vae_round_trip_reads: needs single-object samples "
+                         "(toyworld.make_samples(n, seed, kinds=('single',)))")
+    dev, dt = next(vae.parameters()).device, next(vae.parameters()).dtype
+    out = []
+    for i in range(0, len(samples), batch_size):
+        x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples[i:i + batch_size]]))
+        x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).to(dev, dt)
+        rt = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        out.append(((rt + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    acc: dict = {}
+    for im, s in zip(np.concatenate(out), samples):
+        o, got = s.scene.objects[0], main_object(im)
+        ok = got is not None and (got["colour"], got["shape"], got["size"]) == (o.colour, o.shape, o.size)
+        acc.setdefault((o.shape, o.size), []).append(ok)
+    return {k: (int(np.sum(v)), len(v)) for k, v in sorted(acc.items())}
+
+
 def _single_object_sources(n: int, seed: int):
     return tw.make_samples(n, seed, kinds=("single",))
 
@@ -153,7 +222,7 @@ def variation_stats(model, samples, n_variations: int = 4, *, seed: int = 0, num
     shape together), and diversity: mean pairwise RMS pixel distance ([0, 1] units) of the
     variations of one source, and mean pairwise centroid distance in pixels."""
     samples = list(samples)
-    key = dict(model=model.name, n_var=n_variations, seed=seed, num_steps=num_steps,
+    key = dict(model=model_key(model), n_var=n_variations, seed=seed, num_steps=num_steps,
                guidance_scale=guidance_scale,
                images=[cache_mod.fingerprint(s.image) for s in samples])
     rc = cache_mod.ResultCache("unclip_variations", key, enabled=cache)
@@ -277,7 +346,7 @@ def text_diff_sweep(model, samples, edit: str, thetas, *, num_steps: int = 25,
     [n, n_theta, R, R, 3], edits)."""
     thetas = [float(t) for t in thetas]
     edits = text_diff_edits(samples, edit)
-    key = dict(model=model.name, edit=edit, thetas=thetas, num_steps=num_steps,
+    key = dict(model=model_key(model), edit=edit, thetas=thetas, num_steps=num_steps,
                guidance_scale=guidance_scale,
                items=[(cache_mod.fingerprint(e[0].image), e[1], e[2]) for e in edits])
     rc = cache_mod.ResultCache("unclip_text_diff", key, enabled=cache)

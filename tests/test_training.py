@@ -116,6 +116,28 @@ def test_vae_learns_and_scaling(cfg):
     assert T.vae_reconstruction_mse(vae, imgs) == pytest.approx(info["recon_mse"], rel=1e-4)
 
 
+def test_vae_decoder_only_fine_tune_keeps_the_latent_space(cfg):
+    """decoder_only: encoder, quant_conv and scaling factor untouched (one latent space, so UNets
+    trained on it stay valid), decoder changed, reconstruction improved; it needs an init."""
+    import copy
+    imgs = np.stack([p[0] for p in _pairs()])
+    base, _ = T.train_vae(imgs, cfg, 10, batch_size=8, lr=2e-3, warmup=2, progress=False)
+    before = copy.deepcopy(base.state_dict())
+    mse0 = T.vae_reconstruction_mse(base, imgs)
+    ft, info = T.train_vae(imgs, cfg, 30, batch_size=8, lr=2e-3, warmup=2, progress=False,
+                           init=copy.deepcopy(base), decoder_only=True)
+    after = ft.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    moved = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and moved
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in moved) > len(moved) // 2
+    assert ft.config.scaling_factor == base.config.scaling_factor == info["scaling_factor"]
+    assert T.vae_reconstruction_mse(ft, imgs) < mse0
+    with pytest.raises(ValueError, match="decoder_only=True fine-tunes the decoder of an existing VAE"):
+        T.train_vae(imgs, cfg, 1, decoder_only=True, progress=False)
+
+
 def _unet_run(cfg, tok, **kw):
     from transformers import CLIPModel
     torch.manual_seed(0)

@@ -96,3 +96,57 @@ def test_paired_comparison_exact_mcnemar():
     assert (r["only_a"], r["only_b"], r["n"]) == (10, 0, 20)
     assert r["p_value"] == pytest.approx(2 * 0.5 ** 10)
     assert ue.paired_comparison(a, a)["p_value"] == 1.0
+
+
+def test_sd_with_vae_of_needs_one_latent_space_and_keys_caches_by_weights():
+    """The GLIDE-analogue comparison may decode the toy SD with the unCLIP folder's VAE only
+    because the encoders are identical; a changed encoder weight is refused, and the cache key
+    of a generator follows its weights, not just its name."""
+    import copy
+
+    import torch
+
+    from t2i_common import models, unclip
+    sd = models.load_t2i("toy")
+    m = unclip.load_unclip("toy-unclip")
+    shared = ue.sd_with_vae_of(sd, m)
+    assert shared.vae is m.vae and shared.unet is sd.unet and shared.name != sd.name
+    assert ue.model_key(shared) != ue.model_key(sd)
+    z = torch.randn((1,) + sd.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        own = sd.vae.decode(z / sd.scaling_factor).sample
+        other = shared.vae.decode(z / shared.scaling_factor).sample
+    assert float((own - other).abs().max()) > 1e-3  # the fine-tuned decoder really differs
+    m2 = copy.copy(m)
+    m2.vae = copy.deepcopy(m.vae)
+    m2._t2i_cache_key = None
+    with torch.no_grad():
+        m2.vae.encoder.conv_in.weight[0, 0, 0, 0] += 0.1
+    with pytest.raises(ValueError, match="encoders differ"):
+        ue.sd_with_vae_of(sd, m2)
+    assert ue.model_key(m2)["name"] == ue.model_key(m)["name"]
+    assert ue.model_key(m2)["weights"] != ue.model_key(m)["weights"]
+
+
+def test_vae_round_trip_reads_counts_and_rejects_scenes_with_several_objects():
+    """An identity 'VAE' (decode(encode(x)) = x) gives the checker's reading of the images
+    themselves: every real toy image read right; scenes with two objects are refused."""
+    import torch
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return type("E", (), {"latent_dist": type("D", (), {"mean": x})()})()
+
+        def decode(self, z):
+            return type("O", (), {"sample": z})()
+
+    single = tw.make_samples(40, 3, kinds=("single",))
+    reads = ue.vae_round_trip_reads(Identity(), single)
+    assert sum(n for _, n in reads.values()) == 40
+    assert all(ok == n for ok, n in reads.values())
+    with pytest.raises(ValueError, match="single-object"):
+        ue.vae_round_trip_reads(Identity(), tw.make_samples(3, 3, kinds=("pair",)))
