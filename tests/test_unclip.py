@@ -307,3 +307,42 @@ def test_generation_does_not_depend_on_the_batch(tiny_unclip):
     assert np.array_equal(cap[1], m.generate(["a blue square"], mode="caption", seeds=[6], num_steps=2)[0])
     with pytest.raises(ValueError, match="mode must be"):
         m.generate(["a red circle"], mode="nope")
+
+
+def test_prior_from_a_karlo_layout_folder(tiny_unclip_dir, tiny_unclip, tmp_path):
+    """The real route: the image-variation release (no prior parts) plus a Karlo-layout folder
+    (``kakaobrain/karlo-v1-alpha``: prior/, prior_scheduler/, text_encoder/ - a CLIP text tower with
+    projection - and tokenizer/, beside Karlo's own decoder parts).  Built here from the tiny
+    checkpoint's prior parts; the loaded model must generate exactly what the one-folder model
+    does."""
+    import shutil
+    decoder_only = tmp_path / "img2img"
+    shutil.copytree(tiny_unclip_dir, decoder_only)
+    idx = json.loads((decoder_only / "model_index.json").read_text())
+    for k in unclip.PRIOR_PARTS:
+        idx.pop(k)
+        shutil.rmtree(decoder_only / k)
+    idx["_class_name"] = "StableUnCLIPImg2ImgPipeline"
+    (decoder_only / "model_index.json").write_text(json.dumps(idx))
+    karlo = tmp_path / "karlo"
+    karlo.mkdir()
+    for src, dst in (("prior", "prior"), ("prior_text_encoder", "text_encoder"),
+                     ("prior_tokenizer", "tokenizer")):
+        shutil.copytree(tiny_unclip_dir / src, karlo / dst)
+    (karlo / "prior_scheduler").mkdir()  # Karlo's own scheduler class and config
+    (karlo / "prior_scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "UnCLIPScheduler", "clip_sample": True, "clip_sample_range": 5.0,
+        "num_train_timesteps": 1000, "prediction_type": "sample", "variance_type": "fixed_small_log"}))
+    (karlo / "model_index.json").write_text(json.dumps({
+        "_class_name": "UnCLIPPipeline", "prior": ["diffusers", "PriorTransformer"],
+        "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    m = unclip.load_unclip(decoder_only, prior=karlo)
+    assert m.has_prior
+    want = tiny_unclip.generate(["a red circle", "a blue square"], seeds=[3, 4], num_steps=2, prior_steps=2)
+    got = m.generate(["a red circle", "a blue square"], seeds=[3, 4], num_steps=2, prior_steps=2)
+    assert np.array_equal(got, want)
+    shutil.rmtree(karlo / "text_encoder")
+    with pytest.raises(FileNotFoundError):
+        unclip.load_unclip(decoder_only, prior=karlo)
