@@ -20,6 +20,13 @@ Layout (``stabilityai/stable-diffusion-2-1-unclip`` + the Karlo prior, as loaded
 * **image encoder** - ``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor``; the embedding
   fed to the decoder is its raw ``image_embeds`` (as in ``StableUnCLIPImg2ImgPipeline``).
 
+Not built: the paper's own decoder also projects z_i to 4 extra context tokens appended to the
+caption tokens.  The UNet can hold that projection (``encoder_hid_dim_type="text_image_proj"``,
+Kandinsky 2.1's ``TextImageProjection``), but it then needs ``added_cond_kwargs["image_embeds"]``,
+which diffusers' Stable unCLIP pipelines never pass, so such a checkpoint would not run in the
+plain pipelines the issue requires; the embedding enters through ``class_labels`` only, as in
+Stable unCLIP.
+
 Manipulations (paper Sec. 3): :func:`slerp` (interpolation, decoder noise fixed),
 :func:`text_diff_direction` z_d = normalize(z_t - z_t0) and :meth:`UnCLIPModel.text_diff`
 (decode slerp(z_i, z_d, theta) from the DDIM inversion x_T of the source image).  Raw CLIP
