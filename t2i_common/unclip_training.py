@@ -186,10 +186,13 @@ def train_decoder(pairs, unet, text_encoder, vae, tokenizer, image_embeds, image
                   out_dir=None, ckpt_every: int = 50, resume: bool = True,
                   ema_decay: float | None = 0.998, snr_gamma: float | None = 5.0,
                   progress: bool = True, stop_after=None, warmup: int = 50,
-                  ckpt_name: str = "decoder"):
+                  ckpt_name: str = "decoder", grad_accum: int = 1,
+                  mixed_precision: str | None = None):
     """Fine-tune ``unet`` (a projection-class-embedding UNet, e.g. :func:`decoder_unet_from`) as the
     unCLIP decoder on ``pairs`` (``training.as_pairs``) with per-image CLIP ``image_embeds``.
     ``ckpt_name``: checkpoint file stem in ``out_dir`` (a continuation stage needs its own).
+    Data parallel under ``accelerate launch`` (every draw is made for the global batch, each
+    process computes its rows), ``grad_accum`` / ``mixed_precision``: see ``training._fit``.
     Returns (unet or its EMA, info)."""
     for name, p in (("embedding_dropout", embedding_dropout), ("caption_dropout", caption_dropout),
                     ("zero_noise_fraction", zero_noise_fraction)):
@@ -213,20 +216,25 @@ def train_decoder(pairs, unet, text_encoder, vae, tokenizer, image_embeds, image
     D = zi.shape[1]
     unet.requires_grad_(True)
 
-    def loss_fn(model, g):
+    def loss_fn(model, g, piece=None):
         idx = training._draw(len(data), batch_size, g)
         cap = training.draw_captions(per_image, idx, g, caption_dropout)
         z0, t, eps = training.noised_latent_draw(mu, sd, idx, len(abar), g, sf)
-        a = abar[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         lv = torch.randint(max_noise_level, (len(idx),), generator=g)
         lv = torch.where(torch.rand(len(idx), generator=g) < zero_noise_fraction, 0, lv)
-        labels = noised_class_labels(zi[idx], lv, torch.randn(len(idx), D, generator=g), mean, std, nabar)
+        aug = torch.randn(len(idx), D, generator=g)
         keep = (torch.rand(len(idx), generator=g) >= embedding_dropout).float().view(-1, 1)
-        pred = model(zt, t, encoder_hidden_states=cap_emb[cap], class_labels=labels * keep).sample
+        r, dev = training._rows(piece), training._device_of(model)  # this process's rows
+        z0, t, eps, cap, keep = z0[r], t[r], eps[r], cap[r], keep[r]
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        labels = noised_class_labels(zi[idx[r]], lv[r], aug[r], mean, std, nabar)
+        pred = model(zt.to(dev), t.to(dev), encoder_hidden_states=cap_emb[cap].to(dev),
+                     class_labels=(labels * keep).to(dev)).sample
+        eps = eps.to(dev)
         if snr_gamma is None:
             return F.mse_loss(pred, eps)
-        snr = abar[t] / (1 - abar[t])
+        snr = (abar[t] / (1 - abar[t])).to(dev)
         return ((snr.clamp(max=snr_gamma) / snr) * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
 
     hp = dict(stage="decoder", n=len(data), batch_size=batch_size, embedding_dropout=embedding_dropout,
@@ -235,7 +243,9 @@ def train_decoder(pairs, unet, text_encoder, vae, tokenizer, image_embeds, image
     unet, ema, info = training._fit(ckpt_name, unet, loss_fn, steps=steps, lr=lr, seed=seed,
                                     out_dir=out_dir, ckpt_every=ckpt_every, resume=resume,
                                     warmup=warmup, ema_decay=ema_decay, progress=progress, hparams=hp,
-                                    stop_after=stop_after, desc="unCLIP decoder")
+                                    stop_after=stop_after, desc="unCLIP decoder",
+                                    batch_size=batch_size, grad_accum=grad_accum,
+                                    mixed_precision=mixed_precision)
     return (ema if ema is not None else unet).eval(), info
 
 
@@ -243,10 +253,11 @@ def train_prior(pairs, prior, prior_text_encoder, tokenizer, image_embeds, prior
                 steps: int, *, batch_size: int = 256, lr: float = 1e-3, caption_dropout: float = 0.1,
                 seed: int = 0, out_dir=None, ckpt_every: int = 100, resume: bool = True,
                 ema_decay: float | None = 0.999, progress: bool = True, stop_after=None,
-                warmup: int = 100):
+                warmup: int = 100, grad_accum: int = 1, mixed_precision: str | None = None):
     """Train the diffusion prior: x0 = (z_i - clip_mean) / clip_std (the prior's own statistics),
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps on the prior scheduler's schedule,
     loss || prior(x_t, t, z_t, caption tokens) - x0 ||^2, caption -> "" with ``caption_dropout``.
+    Data parallel / ``grad_accum`` / ``mixed_precision`` as :func:`train_decoder`.
     Returns (prior or its EMA, info)."""
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"train_prior: caption_dropout must be in [0, 1), got {caption_dropout}")
@@ -269,24 +280,29 @@ def train_prior(pairs, prior, prior_text_encoder, tokenizer, image_embeds, prior
     prior.clip_mean.requires_grad_(False)
     prior.clip_std.requires_grad_(False)
 
-    def loss_fn(model, g):
+    def loss_fn(model, g, piece=None):
         idx = training._draw(len(data), batch_size, g)
         cap = training.draw_captions(per_image, idx, g, caption_dropout)
         x0 = x0_all[idx]
         t = torch.randint(len(abar), (len(idx),), generator=g)
         eps = torch.randn(x0.shape, generator=g)
+        r, dev = training._rows(piece), training._device_of(model)  # this process's rows
+        x0, t, eps, cap = x0[r], t[r], eps[r], cap[r]
         a = abar[t].view(-1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = model(xt, t, proj_embedding=emb[cap], encoder_hidden_states=hid[cap],
-                     attention_mask=mask[cap]).predicted_image_embedding
-        return F.mse_loss(pred, x0)
+        pred = model(xt.to(dev), t.to(dev), proj_embedding=emb[cap].to(dev),
+                     encoder_hidden_states=hid[cap].to(dev),
+                     attention_mask=mask[cap].to(dev)).predicted_image_embedding
+        return F.mse_loss(pred, x0.to(dev))
 
     hp = dict(stage="prior", n=len(data), batch_size=batch_size, caption_dropout=caption_dropout,
               layers=prior.config.num_layers, D=zi.shape[1])
     prior, ema, info = training._fit("prior", prior, loss_fn, steps=steps, lr=lr, seed=seed,
                                      out_dir=out_dir, ckpt_every=ckpt_every, resume=resume,
                                      warmup=warmup, ema_decay=ema_decay, progress=progress,
-                                     hparams=hp, stop_after=stop_after, desc="unCLIP prior")
+                                     hparams=hp, stop_after=stop_after, desc="unCLIP prior",
+                                     batch_size=batch_size, grad_accum=grad_accum,
+                                     mixed_precision=mixed_precision)
     return (ema if ema is not None else prior).eval(), info
 
 
@@ -319,17 +335,23 @@ class UnCLIPBudget:
     vae_decoder_steps: int = 800
     vae_decoder_batch: int = 32
     vae_decoder_lr: float = 1e-3
+    #: micro-batches per process and step (the global batches stay the same)
+    grad_accum: int = 1
     ckpt_every: int = 50
 
 
 def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int = 0,
                      sd_folder=None, resume: bool = True, work_dir=None,
-                     progress: bool = True) -> dict:
-    """Train the toy unCLIP (prior, then decoder) on ``toyworld.make_samples(n_train, seed)`` (the
-    toy SD's training stream) around the toy SD folder and write it to ``out_dir`` (default
-    ``data/toy-unclip``).  Checkpoints in ``work_dir`` (default ``<out_dir>/../train_runs/<name>``)
-    make an interrupted build resume.  Writes and returns ``training_log.json``."""
+                     progress: bool = True, mixed_precision: str | None = None) -> dict:
+    """Train the toy unCLIP (prior, decoder, VAE decoder) on ``toyworld.make_samples(n_train,
+    seed)`` (the toy SD's training stream) around the toy SD folder and write it to ``out_dir``
+    (default ``data/toy-unclip``).  Checkpoints in ``work_dir`` (default
+    ``<out_dir>/../train_runs/<name>``) make an interrupted build resume.  Under ``accelerate
+    launch --num_processes N`` every stage is data parallel over the same global batches
+    (``budget.grad_accum`` micro-batches per process; ``mixed_precision`` or the launcher's flag)
+    and only the main process writes.  Writes and returns ``training_log.json``."""
     from . import toyworld as tw
+    from .distributed import accelerate_cpu, launched_world
     from .unclip import save_unclip_folder
 
     budget = budget or UnCLIPBudget()
@@ -349,7 +371,7 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
     log["stages"]["data"] = dict(wall_s=round(time.perf_counter() - t0, 2), n=len(samples),
                                  embedding_norm_mean=float(zi.norm(dim=1).mean()))
     common = dict(seed=seed, out_dir=work_dir, ckpt_every=budget.ckpt_every, resume=resume,
-                  progress=progress)
+                  progress=progress, grad_accum=budget.grad_accum, mixed_precision=mixed_precision)
     t = time.perf_counter()
     prior, info = train_prior(pairs, parts["prior"], parts["prior_text_encoder"],
                               parts["prior_tokenizer"], zi, parts["prior_scheduler"],
@@ -394,6 +416,10 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
     log["s_per_step"] = {k: round(log["stages"][k]["wall_s"] / max(1, log["stages"][k]["steps"]), 4)
                          for k in log["stages"] if k != "data"}
     log["total_wall_s_this_call"] = round(time.perf_counter() - t0, 2)
+    if launched_world() > 1:
+        from accelerate import PartialState
+        if not PartialState(cpu=accelerate_cpu()).is_main_process:
+            return log  # the other processes of a data-parallel run: same weights, nothing to write
     save_unclip_folder(out_dir, parts, extra={"training_log.json": log})
     return log
 
@@ -406,6 +432,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="autocast precision (default: accelerate launch's --mixed_precision, else no)")
     for f in UnCLIPBudget.__dataclass_fields__.values():
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
@@ -413,7 +441,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     budget = UnCLIPBudget(**{k: getattr(a, k) for k in UnCLIPBudget.__dataclass_fields__})
     log = build_toy_unclip(a.out, budget, seed=a.seed, sd_folder=a.sd_folder,
-                           resume=not a.no_resume, work_dir=a.work_dir)
+                           resume=not a.no_resume, work_dir=a.work_dir,
+                           mixed_precision=a.mixed_precision)
     print(json.dumps({k: v for k, v in log.items() if k != "stages"}, indent=1))
 
 

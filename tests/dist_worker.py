@@ -8,8 +8,8 @@ after K batches are in the cache (a lost process).
 ``lora``: a few data-parallel HardNeg LoRA steps on the toy checkpoint
 (:func:`t2i_common.lora.finetune_hardneg`, 2 micro-batches per step: one per process).
 ``train``: a few data-parallel steps of the toy UNet (:func:`t2i_common.training.train_unet`);
-the main process writes the loss curve and the weights (``--stage vae`` / ``clip``: those
-stages).
+the main process writes the loss curve and the weights (``--stage vae`` / ``clip`` /
+``unclip_prior`` / ``unclip_decoder`` (with ``--sd-folder``): those stages).
 """
 import argparse
 import json
@@ -94,7 +94,10 @@ def train(a):
     te, vae = sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg)
     kw = dict(batch_size=a.batch, lr=2e-3, warmup=2, seed=1, progress=False, out_dir=a.ckpt,
               ckpt_every=a.ckpt_every)
-    if a.stage == "unet":
+    if a.stage.startswith("unclip_"):
+        unet, info = unclip_train(a.stage, a.sd_folder, a.steps, a.batch, a.grad_accum, a.ckpt,
+                                  a.ckpt_every)
+    elif a.stage == "unet":
         unet, info = T.train_unet(_pairs(), te, vae, tok, cfg, a.steps, ema_decay=None,
                                   grad_accum=a.grad_accum, **kw)
     elif a.stage == "vae":
@@ -105,6 +108,30 @@ def train(a):
     if PartialState().is_main_process:
         torch.save(dict(losses=info["losses"], state=unet.state_dict(), world=info["world_size"],
                         resumed_from=info["resumed_from"]), Path(a.out) / "train.pt")
+
+
+def unclip_train(stage, sd_folder, steps, batch, grad_accum=1, ckpt=None, ckpt_every=2):
+    """A few steps of the unCLIP prior or decoder on 32 toy images at the tiny SD's size (also the
+    one-process reference of tests/test_distributed.py)."""
+    from t2i_common import toyworld as tw
+    from t2i_common import training
+    from t2i_common import unclip_training as ut
+
+    samples = tw.make_samples(32, 0)
+    pairs = training.PairData(torch.from_numpy(np.stack(
+        [np.asarray(tw.to_pil(s.image).resize((16, 16))) for s in samples])), [s.captions for s in samples])
+    parts = ut.unclip_components_from_sd(sd_folder, prior_layers=1)
+    zi = ut.image_embeddings(parts["image_encoder"], pairs.images)
+    parts = ut.unclip_components_from_sd(sd_folder, embed_mean=zi.mean(0), embed_std=zi.std(0),
+                                         prior_layers=1)
+    kw = dict(batch_size=batch, lr=2e-3, warmup=2, seed=1, progress=False, out_dir=ckpt,
+              ckpt_every=ckpt_every, ema_decay=None, grad_accum=grad_accum)
+    if stage == "unclip_prior":
+        return ut.train_prior(pairs, parts["prior"], parts["prior_text_encoder"], parts["prior_tokenizer"],
+                              zi, parts["prior_scheduler"], steps, **kw)
+    return ut.train_decoder(pairs, parts["unet"], parts["text_encoder"], parts["vae"], parts["tokenizer"],
+                            zi, parts["image_normalizer"], parts["image_noising_scheduler"],
+                            parts["scheduler"], steps, **kw)
 
 
 def lora_data():
@@ -152,7 +179,9 @@ def main():
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--ckpt-every", type=int, default=2)
-    p.add_argument("--stage", choices=["unet", "vae", "clip"], default="unet")
+    p.add_argument("--stage", choices=["unet", "vae", "clip", "unclip_prior", "unclip_decoder"],
+                   default="unet")
+    p.add_argument("--sd-folder", default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
     {"score": score, "train": train, "lora": lora_train}[a.task](a)

@@ -276,6 +276,26 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert _max_diff(one.state_dict(), two["state"]) < WEIGHT_ATOL
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["unclip_prior", "unclip_decoder"])
+def test_two_process_unclip_training_matches_one_process(stage, tmp_path, tiny_sd_dir):
+    """The unCLIP prior and decoder under accelerate launch (2 CPU processes, 4 rows each) take
+    the steps of one process on the global batch of 8."""
+    from tests.dist_worker import unclip_train
+
+    _launch(["train", "--stage", stage, "--sd-folder", tiny_sd_dir, "--out", tmp_path,
+             "--steps", 3, "--batch", 8])
+    two = torch.load(tmp_path / "train.pt", weights_only=False)
+    with _one_thread():
+        one, info = unclip_train(stage, tiny_sd_dir, 3, 8)
+    assert two["world"] == 2 and info["world_size"] == 1
+    np.testing.assert_allclose(two["losses"], info["losses"], rtol=LOSS_RTOL)
+    assert _max_diff(one.state_dict(), two["state"]) < WEIGHT_ATOL
+    with _one_thread():
+        other, _ = unclip_train(stage, tiny_sd_dir, 3, 4)     # another global batch: differs
+    assert _max_diff(one.state_dict(), other.state_dict()) > 20 * WEIGHT_ATOL
+
+
 # ---------------------------------------------------------------- AD's embedding pass
 def test_ad_embedding_shards_merge_into_the_cache(tmp_path, tiny_sd_dir):
     from t2i_common import ad_embeddings as ade
