@@ -425,18 +425,23 @@ def normalise_file(path: Path, kernel_name: str | None = None) -> bool:
 # ------------------------------------------------------------------------------------------------
 # execution
 # ------------------------------------------------------------------------------------------------
-def _kernel_config():
-    """Kernel manager settings: CurveZMQ transport encryption where pyzmq supports it (ipykernel
-    >= 7 warns "Kernel is running over TCP without encryption" otherwise), else IPC sockets."""
+def _kernel_config(ipc_dir):
+    """Kernel manager settings.  On POSIX: IPC sockets in ``ipc_dir`` (a fresh private folder the
+    caller removes afterwards), so there is no
+    TCP port to race for (jupyter_client picks free ports by binding and releasing them before
+    the kernel binds them; in one CI run another process took the heartbeat port in between, and
+    the kernel printed a traceback) and nothing travels over TCP.  Elsewhere: TCP with CurveZMQ
+    encryption where pyzmq supports it (ipykernel >= 7 warns "Kernel is running over TCP without
+    encryption" otherwise)."""
     import zmq
     from traitlets.config import Config
 
     cfg = Config()
-    if zmq.has("curve"):
-        cfg.KernelManager.transport_encryption = "auto"
-    elif os.name == "posix":
+    if os.name == "posix":
         cfg.KernelManager.transport = "ipc"
-        cfg.KernelManager.ip = str(Path(tempfile.mkdtemp(prefix="t2i-kernel-")) / "kernel")
+        cfg.KernelManager.ip = str(Path(ipc_dir) / "kernel")
+    elif zmq.has("curve"):
+        cfg.KernelManager.transport_encryption = "auto"
     return cfg
 
 
@@ -481,10 +486,10 @@ def run_one(nb: Path, params: dict, out: Path, kernel: str | None = None, progre
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     t0 = time.time()
     try:
-        with _environ(**env):
+        with _environ(**env), tempfile.TemporaryDirectory(prefix="t2i-kernel-") as ipc_dir:
             pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(paths.NOTEBOOKS),
                                 kernel_name=kernel, progress_bar=progress, log_output=False,
-                                request_save_on_cell_execute=False, config=_kernel_config())
+                                request_save_on_cell_execute=False, config=_kernel_config(ipc_dir))
     except BaseException:
         if tmp.exists():
             failed = paths.RUNS / "failed" / nb.name

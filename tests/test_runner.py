@@ -4,6 +4,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import nbformat as nbf
 import pytest
@@ -364,3 +365,28 @@ def test_shards_then_plain_run_reduces_from_the_cache(nbdir, tmp_path, capsys):
 def test_bad_shard_is_named(nbdir, argv):
     with pytest.raises(SystemExit, match="shard"):
         runner.main(["01", *argv])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="IPC kernel sockets are POSIX only")
+def test_kernel_talks_over_ipc_and_leaves_no_socket_folder(nbdir, tmp_path, monkeypatch):
+    """No TCP port to race for (a CI run once lost the kernel's heartbeat port to another process
+    between jupyter_client's port pick and the kernel's bind): the runner's kernels use IPC
+    sockets in a private folder, removed after the run."""
+    import tempfile
+    cfg = runner._kernel_config(tmp_path)
+    assert cfg.KernelManager.transport == "ipc" and cfg.KernelManager.ip == str(tmp_path / "kernel")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(Path(self.name))
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", Spy)
+    _nb(nbdir / "05_ipc.ipynb", [("n = 1", ["parameters"]), ("print(n + 1)", None)])
+    assert runner.main(["05"]) == 0
+    kernel_dirs = [d for d in made if d.name.startswith("t2i-kernel-")]
+    assert len(kernel_dirs) == 1 and not kernel_dirs[0].exists()
+    assert nbf.read(nbdir / "05_ipc.ipynb", as_version=4).cells[1].outputs[0].text == "2\n"
