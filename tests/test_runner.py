@@ -311,6 +311,19 @@ def checked_outputs(path) -> list[str]:
     return out
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_checked_cells_print_only_stdout(path):
+    """A `# NBVAL_CHECK_OUTPUT` cell of a committed notebook holds printed lines and nothing else:
+    a progress widget or a library's stderr message (e.g. transformers' "Loading weights" bar when a
+    checked cell loads a model) is compared too, and differs between runs and machines."""
+    nb = nbf.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "# NBVAL_CHECK_OUTPUT" not in cell.source:
+            continue
+        kinds = [(o.output_type, o.get("name")) for o in cell.outputs]
+        assert kinds and set(kinds) == {("stream", "stdout")}, (path.name, i, kinds)
+
+
 def test_threads_option_reaches_the_kernel(nbdir, tmp_path):
     _nb(nbdir / "05_threads.ipynb", [("n = 0", ["parameters"]),
                                      ("import torch\nprint(torch.get_num_threads())", None)])
