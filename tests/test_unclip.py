@@ -217,16 +217,22 @@ def test_embedding_of_wrong_width_is_an_error(tiny_unclip):
         tiny_unclip.decode(torch.zeros(2, 31), num_steps=2)
 
 
-def test_folder_lacking_the_prior_is_an_error(tiny_unclip_dir, tmp_path):
+def _without_prior(src, folder):
+    """A copy of the Stable unCLIP folder ``src`` in the layout of the image-variation release
+    (``stabilityai/stable-diffusion-2-1-unclip``): no prior parts."""
     import shutil
-    folder = tmp_path / "no_prior"
-    shutil.copytree(tiny_unclip_dir, folder)
+    shutil.copytree(src, folder)
     idx = json.loads((folder / "model_index.json").read_text())
     for k in unclip.PRIOR_PARTS:
         idx.pop(k)
         shutil.rmtree(folder / k)
     idx["_class_name"] = "StableUnCLIPImg2ImgPipeline"
     (folder / "model_index.json").write_text(json.dumps(idx))
+    return folder
+
+
+def test_folder_lacking_the_prior_is_an_error(tiny_unclip_dir, tmp_path):
+    folder = _without_prior(tiny_unclip_dir, tmp_path / "no_prior")
     with pytest.raises(FileNotFoundError, match="has no diffusion prior.*karlo"):
         unclip.load_unclip(folder)
     m = unclip.load_unclip(folder, need_prior=False)  # the decoder alone still loads and runs
@@ -316,14 +322,7 @@ def test_prior_from_a_karlo_layout_folder(tiny_unclip_dir, tiny_unclip, tmp_path
     checkpoint's prior parts; the loaded model must generate exactly what the one-folder model
     does."""
     import shutil
-    decoder_only = tmp_path / "img2img"
-    shutil.copytree(tiny_unclip_dir, decoder_only)
-    idx = json.loads((decoder_only / "model_index.json").read_text())
-    for k in unclip.PRIOR_PARTS:
-        idx.pop(k)
-        shutil.rmtree(decoder_only / k)
-    idx["_class_name"] = "StableUnCLIPImg2ImgPipeline"
-    (decoder_only / "model_index.json").write_text(json.dumps(idx))
+    decoder_only = _without_prior(tiny_unclip_dir, tmp_path / "img2img")
     karlo = tmp_path / "karlo"
     karlo.mkdir()
     for src, dst in (("prior", "prior"), ("prior_text_encoder", "text_encoder"),
