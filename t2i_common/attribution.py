@@ -78,11 +78,16 @@ def select_parameters(unet, subset: str = "cross-attn-kv") -> list[str]:
 
 
 def weights_fingerprint(unet) -> str:
-    """sha1 of all UNet weights (keys caches of per-model results such as the pre-training loss)."""
+    """sha1 of all weights of a module (keys caches of per-model results such as the pre-training
+    loss or unCLIP generations).  bf16 weights, which numpy cannot hold, are hashed as their raw
+    16-bit patterns."""
     h = hashlib.sha1()
     for n, p in unet.state_dict().items():
+        t = p.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
         h.update(n.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -69,18 +69,12 @@ def model_key(model) -> dict:
     """Cache identity of a generator: its name and a sha1 of the weights that shape its images
     (UNet, VAE and, for unCLIP, the prior), so that retraining or replacing a checkpoint in place
     never returns images cached from the old weights.  Computed once per model object."""
-    import hashlib
+    from .attribution import weights_fingerprint
 
     if getattr(model, "_t2i_cache_key", None) is None:
-        h = hashlib.sha1()
-        for part in ("unet", "vae", "prior"):
-            mod = getattr(model, part, None)
-            if mod is None:
-                continue
-            for k, t in mod.state_dict().items():
-                h.update(f"{part}.{k}".encode())
-                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-        model._t2i_cache_key = dict(name=str(model.name), weights=h.hexdigest()[:16])
+        model._t2i_cache_key = dict(name=str(model.name), weights={
+            part: weights_fingerprint(getattr(model, part)) for part in ("unet", "vae", "prior")
+            if getattr(model, part, None) is not None})
     return model._t2i_cache_key
 
 
@@ -196,11 +190,13 @@ def vae_round_trip_reads(vae, samples, batch_size: int = 256) -> dict:
     if not samples or any(len(s.scene.objects) != 1 for s in samples):
         raise ValueError("vae_round_trip_reads: needs single-object samples "
                          "(toyworld.make_samples(n, seed, kinds=('single',)))")
+    from .training import to_unit
+
     dev, dt = next(vae.parameters()).device, next(vae.parameters()).dtype
     out = []
     for i in range(0, len(samples), batch_size):
-        x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples[i:i + batch_size]]))
-        x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).to(dev, dt)
+        x = to_unit(torch.from_numpy(np.stack([np.asarray(s.image) for s in samples[i:i + batch_size]])))
+        x = x.to(dev, dt)
         rt = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
         out.append(((rt + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     acc: dict = {}

@@ -281,3 +281,17 @@ def test_clip_zero_shot_accuracy_oracle():
     assert bad["colour_acc"] == 0.0 and bad["shape_acc"] == 1.0
     with pytest.raises(ValueError, match="single-object"):
         T.clip_zero_shot_accuracy(_OracleEmbedder(), tw.make_samples(3, 5, kinds=("pair",)))
+
+
+def test_read_toy_config_round_trip_unknown_keys_and_bad_json(tmp_path):
+    """toy_config.json back to the TinySDConfig it was written from (lists -> tuples), unknown keys
+    ignored, no file -> None, a damaged file -> an error naming it."""
+    import json
+    from dataclasses import asdict
+    cfg = sdformat.TinySDConfig.tiny()
+    assert sdformat.read_toy_config(tmp_path) is None
+    (tmp_path / "toy_config.json").write_text(json.dumps(dict(asdict(cfg), from_the_future=1)))
+    assert sdformat.read_toy_config(tmp_path) == cfg
+    (tmp_path / "toy_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="toy_config.json: not valid JSON"):
+        sdformat.read_toy_config(tmp_path)

@@ -125,7 +125,16 @@ def test_sd_with_vae_of_needs_one_latent_space_and_keys_caches_by_weights():
     with pytest.raises(ValueError, match="encoders differ"):
         ue.sd_with_vae_of(sd, m2)
     assert ue.model_key(m2)["name"] == ue.model_key(m)["name"]
-    assert ue.model_key(m2)["weights"] != ue.model_key(m)["weights"]
+    assert ue.model_key(m2)["weights"]["vae"] != ue.model_key(m)["weights"]["vae"]
+    assert ue.model_key(m2)["weights"]["unet"] == ue.model_key(m)["weights"]["unet"]
+    m3 = copy.copy(m)
+    m3.scaling_factor = m.scaling_factor * 2
+    with pytest.raises(ValueError, match="scaling factors differ"):
+        ue.sd_with_vae_of(sd, m3)
+    # bf16 weights (numpy has no bf16) are fingerprinted too, and differ from the float32 ones
+    m4 = copy.copy(m)
+    m4.vae, m4._t2i_cache_key = copy.deepcopy(m.vae).to(torch.bfloat16), None
+    assert ue.model_key(m4)["weights"]["vae"] != ue.model_key(m)["weights"]["vae"]
 
 
 def test_vae_round_trip_reads_counts_and_rejects_scenes_with_several_objects():
