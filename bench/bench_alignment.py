@@ -97,7 +97,7 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from t2i_common.alignment import compute_ad_from_embeddings
+    from t2i_common.implosion.alignment import compute_ad_from_embeddings
 
     torch.set_num_threads(args.threads)
     print(f"AD step from an embedding cache, {args.threads} thread(s), torch {torch.__version__}, "

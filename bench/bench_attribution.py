@@ -1,6 +1,6 @@
 """Benchmark: the two hot loops of attribution by unlearning.
 
-1. Training-set loss pass: :func:`t2i_common.attribution.training_loss` (the engine, all captions
+1. Training-set loss pass: :func:`t2i_common.attribution.unlearning.training_loss` (the engine, all captions
    x timesteps of a noised latent in one UNet batch) against the original's loop structure
    (``collect_loss``: per batch of images, latents repeated captions x timesteps, one ``randn``
    per batch, ``add_noise``, one UNet call, reshape-mean).  Same rows, same UNet, same number of
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from t2i_common import attribution as A
+from t2i_common.attribution import unlearning as A
 from t2i_common import toyworld as tw
 from t2i_common.models import load_t2i
 

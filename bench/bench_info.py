@@ -10,7 +10,7 @@ differs:
 - loop (original-like): for each sample k, one UNet call on the 6 conditions (batch 6), as
   ``DiffusionModel.mse`` does per draw; ``--loop_samples 5`` batches 5 samples per call
   (``image_level_nll_fast``'s bs_=5, batch 30);
-- engine: :func:`t2i_common.infotheory.pointwise_mi` -> ``engine.denoise_errors``: all 600
+- engine: :func:`t2i_common.info_decomp.information.pointwise_mi` -> ``engine.denoise_errors``: all 600
   evaluations in batches of ``--batch_size`` (default engine.auto_batch_size: 64 on CPU).
 Prints wall times, UNet evaluations per second and the ratio.
 """
@@ -58,7 +58,7 @@ def loop_mi(model, z0, captions, n_samples, seed, per_call=1):
     """Original-like: one UNet call per draw (or per ``per_call`` draws) on all conditions."""
     import torch
 
-    from t2i_common.infotheory import Integration, draw_samples
+    from t2i_common.info_decomp.information import Integration, draw_samples
 
     conds = list(captions) + [""]
     emb = model.encode_prompts(conds)
@@ -87,7 +87,7 @@ def main(argv=None):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from t2i_common import toyworld as tw
-    from t2i_common.infotheory import pointwise_mi
+    from t2i_common.info_decomp.information import pointwise_mi
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, args.device)

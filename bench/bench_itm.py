@@ -35,7 +35,8 @@ import time
 
 import torch
 
-from t2i_common import engine, itm, paths, toyexport
+from t2i_common import diffusion_itm as itm, engine, paths
+from t2i_common.toyworld import export as toyexport
 from t2i_common.formats import MatchItem, read_aro_vg
 from t2i_common.models import T2IModel, load_t2i
 from t2i_common.sdformat import (TinySDConfig, build_random_sd, build_scheduler, build_tokenizer,

@@ -40,7 +40,7 @@ computing anything.
 Data-parallel training (second half of the module): :class:`Piece` (this process's rows of a
 global batch), :class:`LossModule` (the loss inside DDP's ``forward``) and
 :func:`make_accelerator`, used by :func:`t2i_common.trainloop._fit`; HardNeg LoRA
-(:func:`t2i_common.lora.train_step`) spreads its micro-batches over the processes instead.
+(:func:`t2i_common.diffusion_itm.hardneg.train_step`) spreads its micro-batches over the processes instead.
 """
 from __future__ import annotations
 

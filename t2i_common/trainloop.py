@@ -5,7 +5,7 @@ gradient clipping, optional EMA) through an ``accelerate.Accelerator``: one proc
 data parallel over the same global batch under ``accelerate launch --num_processes N``, with
 gradient accumulation and mixed precision as flags; an atomic single-file checkpoint every
 ``ckpt_every`` steps lets a killed run continue with bit-identical weights.  The toy
-checkpoint's stages (:mod:`t2i_common.training`) are its users.
+checkpoint's stages (:mod:`t2i_common.toyworld.training`) are its users.
 """
 from __future__ import annotations
 

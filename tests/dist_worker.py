@@ -1,13 +1,13 @@
 """Worker of tests/test_distributed.py, started by ``accelerate launch --cpu --num_processes N``.
 
-``score``: MI relation-testing scores (:func:`t2i_common.infotheory.aro_scores`) of toy items on
+``score``: MI relation-testing scores (:func:`t2i_common.info_decomp.information.aro_scores`) of toy items on
 the toy checkpoint and the attribution training-loss pass, sharded over the launched processes
 through the shared cache; each rank writes its complete results and its :class:`~t2i_common.distributed.MapStats` to ``--out``.
 ``--kill-rank R --kill-after K``: rank R dies (``os._exit``) when it starts its (K+1)-th batch,
 after K batches are in the cache (a lost process).
 ``lora``: a few data-parallel HardNeg LoRA steps on the toy checkpoint
-(:func:`t2i_common.lora.finetune_hardneg`, 2 micro-batches per step: one per process).
-``train``: a few data-parallel steps of the toy UNet (:func:`t2i_common.training.train_unet`);
+(:func:`t2i_common.diffusion_itm.hardneg.finetune_hardneg`, 2 micro-batches per step: one per process).
+``train``: a few data-parallel steps of the toy UNet (:func:`t2i_common.toyworld.training.train_unet`);
 the main process writes the loss curve and the weights (``--stage vae`` / ``clip`` /
 ``unclip_prior`` / ``unclip_decoder`` (with ``--sd-folder``): those stages).
 """
@@ -39,7 +39,7 @@ def toy_items(n: int, seed: int = 3):
 def attribution_loss(model, items, cache):
     """The attribution paper's training-set loss pass over 4 toy images (8 rows with the flips),
     chunks of 2 rows, cached: under accelerate launch every process computes its chunks."""
-    from t2i_common import attribution as A
+    from t2i_common.attribution import unlearning as A
     from t2i_common.cache import ResultCache
 
     ts = A.TrainingSet.from_images(model, np.stack([it["image_options"][0] for it in items[:4]]),
@@ -49,7 +49,8 @@ def attribution_loss(model, items, cache):
 
 
 def score(a):
-    from t2i_common import distributed, infotheory
+    from t2i_common import distributed
+    from t2i_common.info_decomp import information as infotheory
     from t2i_common.cache import ResultCache
     from t2i_common.models import load_t2i
 
@@ -82,7 +83,7 @@ def train(a):
     from accelerate import PartialState
 
     from t2i_common import sdformat
-    from t2i_common import training as T
+    from t2i_common.toyworld import training as T
     from tests.test_training import _pairs
     from tests.conftest import TINY_WORDS
     from transformers import CLIPModel
@@ -114,8 +115,8 @@ def unclip_train(stage, sd_folder, steps, batch, grad_accum=1, ckpt=None, ckpt_e
     """A few steps of the unCLIP prior or decoder on 32 toy images at the tiny SD's size (also the
     one-process reference of tests/test_distributed.py)."""
     from t2i_common import toyworld as tw
-    from t2i_common import training
-    from t2i_common import unclip_training as ut
+    from t2i_common.toyworld import training
+    from t2i_common.unclip import training as ut
 
     samples = tw.make_samples(32, 0)
     pairs = training.PairData(torch.from_numpy(np.stack(
@@ -136,7 +137,7 @@ def unclip_train(stage, sd_folder, steps, batch, grad_accum=1, ckpt=None, ckpt_e
 
 def lora_data():
     """HardNeg data of 4 toy images: captions, swapped-word hard negatives, image negatives."""
-    from t2i_common import lora
+    from t2i_common.diffusion_itm import hardneg as lora
 
     items = toy_items(4, seed=5)
     return lora.HardNegData([it["image_options"][0] for it in items],
@@ -145,7 +146,7 @@ def lora_data():
 
 
 def lora_cfg(steps):
-    from t2i_common import lora
+    from t2i_common.diffusion_itm import hardneg as lora
 
     return lora.HardNegConfig(batch_size=2, grad_accum=2, steps=steps, lr=1e-3, val_every=1000,
                               ckpt_every=1000)
@@ -154,7 +155,7 @@ def lora_cfg(steps):
 def lora_train(a):
     from accelerate import PartialState
 
-    from t2i_common import lora
+    from t2i_common.diffusion_itm import hardneg as lora
     from t2i_common.models import load_t2i
 
     model = load_t2i("toy")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import ad_embeddings as ae
-from t2i_common import alignment as al
+from t2i_common.implosion import ad_embeddings as ae
+from t2i_common.implosion import alignment as al
 
 
 def _unit(n, d, seed):
@@ -395,7 +395,7 @@ def test_implosion_experiment_runs_and_caches(tiny_sd_dir, tmp_path, monkeypatch
     assert {"fidelity_circle", "fidelity_diamond"} <= set(tab.columns)
     assert ((tab["ad"] - (0.8 * tab["feature_ad"] + 0.2 * tab["structure_ad"])).abs() < 1e-9).all()
     # a second call loads every rate from the cache: no training
-    from t2i_common import training
+    from t2i_common.toyworld import training
     monkeypatch.setattr(training, "train_unet", lambda *a, **k: pytest.fail("retrained"))
     tab2, _ = al.implosion_experiment(tiny_sd_dir, **kw)
     assert tab2.equals(tab)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import attention as at
+from t2i_common.info_decomp import attention as at
 
 CAPS = ["a red circle", "a blue square to the left of a green triangle", "a small yellow diamond"]
 
@@ -131,7 +131,8 @@ def test_store_errors():
 
 @pytest.fixture(scope="module")
 def coco_it_rows(tmp_path_factory):
-    from t2i_common import formats, toyexport
+    from t2i_common import formats
+    from t2i_common.toyworld import export as toyexport
 
     root = tmp_path_factory.mktemp("coco_it")
     csv, inst, imgs = toyexport.export_coco_it(root, 4, seed=0)
@@ -139,7 +140,7 @@ def coco_it_rows(tmp_path_factory):
 
 
 def test_localisation_maps_nested_and_consistent(tiny_model, coco_it_rows):
-    from t2i_common import infotheory as it
+    from t2i_common.info_decomp import information as it
 
     rows = coco_it_rows[:5]
     maps = at.localisation_maps(tiny_model, rows, steps=(2, 4), groups_per_call=2, progress=False)
@@ -161,7 +162,7 @@ def test_localisation_maps_nested_and_consistent(tiny_model, coco_it_rows):
 
 
 def test_localisation_table_with_oracle_maps(coco_it_rows):
-    from t2i_common import infotheory as it
+    from t2i_common.info_decomp import information as it
 
     rows = coco_it_rows
     masks = torch.as_tensor(np.stack([r.mask for r in rows]))

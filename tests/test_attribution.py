@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import attribution as A
+from t2i_common.attribution import unlearning as A
 
 
 # ------------------------------------------------------------------------------------------------

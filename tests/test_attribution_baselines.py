@@ -1,10 +1,10 @@
-"""Attribution baselines, TRAK solver and retrieval metrics (t2i_common.attribution_baselines)."""
+"""Attribution baselines, TRAK solver and retrieval metrics (t2i_common.attribution.baselines)."""
 import numpy as np
 import pytest
 import torch
 
-from t2i_common import attribution as A
-from t2i_common import attribution_baselines as B
+from t2i_common.attribution import unlearning as A
+from t2i_common.attribution import baselines as B
 
 
 def test_recall_and_average_precision_hand_cases():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import attribution as A
-from t2i_common import counterfactual as CF
+from t2i_common.attribution import unlearning as A
+from t2i_common.attribution import counterfactual as CF
 
 TINY_WORLD = dict(n_train=12, k=2, steps=3, batch_size=4, warmup=1, unet_channels=(32, 64))
 
@@ -73,7 +73,7 @@ def test_masked_retraining_is_train_unet_with_removed_terms_dropped(tmp_path):
     images changes the weights; the 'resample' variant (the paper's) also reproduces itself."""
     import dataclasses
 
-    from t2i_common import training
+    from t2i_common.toyworld import training
 
     w = CF.AttributionWorld(**TINY_WORLD)
     samples, _ = CF.make_world(w)
@@ -157,5 +157,5 @@ def test_oracle_ranking_puts_the_ground_truth_first():
     r = CF.oracle_ranking([np.array([3, 1]), np.array([0])], 5)
     np.testing.assert_array_equal(r[0], [3, 1, 0, 2, 4])
     np.testing.assert_array_equal(r[1], [0, 1, 2, 3, 4])
-    from t2i_common import attribution_baselines as B
+    from t2i_common.attribution import baselines as B
     assert B.recall_at_k(r[0], [1, 3], k=2) == 1.0

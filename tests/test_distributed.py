@@ -108,7 +108,7 @@ def test_sharded_map_needs_a_cache_and_unique_ids():
 
 
 def test_mi_scores_do_not_depend_on_the_number_of_shards(tiny_model, tiny_images, tmp_path):
-    from t2i_common import infotheory as it
+    from t2i_common.info_decomp import information as it
 
     items = [{"image_options": [im], "caption_options": ["a red circle", "a circle red", "a"]}
              for im in tiny_images]
@@ -139,7 +139,7 @@ def _tiny_unet(steps, **kw):
     from transformers import CLIPModel
 
     from t2i_common import sdformat
-    from t2i_common import training as T
+    from t2i_common.toyworld import training as T
     from tests.conftest import TINY_WORDS
     from tests.test_training import _pairs
 
@@ -222,7 +222,7 @@ def _stats(out):
 
 @pytest.fixture(scope="module")
 def one_process_scores():
-    from t2i_common import infotheory
+    from t2i_common.info_decomp import information as infotheory
     from t2i_common.models import load_t2i
     from tests.dist_worker import toy_items
 
@@ -298,7 +298,7 @@ def test_two_process_unclip_training_matches_one_process(stage, tmp_path, tiny_s
 
 # ---------------------------------------------------------------- AD's embedding pass
 def test_ad_embedding_shards_merge_into_the_cache(tmp_path, tiny_sd_dir):
-    from t2i_common import ad_embeddings as ade
+    from t2i_common.implosion import ad_embeddings as ade
     from t2i_common.formats import read_embedding_cache
     from t2i_common.models import load_clip
     from tests.test_alignment import CountingCLIP, _write_pairs
@@ -371,7 +371,7 @@ def _match_items(tiny_images):
 
 
 def test_diffitm_grid_shards_are_byte_identical(tiny_model, tiny_images, tmp_path):
-    from t2i_common import itm
+    from t2i_common import diffusion_itm as itm
 
     items = _match_items(tiny_images)
     one = itm.diffitm_distances(tiny_model, items, S=4, chunk=2, progress=False)
@@ -389,7 +389,7 @@ def test_diffitm_grid_shards_are_byte_identical(tiny_model, tiny_images, tmp_pat
 
 
 def test_adaptive_shards_reduce_from_the_cache(tiny_model, tiny_images, tmp_path):
-    from t2i_common import itm
+    from t2i_common import diffusion_itm as itm
 
     items = [it for it in _match_items(tiny_images) if len(it.images) == 1]
     one = itm.adaptive_scores(tiny_model, items, S=4, progress=False)
@@ -415,7 +415,7 @@ def test_two_process_lora_matches_one_process(tmp_path):
     with more micro-batches per process the summation order, hence the last bits, may differ,
     which the tolerances above would cover).  The logged loss is 0 while the hinge is closed
     (L_pos - stopgrad(L_pos)), so L_pos and L_neg carry the curve."""
-    from t2i_common import lora
+    from t2i_common.diffusion_itm import hardneg as lora
     from t2i_common.models import load_t2i
     from tests.dist_worker import lora_cfg, lora_data
 

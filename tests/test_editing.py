@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from t2i_common import editing as ed
-from t2i_common import infotheory as it
+from t2i_common.info_decomp import editing as ed
+from t2i_common.info_decomp import information as it
 
 
 class _GaussianData:
@@ -124,7 +124,7 @@ def test_missing_swap_partner_gives_nan(tiny_model, tiny_images):
 
 
 def test_intervention_rows_from_coco_it(tmp_path):
-    from t2i_common import infotheory
+    from t2i_common.info_decomp import information as infotheory
 
     rows = infotheory.coco_it_items(toy_root=tmp_path, toy_n=6, seed=1, mask_size=16)
     assert rows[0].mask.shape == (16, 16) and rows[0].mask.any()

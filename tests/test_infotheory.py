@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import infotheory as it
+from t2i_common.info_decomp import information as it
 
 
 def _gauss_integral(integ, n=200_000, m=0.5, sd=1.2, seed=0):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import engine, itm, itm_scoring
+from t2i_common import diffusion_itm as itm, engine
+from t2i_common.diffusion_itm import scoring as itm_scoring
 from t2i_common.cache import ResultCache
 from t2i_common.engine import NoiseBank, grid_timesteps
 from t2i_common.formats import MatchItem

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import lora
+from t2i_common.diffusion_itm import hardneg as lora
 from t2i_common.models import load_t2i
 
 CAPS = ["a red circle", "a blue circle", "a green square", "a yellow triangle"]

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from t2i_common import formats, toyexport, toyworld
+from t2i_common import formats, toyworld
+from t2i_common.toyworld import export as toyexport
 
 
 def test_implosion_roundtrip_and_poison(tmp_path):

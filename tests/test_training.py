@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import sdformat, training as T
+from t2i_common import sdformat
+from t2i_common.toyworld import training as T
 from tests.conftest import TINY_WORDS
 
 COLS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 210, 40)}

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_common import training, unclip
-from t2i_common import unclip_training as ut
+from t2i_common.toyworld import training
+from t2i_common.unclip import model as unclip
+from t2i_common.unclip import training as ut
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from t2i_common import toyworld as tw
-from t2i_common import unclip_eval as ue
+from t2i_common.unclip import evaluation as ue
 
 
 def test_frechet_distance_diagonal_closed_form():
@@ -106,7 +106,8 @@ def test_sd_with_vae_of_needs_one_latent_space_and_keys_caches_by_weights():
 
     import torch
 
-    from t2i_common import models, unclip
+    from t2i_common import models
+    from t2i_common.unclip import model as unclip
     sd = models.load_t2i("toy")
     m = unclip.load_unclip("toy-unclip")
     shared = ue.sd_with_vae_of(sd, m)

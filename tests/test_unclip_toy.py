@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from t2i_common import toyworld as tw
-from t2i_common import unclip, unclip_eval
+from t2i_common.unclip import evaluation as unclip_eval, model as unclip
 
 FOLDER = unclip.DEFAULT_UNCLIP
 

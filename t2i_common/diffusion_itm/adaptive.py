@@ -4,7 +4,7 @@ evaluations for grids of different S and for elimination policies).
 
 A race scores all candidates on a few grid points, drops the clear losers and spends the remaining
 UNet evaluations on the close ones (as Diffusion Classifier, Li et al. 2023, does); with an
-unlimited threshold it reproduces the grid score of :func:`t2i_common.itm_scoring.diffitm_scores`.
+unlimited threshold it reproduces the grid score of :func:`t2i_common.diffusion_itm.scoring.diffitm_scores`.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .engine import grid_timesteps
-from .itm_metrics import candidate_scores, pick, retrieval_metrics
-from .itm_scoring import (SCORE_VERSION, _check_chunk, _check_items, _make_cache, _prepare,
+from ..engine import grid_timesteps
+from .metrics import candidate_scores, pick, retrieval_metrics
+from .scoring import (SCORE_VERSION, _check_chunk, _check_items, _make_cache, _prepare,
                           _prompt_table, _Scorer, cached_items, check_S, diffitm_scores,
                           grid_evaluations, model_fingerprint)
 
@@ -171,7 +171,7 @@ def adaptive_scores(model, items, S: int = 250, seed: int = 0, policy: AdaptiveP
     """Adaptive DiffusionITM (beyond the paper): score all candidates on a few grid points, drop the
     clear losers (:class:`AdaptivePolicy`), spend the remaining UNet evaluations on the close ones.
 
-    Uses the same grid (S), bank and latents as :func:`~t2i_common.itm_scoring.diffitm_scores`, so
+    Uses the same grid (S), bank and latents as :func:`~t2i_common.diffusion_itm.scoring.diffitm_scores`, so
     with ``z=inf`` it returns the grid scores.  Up to ``chunk`` races run in lock-step (each
     round's requests of all of them go to the UNet together); a finished race is saved to the
     cache at once and its place taken by the next item, so a kill loses only the races in progress.
@@ -312,7 +312,7 @@ def policy_sweep(n0s=(2, 4, 8), steps=(2, 4, 8), zs=(0.5, 1.0, 1.5, 2.0, 3.0),
 def adaptive_curve(items, dists, policies, img_retrieval: bool = False):
     """Accuracy and UNet evaluations of each policy, replayed on grid distances (exact; see
     :func:`adaptive_replay`).  ``fraction_of_grid`` = evaluations / the full grid's;
-    ``agreement`` = fraction of items whose pick (:func:`~t2i_common.itm_metrics.pick`: first of
+    ``agreement`` = fraction of items whose pick (:func:`~t2i_common.diffusion_itm.metrics.pick`: first of
     the top-scored candidates) is the full
     grid's pick, a less noisy measure of "matches the grid" than equal accuracy."""
     import pandas as pd

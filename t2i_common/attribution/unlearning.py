@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import ResultCache
-from .engine import NoiseBank, denoise_errors
+from ..cache import ResultCache
+from ..engine import NoiseBank, denoise_errors
 
 #: parameter-name patterns per weight subset: every group must match (any substring of a group)
 WEIGHT_SUBSETS = {
@@ -274,7 +274,7 @@ def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int
     computes everything.  ``cache``: per-chunk results (key it by the model weights, e.g.
     :func:`weights_fingerprint`), so a killed run resumes.
     """
-    from .distributed import LOCAL, ShardError, resolve_shard
+    from ..distributed import LOCAL, ShardError, resolve_shard
 
     check_compatible(model, data)
     sh = resolve_shard(shard) if shard is not None or cache is not None else LOCAL
@@ -310,7 +310,7 @@ def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int
     if sh.live:  # accelerate launch: the other processes' chunks, from the shared cache
         from accelerate import PartialState
 
-        from .distributed import accelerate_cpu
+        from ..distributed import accelerate_cpu
         PartialState(cpu=accelerate_cpu()).wait_for_everyone()
         for c, r in chunks:
             if c % n_shard != i_shard:
@@ -660,7 +660,7 @@ def load_attribution_model(path, device="cpu", dtype=torch.float32):
     UNet folder (``config.json`` + weights) with the original's ``DDPMScheduler(1000)``."""
     p = Path(path)
     if (p / "model_index.json").exists():
-        from .models import load_t2i
+        from ..models import load_t2i
         return load_t2i(p, device=device, dtype=dtype)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{p} is neither a Stable-Diffusion folder (model_index.json) nor a "

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import fingerprint
-from .engine import NoiseBank, denoise_errors
+from ..cache import fingerprint
+from ..engine import NoiseBank, denoise_errors
 
 #: Defaults of the original MI code: loc 1, scale 2 and clip 4 (its MI functions never pass the
 #: CLI ``--clip 3.0`` on, so ``logistic_integrate``'s default 4 is what runs).
@@ -349,7 +349,7 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
     (orthogonal estimator, 100 samples, logistic loc 1 / scale 2 / clip 4) and stops after 4
     batches (``if i == 3: break``); we score every item.
     """
-    from .distributed import sharded_map
+    from ..distributed import sharded_map
 
     if estimator not in ("orthogonal", "standard", "both"):
         raise ValueError(f"aro_scores: estimator must be 'orthogonal', 'standard' or 'both', "
@@ -389,12 +389,12 @@ _ARO_FILES = {"VG-A": "visual_genome_attribution.json", "VG-R": "visual_genome_r
 
 def aro_task_paths(aro_root=None, toy_root=None, toy_n: int = 30, seed: int = 0,
                    tasks=ARO_TASKS) -> dict:
-    """``{task: json path}`` of the ARO tasks, for :func:`t2i_common.itm.read_gdbench`.
+    """``{task: json path}`` of the ARO tasks, for :func:`t2i_common.diffusion_itm.read_gdbench`.
 
     aro_root: the ARO dataset folder (visual_genome_{attribution,relation}.json + images/,
     coco_karpathy_test.json, flickr30k_test.json as ARO lays them out); a missing file is an
     error naming it.  Without aro_root, the toy analogues (``toy_n`` items per task) are exported
-    under ``toy_root`` in the same formats (:mod:`t2i_common.toyexport`).
+    under ``toy_root`` in the same formats (:mod:`t2i_common.toyworld.export`).
     """
     from pathlib import Path
 
@@ -410,7 +410,7 @@ def aro_task_paths(aro_root=None, toy_root=None, toy_n: int = 30, seed: int = 0,
                                     f"Flickr30k needs the Flickr form) into {root}, or pass "
                                     f"aro_root=None for the toy analogues")
         return {t: str(p) for t, p in out.items()}
-    from . import toyexport
+    from ..toyworld import export as toyexport
 
     if toy_root is None:
         raise ValueError("aro_task_paths: give aro_root (real ARO) or toy_root (folder for the toy export)")
@@ -438,10 +438,10 @@ def coco_it_items(csv_path=None, instances=None, image_dir=None, mask_size=None,
     objects whose shape is unique in the image, so the category mask is the word's pixels) and
     read back through the same reader.
     """
-    from . import formats
+    from .. import formats
 
     if csv_path is None:
-        from . import toyexport
+        from ..toyworld import export as toyexport
 
         if toy_root is None:
             raise ValueError("coco_it_items: give csv_path (real COCO-IT) or toy_root (toy export folder)")
@@ -456,13 +456,13 @@ def info_methods(model, n_samples: int = 100, integration: Integration = Integra
                  estimators=("orthogonal",), seed: int = 0, cache=None, batch_size=None,
                  progress: bool = True, shard=None) -> dict:
     """i(x; caption) as scoring functions ``(items, img_retrieval) -> [1, J] score matrices``
-    (the interface of :func:`t2i_common.itm.gdbench_table` and :func:`relation_testing`), one per
+    (the interface of :func:`t2i_common.diffusion_itm.gdbench_table` and :func:`relation_testing`), one per
     estimator ("orthogonal": the paper's; "standard": the difference of denoising errors).  All
     estimators of one task come from the same UNet evaluations (computed once, memoised).
     ``cache``: None, or a folder under which a ResultCache keyed by the model, the items and every
     parameter is made per task.  ``shard``: see :func:`aro_scores`."""
-    from .cache import ResultCache
-    from .itm import image_key, model_fingerprint
+    from ..cache import ResultCache
+    from ..diffusion_itm import image_key, model_fingerprint
 
     memo = {}
 
@@ -497,12 +497,12 @@ def relation_methods(model, clip=None, n_samples: int = 100,
                      seed: int = 0, cache=None, batch_size=None, progress: bool = True,
                      shard=None) -> dict:
     """The paper's Table 1 columns as scoring functions: "CLIP" (cosine, when ``clip`` is given),
-    "DiffITM" (:func:`t2i_common.itm.diffitm_scores` with grid size ``diffitm_S``; None leaves it
+    "DiffITM" (:func:`t2i_common.diffusion_itm.diffitm_scores` with grid size ``diffitm_S``; None leaves it
     out), "Info (<mode>)" (the paper's orthogonal estimator) and, beyond the paper,
     "Info (<mode>, standard)" (difference of denoising errors; same UNet evaluations), see
     :func:`info_methods`.  ``cache``: None or a folder (per-item results are cached under it).
     ``shard``: ``(i, n)`` runs shard i of n of the MI passes (:mod:`t2i_common.distributed`)."""
-    from . import itm
+    from .. import diffusion_itm as itm
 
     out = {}
     if clip is not None:
@@ -544,8 +544,8 @@ def relation_testing(tasks: dict, methods: dict, progress: bool = True):
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .formats import aro_accuracy
-    from .itm import candidate_scores
+    from ..formats import aro_accuracy
+    from ..diffusion_itm import candidate_scores
 
     rows = []
     for task, items in tqdm(list(tasks.items()), desc="ARO tasks", disable=not progress):

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_cross_attention, word_maps
-from .infotheory import (EDIT_CLIP, Integration, _as_latents, information, omit_word,  # noqa: F401
+from .information import (EDIT_CLIP, Integration, _as_latents, information, omit_word,  # noqa: F401
                          pearson_bootstrap, replace_words, swap_word)
 
 #: The original's swap pairs (each also swaps plurals).
@@ -280,7 +280,7 @@ def plot_interventions(model, res: dict, indices, kind: str = "omit"):
     or swapped), change map, CMI map of the word, attention map (latent grid, upsampled)."""
     import matplotlib.pyplot as plt
 
-    from .infotheory import upsample_map
+    from .information import upsample_map
 
     indices = list(indices)
     prompts = res["omit_prompts"] if kind == "omit" else res["swap_prompts"]

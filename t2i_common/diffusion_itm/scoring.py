@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import ResultCache, fingerprint
-from .engine import NoiseBank, auto_batch_size, denoise_errors, grid_timesteps
-from .imageio import to_pil
+from ..cache import ResultCache, fingerprint
+from ..engine import NoiseBank, auto_batch_size, denoise_errors, grid_timesteps
+from ..imageio import to_pil
 
 SCORE_VERSION = "diffitm-2"   # 2: per-(image, caption) posterior streams, per-item cache writes
 
@@ -64,7 +64,7 @@ def image_key(im) -> str:
     Identical content -> identical key (so an image shared by several items is encoded once)."""
     from pathlib import Path
 
-    from .formats import ImageRef
+    from ..formats import ImageRef
 
     if isinstance(im, (str, Path)):
         im = ImageRef(Path(im))
@@ -136,7 +136,7 @@ def _prepare(items) -> _Prepared:
 
 
 def _load(ref):
-    from .formats import to_pil as load
+    from ..formats import to_pil as load
     return load(ref)
 
 
@@ -356,7 +356,7 @@ def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: i
     this process computes only its share (groups of ``split`` ids, default ``chunk``, round robin,
     so a chunk is the same batch as in a one-process run) and the rest comes from the cache
     (``blank(id)`` placeholders where another array-job shard has not written it yet)."""
-    from .distributed import MapStats, complete, share, shard_ids
+    from ..distributed import MapStats, complete, share, shard_ids
 
     sh, all_ids = share(ids, rc, shard, desc)
     ids = shard_ids(all_ids, sh, split or chunk)

@@ -100,7 +100,7 @@ def load_lora(model, path):
     f, c = path / "lora.safetensors", path / "lora_config.json"
     if not f.exists() or not c.exists():
         raise FileNotFoundError(f"load_lora: {path} must hold lora.safetensors and lora_config.json "
-                                f"(written by t2i_common.lora.save_lora)")
+                                f"(written by t2i_common.diffusion_itm.hardneg.save_lora)")
     cfg = json.loads(c.read_text())
     if not has_lora(model):
         add_lora(model, rank=int(cfg["rank"]))
@@ -150,7 +150,7 @@ class HardNegData:
 
 def hardneg_data_from_negclip(rows, root=None) -> HardNegData:
     """Rows of :func:`t2i_common.formats.read_negclip_tsv`; image paths relative to ``root``."""
-    from .formats import ImageRef
+    from ..formats import ImageRef
 
     root = Path(root) if root is not None else None
 
@@ -168,8 +168,8 @@ def export_toy_negclip(root, n: int, seed: int = 0, families=("colour", "relatio
     places), two rows each: the row's hard-negative caption is its partner's caption and its
     hard-negative image the partner row.  Same layout as ``toyexport.export_negclip``, which writes
     the colour family only; the relation family is the one the toy model does not already solve."""
-    from . import formats
-    from . import toyworld as tw
+    from .. import formats
+    from .. import toyworld as tw
 
     root = Path(root)
     rows = []
@@ -186,7 +186,7 @@ def negclip_val_items(data: HardNegData) -> list:
     """Validation MatchItems from held-out rows, the original's two validation sets: text
     (image vs [positive, first hard-negative caption]) and image ([image, first hard-negative
     image] vs the positive caption); gold 0."""
-    from .formats import MatchItem
+    from ..formats import MatchItem
 
     text = [MatchItem([data.images[i]], [data.captions[i], data.neg_captions[i][0]], 0, 0,
                       {"val": "text", "row": i}) for i in range(len(data))]
@@ -321,7 +321,7 @@ def micro_batch(model, data: HardNegData, cfg: HardNegConfig, step: int, micro: 
 
 
 def _load(im):
-    from .formats import to_pil
+    from ..formats import to_pil
     return to_pil(im)
 
 
@@ -380,8 +380,8 @@ def train_step(model, optimizer, data: HardNegData, cfg: HardNegConfig, step: in
 def validation_accuracy(model, items, S: int = 4, seed: int = 0) -> dict:
     """Accuracy of DiffusionITM (S grid points) on hard-negative items: text items plainly, image
     items with the unconditional normalisation (``img_retrieval``); strict (ties are misses)."""
-    from .distributed import LOCAL
-    from .itm import diffitm_scores, retrieval_metrics
+    from ..distributed import LOCAL
+    from . import diffitm_scores, retrieval_metrics
 
     out = {}
     for task, flag in (("text", False), ("image", True)):
@@ -399,7 +399,7 @@ def validation_accuracy(model, items, S: int = 4, seed: int = 0) -> dict:
 def run_dir(root, cfg: HardNegConfig, **identity) -> Path:
     """``root/lora-<fingerprint>`` of the configuration and anything else that defines the run
     (model, training file, ...): a changed setting starts a new run instead of resuming an old one."""
-    from .cache import fingerprint
+    from ..cache import fingerprint
 
     return Path(root) / f"lora-{fingerprint({**asdict(cfg), **{k: str(v) for k, v in identity.items()}})}"
 
@@ -438,7 +438,7 @@ def finetune_hardneg(model, data: HardNegData, val_items=None, cfg: HardNegConfi
     """
     import pandas as pd
 
-    from .distributed import make_accelerator
+    from ..distributed import make_accelerator
     from peft.utils import set_peft_model_state_dict
 
     cfg = cfg or HardNegConfig()

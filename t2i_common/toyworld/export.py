@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats, paths
-from . import toyworld as tw
+from .. import formats, paths
+from .. import toyworld as tw
 
 
 def default_root(name: str) -> Path:

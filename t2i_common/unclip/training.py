@@ -27,7 +27,7 @@ and caption encodings are computed once.
 
 :func:`build_toy_unclip` runs the stages and writes ``data/toy-unclip`` (reusing the toy SD's
 VAE encoder, tokenizer and text encoder, and the toy CLIP's towers as prior text encoder and image
-encoder); ``python -m t2i_common.unclip_training`` is its command line.
+encoder); ``python -m t2i_common.unclip.training`` is its command line.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import paths, training
+from .. import paths
+from ..toyworld import training
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,9 +351,9 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
     launch --num_processes N`` every stage is data parallel over the same global batches
     (``budget.grad_accum`` micro-batches per process; ``mixed_precision`` or the launcher's flag)
     and only the main process writes.  Writes and returns ``training_log.json``."""
-    from . import toyworld as tw
-    from .distributed import accelerate_cpu, launched_world
-    from .unclip import save_unclip_folder
+    from .. import toyworld as tw
+    from ..distributed import accelerate_cpu, launched_world
+    from .model import save_unclip_folder
 
     budget = budget or UnCLIPBudget()
     sd_folder = Path(sd_folder or paths.DEFAULT_T2I)
@@ -403,7 +404,7 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
         log["stages"]["decoder_extra"] = training._stage_log(info, t)
     parts["unet"] = unet
     if budget.vae_decoder_steps > 0:
-        from .sdformat import TinySDConfig, read_toy_config
+        from ..sdformat import TinySDConfig, read_toy_config
         t = time.perf_counter()
         cfg = read_toy_config(sd_folder) or TinySDConfig(image_size=int(pairs.images.shape[1]))
         vae, info = training.train_vae(pairs.images, cfg, budget.vae_decoder_steps,

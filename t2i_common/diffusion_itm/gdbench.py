@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .itm_metrics import candidate_scores, chance_metrics, pick, task_metrics
-from .itm_scoring import clip_scores, diffitm_scores
+from .metrics import candidate_scores, chance_metrics, pick, task_metrics
+from .scoring import clip_scores, diffitm_scores
 
 
 #: GDBench task -> (reader kind, scoring task); the toy analogue of each is written by
@@ -22,12 +22,12 @@ GDBENCH_TASKS = {
 
 def export_toy_gdbench(root, n: int = 40, seed: int = 0) -> dict:
     """Write the toy analogues of the GDBench tasks under ``root/n{n}-s{seed}`` in the published
-    formats (:mod:`t2i_common.toyexport`) and return ``{task: path}`` for :func:`read_gdbench`.
+    formats (:mod:`t2i_common.toyworld.export`) and return ``{task: path}`` for :func:`read_gdbench`.
     A folder already exported with the same (n, seed) is reused."""
     import json
     from pathlib import Path
 
-    from . import toyexport
+    from ..toyworld import export as toyexport
 
     root = Path(root) / f"n{int(n)}-s{int(seed)}"
     stamp = root / "export.json"
@@ -60,7 +60,7 @@ def class_prompt_items(pairs) -> list:
     """Zero-shot classification (Pets / ImageNet in GDBench) as text retrieval: each image against
     every distinct class prompt (sorted), gold = its own prompt.  ``pairs``: (path, image, text)
     from :func:`t2i_common.formats.read_implosion_pickles` (class subfolders)."""
-    from .formats import MatchItem
+    from ..formats import MatchItem
 
     pairs = list(pairs)
     prompts = sorted({t for _, _, t in pairs})
@@ -86,7 +86,7 @@ def read_gdbench(paths: dict, max_items: int | None = None) -> dict:
     ``image_root`` for Flickr30K) -> ``{task name: [MatchItem]}``; CLEVR is split into one task per
     subtask ("CLEVR/spatial", ...).  ``max_items`` keeps the first items of each task.  Returns a
     :class:`GDBenchTasks` (its ``dropped`` counts the order captions the reader dropped)."""
-    from . import formats
+    from .. import formats
 
     out = GDBenchTasks()
     for task, path in paths.items():
@@ -139,7 +139,7 @@ def select_tasks(paths: dict, names, max_items: int | None = None) -> dict:
 def diffitm_method(model, S: int = 10, seed: int = 0, latent_mode: str = "mean", cache=None,
                    batch_size: int | None = None, progress: bool = True, shard=None):
     """A scoring function ``(items, img_retrieval) -> scores`` for :func:`gdbench_table`
-    (``shard``: see :func:`~t2i_common.itm_scoring.diffitm_distances`)."""
+    (``shard``: see :func:`~t2i_common.diffusion_itm.scoring.diffitm_distances`)."""
     def score(items, img_retrieval):
         return diffitm_scores(model, items, S=S, seed=seed, latent_mode=latent_mode,
                               img_retrieval=img_retrieval, batch_size=batch_size, cache=cache,
@@ -194,7 +194,7 @@ def table_results(df, prefix: str = "") -> dict:
 
 
 def item_choices(items, scores) -> list:
-    """The choice a method makes on each item: the picked candidate (:func:`~t2i_common.itm_metrics.pick`)
+    """The choice a method makes on each item: the picked candidate (:func:`~t2i_common.diffusion_itm.metrics.pick`)
     of a retrieval item; for a 2 x 2 Winoground item the picked caption of each image and the picked
     image of each caption."""
     out = []

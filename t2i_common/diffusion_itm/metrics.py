@@ -1,14 +1,14 @@
 """Image-text matching metrics: retrieval accuracy and recall with their tie rules, Winoground's
 text / image / group scores, and the MMBias / gender-word effect sizes of DiffusionITM's bias study.
 
-Score matrices follow :mod:`t2i_common.itm_scoring`'s convention ``s[i, j] = s(image i, caption j)``.
+Score matrices follow :mod:`t2i_common.diffusion_itm.scoring`'s convention ``s[i, j] = s(image i, caption j)``.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .formats import GENDER_WORD_PAIRS
+from ..formats import GENDER_WORD_PAIRS
 
 
 # ------------------------------------------------------------------------------------------------

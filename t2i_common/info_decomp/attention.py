@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .engine import auto_batch_size
-from .infotheory import Integration, _as_latents, draw_samples, upsample_map
+from ..engine import auto_batch_size
+from .information import Integration, _as_latents, draw_samples, upsample_map
 
 DAAM_CLIP = 3.0
 
@@ -272,7 +272,7 @@ def daam_maps(model, images=None, captions=None, *, latents=None, num_steps: int
     unconditional rows are not recorded.  Returns {"tokens": [B, L, h, w], "latents": [B, C, h, w]
     (the reconstruction / generation)}.
     """
-    from .engine import NoiseBank
+    from ..engine import NoiseBank
 
     if invert:
         z0 = _as_latents(model, images, latents).float()
@@ -310,7 +310,7 @@ def attention_information(model, images=None, captions=None, *, latents=None,
     """"Attention + information": cross-attention of the caption averaged over ``n_samples`` UNet
     passes of the real image noised at logSNR a_k ~ ``integration`` (eval_daam_itd.py: logistic,
     loc 1, scale 2, clip 3, one noise per a_k; ``n_samples`` is its --infer_step).  No inversion.
-    Samples come from :func:`~t2i_common.infotheory.draw_samples` (stream = image id), so they are
+    Samples come from :func:`~t2i_common.info_decomp.information.draw_samples` (stream = image id), so they are
     the same (a, eps) an MI estimate with the same integration and seed uses.  The passes run
     sample-major, so ``snapshots`` (counts < n_samples) also give the maps after the first k
     samples ("tokens@k": nested estimates, no extra UNet calls).
@@ -357,7 +357,7 @@ LOCALISATION_METHODS = ("Whole image", "Attention", "CMI", "Attention+Informatio
 
 def _groups(items):
     """Rows sharing (image, caption) -> one group (encoded once, one UNet batch per sample)."""
-    from .itm import image_key
+    from ..diffusion_itm import image_key
 
     groups, index = [], {}
     for r, it in enumerate(items):
@@ -390,10 +390,10 @@ def localisation_maps(model, items, steps=(50, 100, 200), *, seed: int = 0,
     ``shard``: ``(i, n)`` computes shard i of n of the groups (:mod:`t2i_common.distributed`;
     ``accelerate launch`` is detected by itself); needs ``cache``.
     """
-    from .cache import ResultCache
-    from .distributed import sharded_map
-    from .infotheory import information
-    from .itm import image_key, model_fingerprint
+    from ..cache import ResultCache
+    from ..distributed import sharded_map
+    from .information import information
+    from ..diffusion_itm import image_key, model_fingerprint
 
     items = list(items)
     if not items:
@@ -470,7 +470,7 @@ def localisation_table(maps: dict, items, thresholds=None, n_folds: int = 2, see
     protocol), heldout (threshold chosen on the other folds), oracle_threshold, n."""
     import pandas as pd
 
-    from .infotheory import localisation_miou, whole_image_miou
+    from .information import localisation_miou, whole_image_miou
 
     items = list(items)
     if any(it.mask is None for it in items):
@@ -540,7 +540,7 @@ def word_heatmaps(model, examples, n_samples: int = 100, *, seed: int = 0,
     information map, bilinearly upsampled to the model resolution.  Adds "CMI", "MI",
     "Attention+Information" ([n_words, R, R]) and "cmi", "mi" (image-level values) to each
     example (a new dict)."""
-    from .infotheory import information, omit_word
+    from .information import information, omit_word
 
     out = []
     R = model.resolution
@@ -569,8 +569,8 @@ def plot_word_heatmaps(examples, methods=("CMI", "MI", "Attention+Information"))
     (CMI / MI rows)."""
     import matplotlib.pyplot as plt
 
-    from .imageio import to_pil
-    from .infotheory import min_max_normalise
+    from ..imageio import to_pil
+    from .information import min_max_normalise
 
     n_words = max(len(ex["words"]) for ex in examples)
     rows = [(ex, m) for ex in examples for m in methods]
@@ -600,7 +600,7 @@ def plot_iou_curves(maps: dict, items, steps: int, thresholds=None):
     """mIoU against the threshold for each method at ``steps`` (the original's iou_curves plot)."""
     import matplotlib.pyplot as plt
 
-    from .infotheory import THRESHOLDS, iou_curve, whole_image_miou
+    from .information import THRESHOLDS, iou_curve, whole_image_miou
 
     masks = torch.as_tensor(np.stack([np.asarray(it.mask, dtype=bool) for it in items]))
     th = THRESHOLDS if thresholds is None else torch.as_tensor(thresholds)
