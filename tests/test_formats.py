@@ -48,6 +48,22 @@ def test_match_item_validation_and_lazy_images(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 1. implosion pickles
+def test_candidate_scores_of_retrieval_items():
+    import torch
+
+    img = solid((255, 0, 0))
+    text = F.MatchItem([img], ["a", "b", "c"], gold_caption=2)
+    image = F.MatchItem([img, img], ["a"], gold_image=1)
+    s_text = [[0.5, -1.0, 2.0]]
+    for s in (s_text, np.array(s_text), torch.tensor(s_text, dtype=torch.bfloat16)):
+        vec, gold = F.candidate_scores(text, s)
+        assert vec.dtype == np.float64 and vec.tolist() == [0.5, -1.0, 2.0] and gold == 2
+    vec, gold = F.candidate_scores(image, torch.tensor([[3.0], [4.0]]))
+    assert vec.tolist() == [3.0, 4.0] and gold == 1
+    with pytest.raises(ValueError, match="not a retrieval item"):
+        F.candidate_scores(F.MatchItem([img, img], ["a", "b"]), np.zeros((2, 2)))
+
+
 def test_implosion_pickles_round_trip(tmp_path):
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
     pairs = [(pattern(4, 5), "a red circle"), (gray, "a gray square"), (solid((5, 6, 7), (2, 2)), "pil")]

@@ -41,7 +41,6 @@ Deliberate differences (each keeps the method, removes a fragility):
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm
 
 from ..cache import ResultCache
 from ..engine import NoiseBank, denoise_errors
+from ..keys import weights_fingerprint
 
 #: parameter-name patterns per weight subset: every group must match (any substring of a group)
 WEIGHT_SUBSETS = {
@@ -75,20 +75,6 @@ def select_parameters(unet, subset: str = "cross-attn-kv") -> list[str]:
         raise ValueError(f"weight subset {subset!r} selects no parameter of this UNet; its "
                          f"parameter names look like {[n for n, _ in unet.named_parameters()][:3]}")
     return names
-
-
-def weights_fingerprint(unet) -> str:
-    """sha1 of all weights of a module (keys caches of per-model results such as the pre-training
-    loss or unCLIP generations).  bf16 weights, which numpy cannot hold, are hashed as their raw
-    16-bit patterns."""
-    h = hashlib.sha1()
-    for n, p in unet.state_dict().items():
-        t = p.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(n.encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def loss_timesteps(time_samples: int = 20, num_train_timesteps: int = 1000) -> torch.Tensor:

@@ -381,7 +381,8 @@ def validation_accuracy(model, items, S: int = 4, seed: int = 0) -> dict:
     """Accuracy of DiffusionITM (S grid points) on hard-negative items: text items plainly, image
     items with the unconditional normalisation (``img_retrieval``); strict (ties are misses)."""
     from ..distributed import LOCAL
-    from . import diffitm_scores, retrieval_metrics
+    from .metrics import retrieval_metrics
+    from .scoring import diffitm_scores
 
     out = {}
     for task, flag in (("text", False), ("image", True)):

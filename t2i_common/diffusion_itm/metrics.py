@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..formats import GENDER_WORD_PAIRS
+from ..formats import GENDER_WORD_PAIRS, candidate_scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -38,25 +38,6 @@ def tie_tolerance(vec) -> float:
     """Absolute tolerance of one item's candidate scores: TIE_RTOL x max |score|."""
     v = np.asarray(vec, dtype=np.float64)
     return TIE_RTOL * float(np.max(np.abs(v[np.isfinite(v)]), initial=0.0))
-
-
-def candidate_scores(item, s) -> tuple[np.ndarray, int]:
-    """(scores of the candidates, index of the gold one) of a retrieval item."""
-    s = np.asarray(torch.as_tensor(s, dtype=torch.float64))
-    task = item.task
-    if task == "text":
-        gold = item.gold_caption
-        vec = s[0]
-    elif task == "image":
-        gold = item.gold_image
-        vec = s[:, 0]
-    else:
-        raise ValueError(f"candidate_scores: item with {len(item.images)} images and "
-                         f"{len(item.captions)} captions is not a retrieval item; use winoground metrics")
-    if gold is None or not 0 <= int(gold) < len(vec):
-        raise ValueError(f"candidate_scores: item gold index {gold!r} is missing or outside the "
-                         f"{len(vec)} candidates (meta {getattr(item, 'meta', None)})")
-    return vec, int(gold)
 
 
 def pick(vec) -> int:

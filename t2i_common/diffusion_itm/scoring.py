@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from ..cache import ResultCache, fingerprint
 from ..engine import NoiseBank, auto_batch_size, denoise_errors, grid_timesteps
-from ..imageio import to_pil
+from ..keys import image_key, model_fingerprint
 
 SCORE_VERSION = "diffitm-2"   # 2: per-(image, caption) posterior streams, per-item cache writes
 
@@ -58,44 +58,6 @@ SCORE_VERSION = "diffitm-2"   # 2: per-(image, caption) posterior streams, per-i
 # ------------------------------------------------------------------------------------------------
 # identities: images, items, models
 # ------------------------------------------------------------------------------------------------
-def image_key(im) -> str:
-    """Content hash of an image: a file reference (:class:`~t2i_common.formats.ImageRef` or path)
-    hashes the file's bytes and crop box without decoding; PIL images / arrays hash their pixels.
-    Identical content -> identical key (so an image shared by several items is encoded once)."""
-    from pathlib import Path
-
-    from ..formats import ImageRef
-
-    if isinstance(im, (str, Path)):
-        im = ImageRef(Path(im))
-    if isinstance(im, ImageRef):
-        p = Path(im.path)
-        if not p.is_file():
-            raise FileNotFoundError(f"image file not found: {p}"
-                                    f"{' (referenced by ' + im.source + ')' if im.source else ''}")
-        h = hashlib.sha1(p.read_bytes())
-        h.update(repr(im.box).encode())
-        return "f" + h.hexdigest()[:19]
-    pil = to_pil(im).convert("RGB")
-    h = hashlib.sha1(f"{pil.size}".encode())
-    h.update(np.asarray(pil).tobytes())
-    return h.hexdigest()[:20]
-
-
-def model_fingerprint(model) -> str:
-    """Cheap fingerprint of a T2I model's weights (name, shape, sum and first values of every
-    parameter of the UNet, VAE and text encoder): a LoRA adapter or any weight update changes it,
-    so cached scores of a fine-tuned model are never confused with the base model's."""
-    h = hashlib.sha1(str(getattr(model, "name", "")).encode())
-    with torch.no_grad():
-        for part in ("unet", "vae", "text_encoder"):
-            for name, p in getattr(model, part).named_parameters():
-                v = p.detach().float().flatten()
-                h.update(f"{part}.{name}{tuple(p.shape)}{float(v.double().sum()):.10e}".encode())
-                h.update(v[:16].cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _check_items(items, who):
     items = list(items)
     if not items:

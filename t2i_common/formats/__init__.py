@@ -20,7 +20,8 @@ One module per dataset family; every public name is re-exported here
 (``from t2i_common import formats; formats.read_aro_vg(...)``):
 
 - ``_common``: :class:`FormatError`, atomic writes, json / table readers;
-- ``images``: :class:`ImageRef`, :class:`MatchItem`, image loading and saving;
+- ``images``: :class:`ImageRef`, :class:`MatchItem`, image loading and saving, the candidate
+  scores of a retrieval item (:func:`candidate_scores`);
 - ``implosion``: implosion text-image pickles and the embedding cache;
 - ``aro``: ARO VG-Relation / VG-Attribution and the ARO accuracies;
 - ``captions``: caption normalisation, tokenisation and POS taggers;
@@ -32,8 +33,8 @@ One module per dataset family; every public name is re-exported here
 """
 from ._common import (FormatError, PathLike, _atomic_write_bytes, _fail, _nonempty, _read_json, _read_table,
                       _require_dir, _require_file, _require_keys, _write_csv, _write_json)
-from .images import (IMAGE_EXTS, ImageRef, LazyImages, MatchItem, _check_exists, _find_image, clip_box, read_images,
-                     save_image, to_pil)
+from .images import (IMAGE_EXTS, ImageRef, LazyImages, MatchItem, _check_exists, _find_image, candidate_scores,
+                     clip_box, read_images, save_image, to_pil)
 from .implosion import (class_pairs, implosion_pickle_paths, read_embedding_cache, read_implosion_pickle,
                         read_implosion_pickles, write_embedding_cache, write_implosion_pickles)
 from .aro import (ARO_SYMMETRIC_RELATIONS, VG_FILES, aro_accuracy, aro_group_accuracy, read_aro_vg,

@@ -181,3 +181,25 @@ class MatchItem:
     def __repr__(self) -> str:
         return (f"MatchItem(images={len(self.image_refs)}, captions={self.captions!r}, "
                 f"gold_image={self.gold_image}, gold_caption={self.gold_caption}, meta={self.meta!r})")
+
+
+def candidate_scores(item, s) -> tuple[np.ndarray, int]:
+    """(scores of the candidates, index of the gold one) of a retrieval item, from its score matrix
+    ``s[i, j] = s(image i, caption j)`` (a torch tensor, array or nested list)."""
+    if hasattr(s, "detach"):   # a torch tensor, of any dtype or device
+        s = s.detach().cpu().double().numpy()
+    s = np.asarray(s, dtype=np.float64)
+    task = item.task
+    if task == "text":
+        gold = item.gold_caption
+        vec = s[0]
+    elif task == "image":
+        gold = item.gold_image
+        vec = s[:, 0]
+    else:
+        raise ValueError(f"candidate_scores: item with {len(item.images)} images and "
+                         f"{len(item.captions)} captions is not a retrieval item; use winoground metrics")
+    if gold is None or not 0 <= int(gold) < len(vec):
+        raise ValueError(f"candidate_scores: item gold index {gold!r} is missing or outside the "
+                         f"{len(vec)} candidates (meta {getattr(item, 'meta', None)})")
+    return vec, int(gold)

@@ -357,7 +357,7 @@ LOCALISATION_METHODS = ("Whole image", "Attention", "CMI", "Attention+Informatio
 
 def _groups(items):
     """Rows sharing (image, caption) -> one group (encoded once, one UNet batch per sample)."""
-    from ..diffusion_itm import image_key
+    from ..keys import image_key
 
     groups, index = [], {}
     for r, it in enumerate(items):
@@ -393,7 +393,7 @@ def localisation_maps(model, items, steps=(50, 100, 200), *, seed: int = 0,
     from ..cache import ResultCache
     from ..distributed import sharded_map
     from .information import information
-    from ..diffusion_itm import image_key, model_fingerprint
+    from ..keys import image_key, model_fingerprint
 
     items = list(items)
     if not items:

@@ -462,7 +462,7 @@ def info_methods(model, n_samples: int = 100, integration: Integration = Integra
     ``cache``: None, or a folder under which a ResultCache keyed by the model, the items and every
     parameter is made per task.  ``shard``: see :func:`aro_scores`."""
     from ..cache import ResultCache
-    from ..diffusion_itm import image_key, model_fingerprint
+    from ..keys import image_key, model_fingerprint
 
     memo = {}
 
@@ -492,24 +492,17 @@ def info_methods(model, n_samples: int = 100, integration: Integration = Integra
     return {e: make(e) for e in estimators}
 
 
-def relation_methods(model, clip=None, n_samples: int = 100,
-                     integration: Integration = Integration(), diffitm_S: int | None = 10,
+def relation_methods(model, n_samples: int = 100, integration: Integration = Integration(),
                      seed: int = 0, cache=None, batch_size=None, progress: bool = True,
-                     shard=None) -> dict:
-    """The paper's Table 1 columns as scoring functions: "CLIP" (cosine, when ``clip`` is given),
-    "DiffITM" (:func:`t2i_common.diffusion_itm.diffitm_scores` with grid size ``diffitm_S``; None leaves it
-    out), "Info (<mode>)" (the paper's orthogonal estimator) and, beyond the paper,
-    "Info (<mode>, standard)" (difference of denoising errors; same UNet evaluations), see
-    :func:`info_methods`.  ``cache``: None or a folder (per-item results are cached under it).
-    ``shard``: ``(i, n)`` runs shard i of n of the MI passes (:mod:`t2i_common.distributed`)."""
-    from .. import diffusion_itm as itm
-
-    out = {}
-    if clip is not None:
-        out["CLIP"] = itm.clip_method(clip)
-    if diffitm_S:
-        out["DiffITM"] = itm.diffitm_method(model, S=diffitm_S, seed=seed, cache=cache,
-                                            batch_size=batch_size, progress=progress, shard=shard)
+                     shard=None, baselines: dict | None = None) -> dict:
+    """The paper's Table 1 columns as scoring functions: the ``baselines`` first (the paper
+    compares with CLIP and DiffusionITM: pass ``{"CLIP": diffusion_itm.clip_method(clip),
+    "DiffITM": diffusion_itm.diffitm_method(model, S=10, ...)}``), then "Info (<mode>)" (the
+    paper's orthogonal estimator) and, beyond the paper, "Info (<mode>, standard)" (difference of
+    denoising errors; same UNet evaluations), see :func:`info_methods`.  ``cache``: None or a
+    folder (per-item results are cached under it).  ``shard``: ``(i, n)`` runs shard i of n of the
+    MI passes (:mod:`t2i_common.distributed`)."""
+    out = dict(baselines or {})
     info = info_methods(model, n_samples, integration, ("orthogonal", "standard"), seed=seed,
                         cache=cache, batch_size=batch_size, progress=progress, shard=shard)
     out[f"Info ({integration.mode})"] = info["orthogonal"]
@@ -545,7 +538,7 @@ def relation_testing(tasks: dict, methods: dict, progress: bool = True):
     from tqdm.auto import tqdm
 
     from ..formats import aro_accuracy
-    from ..diffusion_itm import candidate_scores
+    from ..formats import candidate_scores
 
     rows = []
     for task, items in tqdm(list(tasks.items()), desc="ARO tasks", disable=not progress):

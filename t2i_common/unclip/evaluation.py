@@ -69,7 +69,7 @@ def model_key(model) -> dict:
     """Cache identity of a generator: its name and a sha1 of the weights that shape its images
     (UNet, VAE and, for unCLIP, the prior), so that retraining or replacing a checkpoint in place
     never returns images cached from the old weights.  Computed once per model object."""
-    from ..attribution.unlearning import weights_fingerprint
+    from ..keys import weights_fingerprint
 
     if getattr(model, "_t2i_cache_key", None) is None:
         model._t2i_cache_key = dict(name=str(model.name), weights={
