@@ -27,7 +27,7 @@ same batch as in a one-process run, so results are byte-identical to it (on CPU,
 composition can change the last bits of a convolution, this matters).  Noise never depends on the
 process: loops draw it from the seed alone (DiffusionITM's bank ``NoiseBank(shape, seed).draw(K)``,
 shared by all examples) or from generators keyed by the example (``NoiseBank.draw(K,
-stream=example)``, ``infotheory.draw_samples(..., stream=example)``, the attribution rows).
+stream=example)``, ``info_decomp.information.draw_samples(..., stream=example)``, the attribution rows).
 
 After its share, a process started by ``accelerate launch`` waits for the others
 (``wait_for_everyone``) and every process reduces the complete result from the cache.  An

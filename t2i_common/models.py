@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import paths
+from .imageio import to_pil
 
 T2I_ALIASES = {
     "toy": str(paths.DEFAULT_T2I),
@@ -336,8 +337,6 @@ class T2IModel:
     def preprocess(self, images) -> torch.Tensor:
         """PIL images / uint8 arrays / paths -> [B, 3, R, R] in [-1, 1] (bicubic resize to the model
         resolution, aspect not kept, as in DiffusionITM's preprocessing)."""
-        from .imageio import to_pil
-
         out = []
         for im in images:
             pil = to_pil(im).convert("RGB")
@@ -496,7 +495,6 @@ class CLIPEmbedder:
     def encode_images(self, images, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         from tqdm.auto import tqdm
 
-        from .imageio import to_pil
         images = list(images)
         if not images:
             raise ValueError("encode_images: no images given")

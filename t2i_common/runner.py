@@ -557,6 +557,7 @@ def _plan(args, nbs):
 def _take_shard(args) -> None:
     """``--shard I/N`` or ``-p shard '[I, N]'`` -> ``args.shard = (I, N)`` (the ``-p`` form is
     removed from the notebook parameters); a bad value is a RunnerError naming the option."""
+    # local: distributed imports torch (seconds); the runner's import and --help stay without it
     from .distributed import ShardError, parse_shard
 
     given = [v for k, v in args.param or [] if k == "shard"]

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..imageio import to_pil
+from ..models import CLIPEmbedder, load_clip
 from . import unlearning as A
 
 
@@ -113,9 +115,6 @@ def self_supervised_features(images, model="toy-clip-vision", batch_size: int = 
     (the toy CLIP: its vision tower's pooled, *pre-projection* output - a stand-in, not DINO), the
     string "toy-clip-vision" (that, for the default toy CLIP), or a transformers hub id / folder of
     a self-supervised ViT (``facebook/dino-vitb16``, ``facebook/dinov2-base``: the CLS token)."""
-    from ..imageio import to_pil
-    from ..models import CLIPEmbedder, load_clip
-
     if isinstance(model, str) and model == "toy-clip-vision":
         model = load_clip()
     if isinstance(model, CLIPEmbedder):

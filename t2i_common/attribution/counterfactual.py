@@ -27,9 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import paths
-from .. import toyworld as tw
-from ..cache import fingerprint
+from .. import paths, toyworld as tw
+from ..cache import ResultCache, fingerprint
+from ..engine import NoiseBank, denoise_errors
+from ..models import T2IModel, load_clip, load_t2i
+from ..sdformat import build_scheduler, build_unet
+from ..toyworld import training
+from . import baselines as B, unlearning as A
+from .unlearning import QuerySet, loss_timesteps, weights_fingerprint
 
 
 @dataclass
@@ -116,12 +121,10 @@ def abc_exemplars(world: AttributionWorld, n: int = 4, seed: int = 100):
 
 
 def _components(base):
-    from ..models import load_t2i
     return load_t2i(base)
 
 
 def _cfg(world, base_model):
-    from ..toyworld import training
     cfg = training.toy_config()
     return dataclasses.replace(cfg, unet_channels=tuple(world.unet_channels),
                                text_hidden=int(base_model.unet.config.cross_attention_dim))
@@ -134,10 +137,6 @@ def train_world_model(world: AttributionWorld, samples, exclude=(), *, init=None
     fingerprint of (world, tag, sorted excluded indices, init weights); training checkpoints in the
     same folder make a killed run resume.  Returns (model, info)."""
     from diffusers import UNet2DConditionModel
-
-    from ..toyworld import training
-    from .unlearning import weights_fingerprint
-    from ..models import T2IModel
 
     base = _components(world.base)
     exclude = sorted(int(i) for i in exclude)
@@ -197,9 +196,6 @@ def train_unet_masked(pairs, removed, text_encoder, vae, tokenizer, cfg, steps: 
     of a re-sampled batch sequence.  Resumable through ``out_dir``."""
     import torch.nn.functional as F
 
-    from ..toyworld import training
-    from ..sdformat import build_scheduler, build_unet
-
     data = training.as_pairs(pairs)
     removed = torch.as_tensor(np.asarray(removed, bool))
     if len(removed) != len(data):
@@ -240,8 +236,6 @@ def generate_queries(model, prompts, *, seed: int = 0, num_steps: int = 50,
     """Synthesized queries: images generated from ``prompts`` (seeded), their VAE latents
     (posterior mean of the generated image, as the original's AbC code encodes its synthesized
     images) and prompt embeddings.  Returns an :class:`attribution.QuerySet`."""
-    from .unlearning import QuerySet
-
     prompts = list(prompts)
     images = model.generate(prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed)
     lat = model.encode_images(model.preprocess(list(images))).float().cpu().clone()
@@ -254,9 +248,6 @@ def query_loss(model, queries, *, time_samples: int = 20, n_noise: int = 5, seed
     """L(z^, theta) per query: mean eps-MSE over the grid :func:`attribution.loss_timesteps` x
     ``n_noise`` noise draws; the noise depends only on (seed, query), so two models are compared
     with shared noise."""
-    from .unlearning import loss_timesteps
-    from ..engine import NoiseBank, denoise_errors
-
     ts = loss_timesteps(time_samples, model.num_train_timesteps).repeat(n_noise)
     noise = torch.stack([NoiseBank(model.latent_shape, seed).draw(len(ts), stream=10 ** 6 + q)
                          for q in range(len(queries))])
@@ -312,9 +303,6 @@ def leave_k_out(world: AttributionWorld, samples, base_model, queries, rankings:
 
 def _query_loss_at(model, queries, q, time_samples, n_noise, seed):
     """query_loss of query q alone with the noise stream it has in the full set."""
-    from .unlearning import loss_timesteps
-    from ..engine import NoiseBank, denoise_errors
-
     ts = loss_timesteps(time_samples, model.num_train_timesteps).repeat(n_noise)
     noise = NoiseBank(model.latent_shape, seed).draw(len(ts), stream=10 ** 6 + q)[None]
     res = denoise_errors(model, queries.latents[q:q + 1], queries.text_emb[q:q + 1],
@@ -350,9 +338,6 @@ def prepare(world: AttributionWorld, *, queries_per_concept: int = 2, time_sampl
     image), generate ``queries_per_concept`` queries "a {colour} {shape}" per rare concept (ground
     truth: that concept's k images), and compute the diagonal Fisher (all weights) and the
     pre-training loss (both cached)."""
-    from . import unlearning as A
-    from ..cache import ResultCache
-
     samples, where = make_world(world)
     base, info = train_world_model(world, samples, cache_root=cache_root, progress=progress)
     caps = [list(s.captions)[:max_captions] if max_captions else list(s.captions) for s in samples]
@@ -382,8 +367,6 @@ def unlearning_scores(setup: AttributionSetup, *, cache_root=None, progress: boo
     :func:`attribution.attribute_by_unlearning`: subset, lr, n_batches, batch_size, use_fisher,
     damping); each query's ``influence_{idx}.pkl`` is cached under
     ``CACHE/attribution-influence/<fingerprint>``."""
-    from . import unlearning as A
-
     kw = dict(kw)
     key = dict(w=A.weights_fingerprint(setup.base.unet), q=setup.queries.latents,
                lat=setup.data.latents, settings=setup.settings, kw=kw)
@@ -400,9 +383,6 @@ def method_scores(setup: AttributionSetup, methods, *, clip=None, unlearn: dict 
                   trak: dict | None = None, cache_root=None, progress: bool = True) -> dict:
     """Scores [Q, N] of each method name: random, pixel, clip-image, clip-text, ssl-feature (the
     DINO stand-in), trak, d-trak, unlearning."""
-    from . import baselines as B
-    from ..models import load_clip
-
     clip = clip or load_clip()
     d, q = setup.data, setup.queries
     trak = dict(dict(proj_dim=256, n_draws=2, subset="cross-attn", lambda_reg=0.0), **(trak or {}))
@@ -432,8 +412,6 @@ def prepare_abc(setup: AttributionSetup, *, n_exemplars: int = 4, steps: int = 6
     ``n_queries`` queries of it, and attribute over exemplars + pretraining set (exemplars first,
     as the original concatenates them; ground truth = indices 0..n_exemplars-1).  The Fisher is
     the base model's (the original uses SD's); N in lr / N is the pretraining-set size."""
-    from . import unlearning as A
-
     world = setup.world
     ex = abc_exemplars(world, n_exemplars, seed)
     tuned, info = train_world_model(world, ex, init=setup.base.unet, tag="abc", steps=steps,

@@ -51,8 +51,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..cache import ResultCache
+from ..distributed import LOCAL, ShardError, accelerate_cpu, resolve_shard
 from ..engine import NoiseBank, denoise_errors
 from ..keys import weights_fingerprint
+from ..models import load_t2i
 
 #: parameter-name patterns per weight subset: every group must match (any substring of a group)
 WEIGHT_SUBSETS = {
@@ -260,8 +262,6 @@ def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int
     computes everything.  ``cache``: per-chunk results (key it by the model weights, e.g.
     :func:`weights_fingerprint`), so a killed run resumes.
     """
-    from ..distributed import LOCAL, ShardError, resolve_shard
-
     check_compatible(model, data)
     sh = resolve_shard(shard) if shard is not None or cache is not None else LOCAL
     if sh.live and cache is None:
@@ -296,7 +296,6 @@ def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int
     if sh.live:  # accelerate launch: the other processes' chunks, from the shared cache
         from accelerate import PartialState
 
-        from ..distributed import accelerate_cpu
         PartialState(cpu=accelerate_cpu()).wait_for_everyone()
         for c, r in chunks:
             if c % n_shard != i_shard:
@@ -646,7 +645,6 @@ def load_attribution_model(path, device="cpu", dtype=torch.float32):
     UNet folder (``config.json`` + weights) with the original's ``DDPMScheduler(1000)``."""
     p = Path(path)
     if (p / "model_index.json").exists():
-        from ..models import load_t2i
         return load_t2i(p, device=device, dtype=dtype)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{p} is neither a Stable-Diffusion folder (model_index.json) nor a "

@@ -7,6 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import formats
+from ..formats import MatchItem
+from ..toyworld import export as toyexport
 from .metrics import candidate_scores, chance_metrics, pick, task_metrics
 from .scoring import clip_scores, diffitm_scores
 
@@ -26,8 +29,6 @@ def export_toy_gdbench(root, n: int = 40, seed: int = 0) -> dict:
     A folder already exported with the same (n, seed) is reused."""
     import json
     from pathlib import Path
-
-    from ..toyworld import export as toyexport
 
     root = Path(root) / f"n{int(n)}-s{int(seed)}"
     stamp = root / "export.json"
@@ -60,8 +61,6 @@ def class_prompt_items(pairs) -> list:
     """Zero-shot classification (Pets / ImageNet in GDBench) as text retrieval: each image against
     every distinct class prompt (sorted), gold = its own prompt.  ``pairs``: (path, image, text)
     from :func:`t2i_common.formats.read_implosion_pickles` (class subfolders)."""
-    from ..formats import MatchItem
-
     pairs = list(pairs)
     prompts = sorted({t for _, _, t in pairs})
     if len(prompts) < 2:
@@ -86,8 +85,6 @@ def read_gdbench(paths: dict, max_items: int | None = None) -> dict:
     ``image_root`` for Flickr30K) -> ``{task name: [MatchItem]}``; CLEVR is split into one task per
     subtask ("CLEVR/spatial", ...).  ``max_items`` keeps the first items of each task.  Returns a
     :class:`GDBenchTasks` (its ``dropped`` counts the order captions the reader dropped)."""
-    from .. import formats
-
     out = GDBenchTasks()
     for task, path in paths.items():
         kind = GDBENCH_TASKS.get(task)

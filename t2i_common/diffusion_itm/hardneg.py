@@ -29,6 +29,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import formats, toyworld as tw
+from ..cache import fingerprint
+from ..distributed import LOCAL, make_accelerator
+from ..formats import ImageRef, MatchItem, to_pil
+from .metrics import retrieval_metrics
+from .scoring import diffitm_scores
+
 #: the attention projections the original's LoRACrossAttnProcessor adapts
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER = "hardneg"
@@ -150,8 +157,6 @@ class HardNegData:
 
 def hardneg_data_from_negclip(rows, root=None) -> HardNegData:
     """Rows of :func:`t2i_common.formats.read_negclip_tsv`; image paths relative to ``root``."""
-    from ..formats import ImageRef
-
     root = Path(root) if root is not None else None
 
     def ref(p):
@@ -168,9 +173,6 @@ def export_toy_negclip(root, n: int, seed: int = 0, families=("colour", "relatio
     places), two rows each: the row's hard-negative caption is its partner's caption and its
     hard-negative image the partner row.  Same layout as ``toyexport.export_negclip``, which writes
     the colour family only; the relation family is the one the toy model does not already solve."""
-    from .. import formats
-    from .. import toyworld as tw
-
     root = Path(root)
     rows = []
     for k, (i0, i1, c0, c1) in enumerate(tw.winoground_quadruples(n, seed + 80, families=families)):
@@ -186,8 +188,6 @@ def negclip_val_items(data: HardNegData) -> list:
     """Validation MatchItems from held-out rows, the original's two validation sets: text
     (image vs [positive, first hard-negative caption]) and image ([image, first hard-negative
     image] vs the positive caption); gold 0."""
-    from ..formats import MatchItem
-
     text = [MatchItem([data.images[i]], [data.captions[i], data.neg_captions[i][0]], 0, 0,
                       {"val": "text", "row": i}) for i in range(len(data))]
     image = [MatchItem([data.images[i], data.images[data.neg_images[i][0]]], [data.captions[i]], 0, 0,
@@ -321,7 +321,6 @@ def micro_batch(model, data: HardNegData, cfg: HardNegConfig, step: int, micro: 
 
 
 def _load(im):
-    from ..formats import to_pil
     return to_pil(im)
 
 
@@ -380,10 +379,6 @@ def train_step(model, optimizer, data: HardNegData, cfg: HardNegConfig, step: in
 def validation_accuracy(model, items, S: int = 4, seed: int = 0) -> dict:
     """Accuracy of DiffusionITM (S grid points) on hard-negative items: text items plainly, image
     items with the unconditional normalisation (``img_retrieval``); strict (ties are misses)."""
-    from ..distributed import LOCAL
-    from .metrics import retrieval_metrics
-    from .scoring import diffitm_scores
-
     out = {}
     for task, flag in (("text", False), ("image", True)):
         its = [it for it in items if it.task == task]
@@ -400,8 +395,6 @@ def validation_accuracy(model, items, S: int = 4, seed: int = 0) -> dict:
 def run_dir(root, cfg: HardNegConfig, **identity) -> Path:
     """``root/lora-<fingerprint>`` of the configuration and anything else that defines the run
     (model, training file, ...): a changed setting starts a new run instead of resuming an old one."""
-    from ..cache import fingerprint
-
     return Path(root) / f"lora-{fingerprint({**asdict(cfg), **{k: str(v) for k, v in identity.items()}})}"
 
 
@@ -439,7 +432,6 @@ def finetune_hardneg(model, data: HardNegData, val_items=None, cfg: HardNegConfi
     """
     import pandas as pd
 
-    from ..distributed import make_accelerator
     from peft.utils import set_peft_model_state_dict
 
     cfg = cfg or HardNegConfig()

@@ -49,7 +49,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import ResultCache, fingerprint
+from ..distributed import MapStats, complete, shard_ids, share
 from ..engine import NoiseBank, auto_batch_size, denoise_errors, grid_timesteps
+from ..formats import to_pil as load
 from ..keys import image_key, model_fingerprint
 
 SCORE_VERSION = "diffitm-2"   # 2: per-(image, caption) posterior streams, per-item cache writes
@@ -98,7 +100,6 @@ def _prepare(items) -> _Prepared:
 
 
 def _load(ref):
-    from ..formats import to_pil as load
     return load(ref)
 
 
@@ -318,8 +319,6 @@ def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: i
     this process computes only its share (groups of ``split`` ids, default ``chunk``, round robin,
     so a chunk is the same batch as in a one-process run) and the rest comes from the cache
     (``blank(id)`` placeholders where another array-job shard has not written it yet)."""
-    from ..distributed import MapStats, complete, share, shard_ids
-
     sh, all_ids = share(ids, rc, shard, desc)
     ids = shard_ids(all_ids, sh, split or chunk)
     out, pending = {}, []

@@ -50,6 +50,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import formats, models
+from ..distributed import Shard, ShardError, accelerate_cpu, resolve_shard, shard_ids
+
 #: image side the original resizes to and crops before the CLIP preprocess
 ORIGINAL_RESIZE = 512
 #: ``preprocess`` choices: the package's (no uint8 round trip) and the original's (with it)
@@ -68,7 +71,6 @@ def load_clip_spec(clip=None, device="cpu"):
     is), a local CLIPModel folder, an open_clip ``ARCH/TAG`` string (``ViT-B-32/openai``, the
     original's default; ``ViT-H-14/laion2b_s32b_b79k``), a Hugging Face id or a
     ``models.load_clip`` alias.  None: the toy CLIP."""
-    from .. import models
     if hasattr(clip, "encode_images") and hasattr(clip, "encode_texts"):
         return clip
     if clip is None:
@@ -163,7 +165,6 @@ def read_cache_arrays(path, atol: float = 1e-3):
     format, validated on the stacked arrays at once (one d, finite, unit norm within ``atol``;
     float16 entries, as the original's fp16 CLIP writes them, are cast to float32).  Any defect
     is reported by ``formats.read_embedding_cache``, which names the file, entry and field."""
-    from .. import formats
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -252,7 +253,6 @@ def _provenance(cache_path, old, meta, n_cached, n_glob, n_missing, trust):
 def _glob_paths(data_glob, cache_path) -> list:
     """The pickles of the glob in sorted order, without the cache's own files (a glob over the
     folder that also holds the cache would otherwise read the cache as a pair)."""
-    from .. import formats
     paths = [str(p) for p in formats.implosion_pickle_paths(data_glob)]
     if cache_path is None:
         return paths
@@ -278,8 +278,6 @@ def merge_shard_parts(cache_path, meta) -> int:
     """Fold the shards' caches (:func:`shard_part_path`) into ``cache_path`` (and its sidecar),
     then delete them; returns how many entries they held.  A part or a cache made with another
     CLIP model / preprocessing is an error naming it."""
-    from .. import formats
-
     cache_path = Path(cache_path)
     parts = sorted(cache_path.parent.glob(cache_path.name + ".shard*of*.part"))
     if not parts:
@@ -327,10 +325,6 @@ def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
     """
     from tqdm.auto import tqdm
 
-    from .. import formats
-
-    from ..distributed import Shard, ShardError, resolve_shard, shard_ids
-
     _check_preprocess(preprocess)
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size and save_every must be >= 1, got {batch_size}, {save_every}")
@@ -344,7 +338,6 @@ def embed_pairs(data_glob, clip=None, cache_path=None, batch_size: int = 512,
     if sh.live:  # accelerate launch: each rank its share, then the main process merges
         from accelerate import PartialState
 
-        from ..distributed import accelerate_cpu
         kw = dict(clip=embedder, cache_path=cache_path, batch_size=batch_size, resize=resize,
                   save_every=save_every, device=device, progress=progress, preprocess=preprocess,
                   trust_cache=trust_cache, save_every_s=save_every_s)

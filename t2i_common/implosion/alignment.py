@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import cache as rcache, formats, models, paths, sdformat, toyworld
+from ..cache import fingerprint
+from ..toyworld import training
 from .ad_embeddings import (ORIGINAL_RESIZE, PREPROCESSING, CacheProvenanceWarning,  # noqa: F401
                             PairEmbeddings, ad_json_path, check_writable, embed_pairs,
                             load_clip_spec, original_preprocess, read_cache_arrays,
@@ -336,7 +339,6 @@ def main(argv=None) -> dict:
 # ------------------------------------------------------------------------------------------------
 def _slug(text: str) -> str:
     import re
-    from ..cache import fingerprint
     tail = re.sub(r"[^A-Za-z0-9]+", "-", str(text).rstrip("/").split("/")[-1]).strip("-")[:24]
     return f"{tail}-{fingerprint(str(text))[:8]}"
 
@@ -349,7 +351,6 @@ def write_pairs_dataset(pairs, root, name: str, class_subfolders=None) -> str:
     caches next to them) and different data never meets a stale cache."""
     import hashlib
 
-    from .. import formats
     h = hashlib.sha1()
     for img, text in pairs:
         a = np.ascontiguousarray(np.asarray(img))
@@ -369,7 +370,6 @@ def default_cache_path(data_glob, clip_name: str, resize: int | None = ORIGINAL_
     """Embedding cache for a glob, a CLIP model and a preprocessing: next to a dataset written by
     :func:`write_pairs_dataset` (``.../<hash>/emb_<clip>_r<resize>.pickle``, ``..._orig.pickle``
     for ``preprocess="original"``), else under ``cache_dir`` (default ``CACHE/alignment``)."""
-    from .. import paths
     g = Path(str(data_glob))
     tag = f"{_slug(clip_name)}_r{resize or 0}" + ("_orig" if preprocess == "original" else "")
     for folder in list(g.parents)[1:3]:
@@ -437,7 +437,6 @@ def toy_ad_datasets(root, n: int = 1000, seed: int = 0) -> dict:
     * ``shape prompt``: text = "a photo of a {label}" (the generated-prompt variant);
     * ``colour+shape label``: text = "red circle" (a finer label set).
     """
-    from .. import formats, toyworld
     if n < 2:
         raise ValueError(f"n must be >= 2 pairs per dataset, got {n}")
     scenes = toyworld.make_samples(n, seed)
@@ -464,7 +463,6 @@ def poisoned_ad(samples, rate: float, clip=None, root=None, *, seed: int = 0, co
     """AD of toy ``samples`` after ``toyworld.poison(samples, rate, seed, concepts, attribute)``
     (Nightshade-style mismatched captions), through the pickle + embedding pipeline.  Returns the
     AD dict plus rate, n_concepts, n_poisoned and poisoned_fraction (of all pairs)."""
-    from .. import paths, toyworld
     poisoned, is_p = toyworld.poison(samples, rate, seed, concepts=concepts, attribute=attribute)
     values = toyworld.SHAPES if attribute == "shape" else tuple(toyworld.COLOURS)
     n_concepts = len(values) if concepts is None else len(set(concepts))
@@ -500,7 +498,6 @@ def ad_vs_poisoned_concepts(samples, n_concepts, rate: float, clip=None, root=No
                             attribute: str = "shape", progress=True, **kw):
     """AD when the first k concepts (``toyworld.SHAPES`` / ``COLOURS`` order) are poisoned at
     ``rate``, for each k in ``n_concepts`` (k = 0: the clean dataset); DataFrame indexed by k."""
-    from .. import toyworld
     values = list(toyworld.SHAPES if attribute == "shape" else toyworld.COLOURS)
     bad = [k for k in n_concepts if not 0 <= int(k) <= len(values)]
     if bad:
@@ -516,14 +513,12 @@ def ad_vs_poisoned_concepts(samples, n_concepts, rate: float, clip=None, root=No
 # ------------------------------------------------------------------------------------------------
 def single_object_prompts(template: str = "a {colour} {shape}") -> list:
     """The clean single-object prompts of the toy world: every colour x shape (20 prompts)."""
-    from .. import toyworld
     return [template.format(colour=c, shape=s) for s in toyworld.SHAPES for c in toyworld.COLOURS]
 
 
 def prompt_fidelity(images, prompts) -> dict:
     """Fraction of generated images that match their prompt by ``toyworld.check_prompt``:
     ``fidelity`` (colour and shape bound to the same object), ``shape_ok``, ``colour_ok``."""
-    from .. import toyworld
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     checks = [toyworld.check_prompt(im, p) for im, p in zip(images, prompts)]
@@ -535,7 +530,6 @@ def prompt_fidelity(images, prompts) -> dict:
 def _train_config(model):
     """The architecture config of a toy-format checkpoint (``toy_config.json``); for other
     SD folders a config carrying only the tokenizer length (fine-tuning needs nothing else)."""
-    from .. import sdformat
     cfg = sdformat.read_toy_config(str(model.name))
     return cfg or sdformat.TinySDConfig(max_length=int(model.tokenizer.model_max_length))
 
@@ -581,10 +575,6 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
 
     import pandas as pd
     from tqdm.auto import tqdm
-
-    from .. import cache as rcache
-    from .. import models, paths, toyworld
-    from ..toyworld import training
 
     if init not in ("finetune", "scratch"):
         raise ValueError(f"init must be 'finetune' or 'scratch', got {init!r}")

@@ -31,8 +31,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..engine import auto_batch_size
-from .information import Integration, _as_latents, draw_samples, upsample_map
+from ..cache import ResultCache
+from ..distributed import sharded_map
+from ..engine import NoiseBank, auto_batch_size
+from ..imageio import to_pil
+from ..keys import image_key, model_fingerprint
+from .information import (THRESHOLDS, Integration, _as_latents, draw_samples, information, iou_curve,
+                          localisation_miou, min_max_normalise, omit_word, upsample_map, whole_image_miou)
 
 DAAM_CLIP = 3.0
 
@@ -272,8 +277,6 @@ def daam_maps(model, images=None, captions=None, *, latents=None, num_steps: int
     unconditional rows are not recorded.  Returns {"tokens": [B, L, h, w], "latents": [B, C, h, w]
     (the reconstruction / generation)}.
     """
-    from ..engine import NoiseBank
-
     if invert:
         z0 = _as_latents(model, images, latents).float()
         B = z0.shape[0]
@@ -357,8 +360,6 @@ LOCALISATION_METHODS = ("Whole image", "Attention", "CMI", "Attention+Informatio
 
 def _groups(items):
     """Rows sharing (image, caption) -> one group (encoded once, one UNet batch per sample)."""
-    from ..keys import image_key
-
     groups, index = [], {}
     for r, it in enumerate(items):
         key = (image_key(it.image), it.caption)
@@ -390,11 +391,6 @@ def localisation_maps(model, items, steps=(50, 100, 200), *, seed: int = 0,
     ``shard``: ``(i, n)`` computes shard i of n of the groups (:mod:`t2i_common.distributed`;
     ``accelerate launch`` is detected by itself); needs ``cache``.
     """
-    from ..cache import ResultCache
-    from ..distributed import sharded_map
-    from .information import information
-    from ..keys import image_key, model_fingerprint
-
     items = list(items)
     if not items:
         raise ValueError("localisation_maps: no rows given")
@@ -470,8 +466,6 @@ def localisation_table(maps: dict, items, thresholds=None, n_folds: int = 2, see
     protocol), heldout (threshold chosen on the other folds), oracle_threshold, n."""
     import pandas as pd
 
-    from .information import localisation_miou, whole_image_miou
-
     items = list(items)
     if any(it.mask is None for it in items):
         raise ValueError("localisation_table: rows without a ground-truth mask; read the csv with "
@@ -540,8 +534,6 @@ def word_heatmaps(model, examples, n_samples: int = 100, *, seed: int = 0,
     information map, bilinearly upsampled to the model resolution.  Adds "CMI", "MI",
     "Attention+Information" ([n_words, R, R]) and "cmi", "mi" (image-level values) to each
     example (a new dict)."""
-    from .information import information, omit_word
-
     out = []
     R = model.resolution
     for e, ex in enumerate(examples):
@@ -568,9 +560,6 @@ def plot_word_heatmaps(examples, methods=("CMI", "MI", "Attention+Information"))
     min-max normalised per map), titled with the word type, the word and its image-level value
     (CMI / MI rows)."""
     import matplotlib.pyplot as plt
-
-    from ..imageio import to_pil
-    from .information import min_max_normalise
 
     n_words = max(len(ex["words"]) for ex in examples)
     rows = [(ex, m) for ex in examples for m in methods]
@@ -599,8 +588,6 @@ def plot_word_heatmaps(examples, methods=("CMI", "MI", "Attention+Information"))
 def plot_iou_curves(maps: dict, items, steps: int, thresholds=None):
     """mIoU against the threshold for each method at ``steps`` (the original's iou_curves plot)."""
     import matplotlib.pyplot as plt
-
-    from .information import THRESHOLDS, iou_curve, whole_image_miou
 
     masks = torch.as_tensor(np.stack([np.asarray(it.mask, dtype=bool) for it in items]))
     th = THRESHOLDS if thresholds is None else torch.as_tensor(thresholds)

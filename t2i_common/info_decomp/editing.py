@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_cross_attention, word_maps
 from .information import (EDIT_CLIP, Integration, _as_latents, information, omit_word,  # noqa: F401
-                         pearson_bootstrap, replace_words, swap_word)
+                          pearson_bootstrap, replace_words, swap_word, upsample_map)
 
 #: The original's swap pairs (each also swaps plurals).
 PAPER_SWAPS = {"dog": "cat", "zebra": "horse", "bed": "table", "bear": "elephant",
@@ -279,8 +279,6 @@ def plot_interventions(model, res: dict, indices, kind: str = "omit"):
     """Rows = images: original (decoded reconstruction under the caption), edited (word omitted
     or swapped), change map, CMI map of the word, attention map (latent grid, upsampled)."""
     import matplotlib.pyplot as plt
-
-    from .information import upsample_map
 
     indices = list(indices)
     prompts = res["omit_prompts"] if kind == "omit" else res["swap_prompts"]

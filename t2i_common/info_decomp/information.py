@@ -30,8 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..cache import fingerprint
+from .. import formats
+from ..cache import ResultCache, fingerprint
+from ..distributed import sharded_map
 from ..engine import NoiseBank, denoise_errors
+from ..formats import aro_accuracy, candidate_scores
+from ..keys import image_key, model_fingerprint
+from ..toyworld import export as toyexport
 
 #: Defaults of the original MI code: loc 1, scale 2 and clip 4 (its MI functions never pass the
 #: CLI ``--clip 3.0`` on, so ``logistic_integrate``'s default 4 is what runs).
@@ -349,8 +354,6 @@ def aro_scores(model, items, *, n_samples: int = 100, integration: Integration =
     (orthogonal estimator, 100 samples, logistic loc 1 / scale 2 / clip 4) and stops after 4
     batches (``if i == 3: break``); we score every item.
     """
-    from ..distributed import sharded_map
-
     if estimator not in ("orthogonal", "standard", "both"):
         raise ValueError(f"aro_scores: estimator must be 'orthogonal', 'standard' or 'both', "
                          f"got {estimator!r}")
@@ -410,7 +413,6 @@ def aro_task_paths(aro_root=None, toy_root=None, toy_n: int = 30, seed: int = 0,
                                     f"Flickr30k needs the Flickr form) into {root}, or pass "
                                     f"aro_root=None for the toy analogues")
         return {t: str(p) for t, p in out.items()}
-    from ..toyworld import export as toyexport
 
     if toy_root is None:
         raise ValueError("aro_task_paths: give aro_root (real ARO) or toy_root (folder for the toy export)")
@@ -438,11 +440,7 @@ def coco_it_items(csv_path=None, instances=None, image_dir=None, mask_size=None,
     objects whose shape is unique in the image, so the category mask is the word's pixels) and
     read back through the same reader.
     """
-    from .. import formats
-
     if csv_path is None:
-        from ..toyworld import export as toyexport
-
         if toy_root is None:
             raise ValueError("coco_it_items: give csv_path (real COCO-IT) or toy_root (toy export folder)")
         csv_path, instances, image_dir = toyexport.export_coco_it(toy_root, toy_n, seed)
@@ -461,9 +459,6 @@ def info_methods(model, n_samples: int = 100, integration: Integration = Integra
     estimators of one task come from the same UNet evaluations (computed once, memoised).
     ``cache``: None, or a folder under which a ResultCache keyed by the model, the items and every
     parameter is made per task.  ``shard``: see :func:`aro_scores`."""
-    from ..cache import ResultCache
-    from ..keys import image_key, model_fingerprint
-
     memo = {}
 
     def both(items):
@@ -536,9 +531,6 @@ def relation_testing(tasks: dict, methods: dict, progress: bool = True):
     """
     import pandas as pd
     from tqdm.auto import tqdm
-
-    from ..formats import aro_accuracy
-    from ..formats import candidate_scores
 
     rows = []
     for task, items in tqdm(list(tasks.items()), desc="ARO tasks", disable=not progress):

@@ -40,9 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import sdformat
+from .. import sdformat, toyworld as tw
+from ..distributed import accelerate_cpu, launched_world
+from ..models import load_clip, load_t2i
+from ..sdformat import build_scheduler, build_unet, build_vae
 # the generic loop lives in trainloop; its names stay importable from here
 from ..trainloop import Interrupted, _fit, atomic_torch_save, lr_at  # noqa: F401
+from .checker import check_prompt
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -275,8 +279,6 @@ def train_vae(images, cfg: sdformat.TinySDConfig, steps: int, *, batch_size: int
     UNet trained on its latents stays valid (the KL term, an encoder term, is dropped).
     ``name``: checkpoint stem in ``out_dir``.
     """
-    from ..sdformat import build_vae
-
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         images = _as_image_tensor(images if not isinstance(images, PairData) else images.images)
     if images.ndim != 4 or images.shape[1] != cfg.image_size:
@@ -409,8 +411,6 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     ``accelerate launch --num_processes N`` makes it data parallel over the same global
     ``batch_size``; ``grad_accum`` micro-batches per process, ``mixed_precision``: see :func:`_fit`.
     """
-    from ..sdformat import build_scheduler, build_unet
-
     data = as_pairs(pairs)
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
@@ -479,8 +479,6 @@ def clip_zero_shot_accuracy(clip_embedder, samples) -> dict:
     (and vice versa), CLIP's prompt-ensembling (Radford et al. 2021, Sec. 3.1.4).
     Returns accuracies in [0, 1] and n.
     """
-    from .. import toyworld as tw
-
     samples = [s for s in samples]
     if not samples or any(len(s.scene.objects) != 1 for s in samples):
         raise ValueError("clip_zero_shot_accuracy needs single-object toy samples "
@@ -514,8 +512,6 @@ def fidelity_prompts(kind: str, n: int, seed: int) -> list[str]:
     single: "a {colour} {shape}" cycling over all 20 combinations; two: "a {c0} {s0} and a {c1}
     {s1}"; relational: "a {c0} {s0} {rel} a {c1} {s1}" - both from toy pair scenes of stream
     ``seed`` (canonical mention order)."""
-    from .. import toyworld as tw
-
     if kind == "single":
         combos = [f"a {c} {s}" for c in tw.COLOURS for s in tw.SHAPES]
         return [combos[i % len(combos)] for i in range(n)]
@@ -536,7 +532,7 @@ def generation_fidelity(model, prompts, checker=None, *, num_steps: int = 50,
     bound to the same objects; for relational prompts also ``relation_ok``), n, and per-prompt rows.
     """
     if checker is None:
-        from . import check_prompt as checker
+        checker = check_prompt
     prompts = list(prompts)
     images = model.generate(prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
                             batch_size=batch_size, progress=progress)
@@ -622,9 +618,6 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
     global batches (``budget.grad_accum`` micro-batches per process for the VAE and UNet;
     ``mixed_precision`` or the launcher's flag); only the main process writes and evaluates.
     """
-    from .. import toyworld as tw
-    from ..distributed import accelerate_cpu, launched_world
-
     budget = budget or ToyBudget()
     cfg = cfg or toy_config()
     out_dir = Path(out_dir)
@@ -705,9 +698,6 @@ def evaluate_toy_checkpoint(folder, seed: int = 1, n_eval: int = 400, n_generate
     """Held-out quality of a toy checkpoint folder: CLIP zero-shot accuracy, VAE reconstruction
     MSE, and generation fidelity (checker ``toyworld.check_prompt``) for single-object, two-object
     and relational prompts."""
-    from .. import toyworld as tw
-    from ..models import load_clip, load_t2i
-
     folder = Path(folder)
     singles = tw.make_samples(n_eval, seed, kinds=("single",))
     out = dict(clip=clip_zero_shot_accuracy(load_clip(folder / "clip"), singles))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import cache as cache_mod
-from .. import toyworld as tw
+from .. import cache as cache_mod, toyworld as tw
+from ..keys import weights_fingerprint
+from ..models import T2IModel
+from ..toyworld.training import to_unit
 
 #: zero-shot MS-COCO 256x256 FID of the paper (Ramesh et al. 2022, Table 2)
 PAPER_FID = {"unCLIP (diffusion prior)": 10.39, "unCLIP (AR prior)": 10.63, "GLIDE": 12.24,
@@ -69,8 +71,6 @@ def model_key(model) -> dict:
     """Cache identity of a generator: its name and a sha1 of the weights that shape its images
     (UNet, VAE and, for unCLIP, the prior), so that retraining or replacing a checkpoint in place
     never returns images cached from the old weights.  Computed once per model object."""
-    from ..keys import weights_fingerprint
-
     if getattr(model, "_t2i_cache_key", None) is None:
         model._t2i_cache_key = dict(name=str(model.name), weights={
             part: weights_fingerprint(getattr(model, part)) for part in ("unet", "vae", "prior")
@@ -86,9 +86,7 @@ def sd_with_vae_of(sd, unclip_model):
     the two generators differs only in the diffusion models.  Allowed only when both VAEs have the
     same encoder weights and scaling factor (one latent space): true of SD 2.1 and its unCLIP,
     and of the toy pair, whose unCLIP VAE is the toy SD's with a fine-tuned decoder
-    (``unclip_training``).  Otherwise a ValueError names the difference."""
-    from ..models import T2IModel
-
+    (``unclip.training``).  Otherwise a ValueError names the difference."""
     a, b = sd.vae, unclip_model.vae
     if abs(float(sd.scaling_factor) - float(unclip_model.scaling_factor)) > 1e-9:
         raise ValueError(f"sd_with_vae_of: scaling factors differ ({sd.scaling_factor} vs "
@@ -190,7 +188,6 @@ def vae_round_trip_reads(vae, samples, batch_size: int = 256) -> dict:
     if not samples or any(len(s.scene.objects) != 1 for s in samples):
         raise ValueError("vae_round_trip_reads: needs single-object samples "
                          "(toyworld.make_samples(n, seed, kinds=('single',)))")
-    from ..toyworld.training import to_unit
 
     dev, dt = next(vae.parameters()).device, next(vae.parameters()).dtype
     out = []

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import paths
+from ..imageio import to_pil
 
 DEFAULT_UNCLIP = paths.DATA / "toy-unclip"
 UNCLIP_ALIASES = {
@@ -224,7 +225,6 @@ class UnCLIPModel:
         if self.image_encoder is None or self.feature_extractor is None:
             raise ValueError(f"{self.name} has no image_encoder/feature_extractor; use a folder in the "
                              f"StableUnCLIPImg2ImgPipeline layout")
-        from ..imageio import to_pil
         images = [to_pil(im).convert("RGB") for im in images]
         if not images:
             raise ValueError("encode_images: no images given")
@@ -351,7 +351,6 @@ class UnCLIPModel:
     @torch.inference_mode()
     def encode_latents(self, images) -> torch.Tensor:
         """VAE posterior-mean latents (times the scaling factor) of uint8 images / PIL."""
-        from ..imageio import to_pil
         arr = []
         for im in images:
             pil = to_pil(im).convert("RGB")

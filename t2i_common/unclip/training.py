@@ -41,8 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import paths
+from .. import paths, toyworld as tw
+from ..distributed import accelerate_cpu, launched_world
+from ..sdformat import TinySDConfig, read_toy_config
 from ..toyworld import training
+from .model import save_unclip_folder
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,10 +354,6 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
     launch --num_processes N`` every stage is data parallel over the same global batches
     (``budget.grad_accum`` micro-batches per process; ``mixed_precision`` or the launcher's flag)
     and only the main process writes.  Writes and returns ``training_log.json``."""
-    from .. import toyworld as tw
-    from ..distributed import accelerate_cpu, launched_world
-    from .model import save_unclip_folder
-
     budget = budget or UnCLIPBudget()
     sd_folder = Path(sd_folder or paths.DEFAULT_T2I)
     out_dir = Path(out_dir or paths.DATA / "toy-unclip")
@@ -404,7 +403,6 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
         log["stages"]["decoder_extra"] = training._stage_log(info, t)
     parts["unet"] = unet
     if budget.vae_decoder_steps > 0:
-        from ..sdformat import TinySDConfig, read_toy_config
         t = time.perf_counter()
         cfg = read_toy_config(sd_folder) or TinySDConfig(image_size=int(pairs.images.shape[1]))
         vae, info = training.train_vae(pairs.images, cfg, budget.vae_decoder_steps,
