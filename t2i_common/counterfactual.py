@@ -392,7 +392,8 @@ def unlearning_scores(setup: AttributionSetup, *, cache_root=None, progress: boo
     res = A.attribute_by_unlearning(setup.base, setup.data, setup.queries, setup.fisher,
                                     setup.pretrain_loss, out_dir=out,
                                     time_samples=setup.settings["time_samples"],
-                                    seed=setup.settings["seed"], progress=progress, **kw)
+                                    seed=setup.settings["seed"], progress=progress,
+                                    reuse_unrecorded=True, **kw)
     return np.stack([res[i]["influence"] for i in range(len(setup.queries))])
 
 
