@@ -603,6 +603,48 @@ def toy_training_pairs(samples, for_clip: bool = False) -> PairData:
     return PairData(images, caps)
 
 
+def check_budget(budget, optional_steps=()) -> None:
+    """Every number of a training budget (:class:`ToyBudget`, ``UnCLIPBudget``) before any work:
+    step counts whole numbers >= 1 (those in ``optional_steps`` may be 0: the stage is skipped),
+    sizes and counts >= 1, learning rates finite and > 0, dropouts / fractions / decays in
+    [0, 1), ``snr_gamma`` >= 0.  A zero step count of a required stage would write an untrained
+    component, so it is an error."""
+    from . import validate as V
+
+    for k, v in asdict(budget).items():
+        opt = "--" + k.replace("_", "-")
+        if k in optional_steps:
+            V.count(v, opt, low=0)
+        elif k.endswith("_lr"):
+            V.real(v, opt, low=0, low_open=True)
+        elif "dropout" in k or "fraction" in k or k.endswith("decay"):
+            V.real(v, opt, low=0, high=1, high_open=True)
+        elif k == "snr_gamma":
+            V.real(v, opt, low=0)
+        else:
+            V.count(v, opt)
+
+
+def check_run_paths(out_dir, work_dir, kind: str = "toy SD") -> None:
+    """The output and work folders of a build, before any work: neither is (under) a file, and an
+    existing non-empty ``out_dir`` must be a previous build of this kind (it holds
+    ``training_log.json``); a folder of the user's is never written into."""
+    from . import validate as V
+
+    out_dir = V.out_dir(out_dir, "--out")
+    V.out_dir(work_dir, "--work-dir")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "training_log.json").exists():
+        raise V.BadInput(f"--out: {out_dir} exists and holds other files (it is not a {kind} "
+                         f"checkpoint this command wrote: no training_log.json); pass a new or "
+                         f"empty folder")
+
+
+def default_work_dir(out_dir) -> Path:
+    """Where the stage checkpoints of a toy-SD build go unless ``work_dir`` is given:
+    ``<out_dir>/../train_runs`` (``data/train_runs`` for ``data/toy-sd``, ignored by git)."""
+    return Path(out_dir).parent / "train_runs"
+
+
 def _subsample(xs, every=10):
     return [round(float(x), 5) for x in xs[::every]]
 
@@ -626,9 +668,11 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
     from .distributed import accelerate_cpu, launched_world
 
     budget = budget or ToyBudget()
+    check_budget(budget, optional_steps=("unet_extra_steps",))
     cfg = cfg or toy_config()
     out_dir = Path(out_dir)
-    work_dir = Path(work_dir) if work_dir is not None else out_dir.parent / "train_runs"
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out_dir)
+    check_run_paths(out_dir, work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     log = dict(seed=seed, budget=asdict(budget), cfg=asdict(cfg), stages={})
     t_all = time.perf_counter()
@@ -724,10 +768,14 @@ def evaluate_toy_checkpoint(folder, seed: int = 1, n_eval: int = 400, n_generate
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the toy SD checkpoint from scratch (resumable).")
-    p.add_argument("--out", default="data/toy-sd", help="output SD-format folder")
-    p.add_argument("--work-dir", default=None, help="checkpoints (default: <out>/../train_runs)")
+def _run(argv):
+    p = argparse.ArgumentParser(prog="python -m t2i_common.training",
+                                description="Train the toy SD checkpoint from scratch (resumable; "
+                                            "--debug shows tracebacks).")
+    p.add_argument("--out", default="data/toy-sd", help="output SD-format folder (new, empty, or "
+                                                        "an earlier build of this command)")
+    p.add_argument("--work-dir", default=None, help="stage checkpoints (default: <out>/../train_runs, "
+                                                    "printed at the start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--no-eval", action="store_true")
@@ -739,11 +787,18 @@ def main(argv=None):
     for f in ToyBudget.__dataclass_fields__.values():
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
-    if a.threads:
+    from . import validate as V
+    V.count(a.seed, "--seed", low=0)
+    if a.threads is not None:
+        V.count(a.threads, "--threads")
         torch.set_num_threads(a.threads)
     budget = ToyBudget(**{k: getattr(a, k) for k in ToyBudget.__dataclass_fields__})
+    check_budget(budget, optional_steps=("unet_extra_steps",))
+    work = Path(a.work_dir) if a.work_dir is not None else default_work_dir(a.out)
+    check_run_paths(a.out, work)
+    print(f"toy SD -> {a.out}; stage checkpoints (resume) in {work}", flush=True)
     log = build_toy_checkpoint(a.out, budget, seed=a.seed, resume=not a.no_resume,
-                               work_dir=a.work_dir, evaluate=not a.no_eval,
+                               work_dir=work, evaluate=not a.no_eval,
                                mixed_precision=a.mixed_precision)
     summary = {k: v for k, v in log.items() if k != "stages"}
     summary["stages"] = {k: {kk: vv for kk, vv in v.items() if kk != "loss_curve_every10"}
@@ -751,5 +806,11 @@ def main(argv=None):
     print(json.dumps(summary, indent=1))
 
 
+def main(argv=None) -> int:
+    """``python -m t2i_common.training``: a bad argument or file is one line on stderr (exit 2)."""
+    from .validate import cli
+    return cli(_run, "python -m t2i_common.training", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
