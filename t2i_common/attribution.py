@@ -97,7 +97,7 @@ def loss_timesteps(time_samples: int = 20, num_train_timesteps: int = 1000) -> t
     """The original's loss grid ``arange(0, T, T // time_samples)`` (20 -> 0, 50, ..., 950)."""
     time_samples = V.count(time_samples, "time_samples")
     if num_train_timesteps % time_samples:
-        raise ValueError(f"time_samples must divide the {num_train_timesteps} training timesteps, "
+        raise V.BadInput(f"time_samples must divide the {num_train_timesteps} training timesteps, "
                          f"got {time_samples}")
     return torch.arange(0, num_train_timesteps, num_train_timesteps // time_samples)
 
@@ -233,6 +233,8 @@ class QuerySet:
         """The original's ``latents.npy`` [Q, C, h, w], ``text_embeddings.npy`` [Q, 1, L, D] (the
         first caption is used, as ``np.load(...)[[idx], 0]``) and optional ``images/{i}.png``."""
         lat, txt = _load_npy(latents_path, "query latents"), _load_npy(text_path, "query text embeddings")
+        V.finite_array(lat, f"query latents {latents_path}")
+        V.finite_array(txt, f"query text embeddings {text_path}")
         if txt.ndim == 4:
             txt = txt[:, 0]
         if lat.ndim != 4 or txt.ndim != 3:
@@ -242,8 +244,6 @@ class QuerySet:
             raise ValueError(f"{latents_path} holds {len(lat)} queries but {text_path} holds "
                              f"{len(txt)}; both must come from the same generate_samples run")
         V.non_empty(len(lat), f"query latents {latents_path}", "queries")
-        V.finite_array(lat, f"query latents {latents_path}")
-        V.finite_array(txt, f"query text embeddings {text_path}")
         images = None
         if image_dir is not None:
             from PIL import Image
@@ -441,9 +441,7 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
     epochs, batch_size = V.count(epochs, "epochs"), V.count(batch_size, "batch_size")
     unet = model.unet
     names = select_parameters(unet, subset)
-    record = dict(kind="fisher", weights=weights_fingerprint(unet),
-                  data=V.digest(data.latents, data.text_emb), epochs=epochs, batch_size=batch_size,
-                  seed=int(seed))
+    record = fisher_record(model, data, epochs, batch_size, seed)
     if path is not None and Path(path).exists():
         V.check_record(path, record, "fisher", "pass another path (a new file is computed there) "
                                                "or the parameters it was made with")
@@ -475,6 +473,13 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
         V.write_record(path, record)
         tmp.replace(path)
     return fisher
+
+
+def fisher_record(model, data, epochs, batch_size, seed) -> dict:
+    """What a Fisher file is made from (its ``.meta.json``)."""
+    return dict(kind="fisher", weights=weights_fingerprint(model.unet),
+                data=V.digest(data.latents, data.text_emb), epochs=int(epochs),
+                batch_size=int(batch_size), seed=int(seed))
 
 
 def read_fisher(path) -> dict:
@@ -780,9 +785,19 @@ def attribute_by_unlearning(model, data: TrainingSet, queries: QuerySet, fisher,
 
 
 # the original's MSCOCO setting from files and its command line live in attribution_files
-from .attribution_files import (UNetModel, attribute_from_files, load_attribution_model,  # noqa: E402,F401
-                                main)
+_FROM_FILES = ("UNetModel", "attribute_from_files", "load_attribution_model", "check_model_folder",
+               "main")
+
+
+def __getattr__(name):
+    if name in _FROM_FILES:
+        from . import attribution_files
+        return getattr(attribution_files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __name__ == "__main__":
     import sys
-    sys.exit(main())
+
+    from t2i_common.attribution_files import main as _main
+    sys.exit(_main())

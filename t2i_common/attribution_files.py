@@ -200,13 +200,10 @@ def attribute_from_files(model_path, train_latents, train_text, query_latents, q
     weights = A.weights_fingerprint(model.unet)
     if fisher_file is not None:
         A.check_fisher(fisher_file, model.unet, names, fisher_path)
-        diff = V.record_differences(fisher_path, {})
-        if diff is None:
+        if not V.check_record(fisher_path, A.fisher_record(model, data, fisher_epochs, 32, seed),
+                              "fisher", "pass a new --fisher_path to compute one there"):
             warnings.warn(f"--fisher_path {fisher_path} has no record of how it was made (e.g. the "
                           f"original's compute_fisher.py); used as given", stacklevel=2)
-        elif V.read_record(fisher_path).get("weights") != weights:
-            raise V.BadInput(f"--fisher_path: {fisher_path} was made for other weights than "
-                             f"{model_path}; pass a new --fisher_path to compute one there")
     lrec = _loss_record(model, data, time_samples, seed)
     if loss is not None and not V.check_record(pretrain_loss_path, lrec, "--pretrain_loss_path",
                                                "pass a new --pretrain_loss_path to compute it there"):
