@@ -75,13 +75,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def check_theta(theta, name: str = "theta"):
     """theta must lie in [0, 1] (slerp's range); returns it as a float tensor."""
-    if isinstance(theta, (str, bytes)):
-        raise V.BadInput(f"{name} must be a number or a list of numbers in [0, 1], got the string {theta!r}")
+    if isinstance(theta, (str, bytes)) or (isinstance(theta, (list, tuple)) and
+                                           any(isinstance(x, (str, bytes)) for x in theta)):
+        raise V.BadInput(f"{name} must be a number or a list of numbers in [0, 1], got the string "
+                         f"{theta!r}")
     t = torch.as_tensor(theta, dtype=torch.float32)
     if t.numel() == 0:
         raise V.BadInput(f"{name} is empty; pass at least one value in [0, 1]")
     if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
-        raise ValueError(f"{name} must lie in [0, 1] (0 = first embedding, 1 = second), got "
+        raise V.BadInput(f"{name} must lie in [0, 1] (0 = first embedding, 1 = second), got "
                          f"{theta!r}; the paper's text diffs use theta in [0, 0.5]")
     return t
 
@@ -563,7 +565,7 @@ class UnCLIPModel:
     def interpolate(self, image_a, image_b, thetas, *, seed: int = 0, **decode_kw) -> np.ndarray:
         """slerp(z_a, z_b, theta) for each theta, all decoded from the same decoder noise
         (paper Fig. 4).  Returns uint8 [len(thetas), R, R, 3]."""
-        thetas = check_theta(list(thetas), "thetas")
+        thetas = check_theta(thetas if isinstance(thetas, (str, bytes)) else list(thetas), "thetas")
         z = self.encode_images([image_a, image_b])
         zs = slerp(z[0], z[1], thetas)
         lat = _seeded_noise(self.latent_shape, seed, 0).expand(len(thetas), -1, -1, -1)
@@ -592,12 +594,15 @@ class UnCLIPModel:
         self._need_prior("text diffs (the CLIP text encoder lives in prior_text_encoder)")
         z_i = self.encode_images([image])
         zt = self.encode_prior_texts([target_caption, source_caption])[0].cpu()
-        if torch.equal(_unit(zt[0]), _unit(zt[1])):   # no direction: the edit is the identity
-            thetas = torch.zeros_like(thetas)
+        same = torch.equal(_unit(zt[0]), _unit(zt[1]))   # no direction: the edit is the identity
         z_d = text_diff_direction(zt[0], zt[1])
         z_d = z_d * z_i.norm()  # slerp interpolates the norms; keep the source's
         x_T = self.invert(self.encode_latents([image]), z_i, num_steps=num_steps,
                           guidance_scale=guidance_scale if invert_guidance is None else invert_guidance)
+        if same:   # every theta is the reconstruction, decoded once
+            out = self.decode(z_i, latents=x_T.cpu(), num_steps=num_steps,
+                              guidance_scale=guidance_scale).repeat(len(thetas), 0)
+            return (out, x_T) if return_inversion else out
         zs = slerp(z_i[0].cpu(), z_d, thetas)
         out = self.decode(zs, latents=x_T.expand(len(thetas), -1, -1, -1).cpu(), num_steps=num_steps,
                           guidance_scale=guidance_scale)
