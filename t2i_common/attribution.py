@@ -150,6 +150,9 @@ class TrainingSet:
         and each image's captions with its text encoder.  Images with fewer captions than the most
         captioned one repeat theirs cyclically, so every image has P embeddings."""
         images = np.asarray(images)
+        if isinstance(captions, str):
+            raise V.BadInput(f"captions must hold one caption (or list of captions) per image, got the "
+                             f"string {captions!r}; wrap it: [{captions!r}]")
         caps = [[c] if isinstance(c, str) else list(c) for c in captions]
         if len(caps) != len(images) or any(not c for c in caps):
             raise ValueError(f"TrainingSet.from_images: {len(images)} images need as many non-empty "
