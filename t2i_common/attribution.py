@@ -162,6 +162,8 @@ class TrainingSet:
                          model.encode_images(x.flip(-1), batch_size=batch_size)]).float().cpu().clone()
         P = max(len(c) for c in caps)
         flat = [c[j % len(c)] for c in caps for j in range(P)]
+        if getattr(model, "tokenizer", None) is not None:
+            V.known_words(model.tokenizer, flat, "captions")
         emb = model.encode_prompts(flat).float().cpu().clone()   # clone: out of inference mode
         return cls(lat, emb.view(len(images), P, *emb.shape[1:]), images, caps)
 

@@ -207,7 +207,7 @@ def train_unet_masked(pairs, removed, text_encoder, vae, tokenizer, cfg, steps: 
     sched = scheduler or build_scheduler(cfg)
     abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
     sf = float(vae.config.scaling_factor)
-    captions, per_image = training._caption_table(data, extra=("",))
+    captions, per_image = training._caption_table(data, extra=("",), tokenizer=tokenizer)
     emb = training.encode_texts(text_encoder, tokenizer, captions, cfg.max_length)
     mu, sd = training.encode_latent_posteriors(vae, data.images)
     torch.manual_seed(seed)

@@ -119,14 +119,19 @@ def to_clip_pixels(images_u8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _caption_table(pairs: PairData, extra=("",)):
-    """Distinct captions -> index; per image the list of its caption indices."""
+def _caption_table(pairs: PairData, extra=("",), tokenizer=None):
+    """Distinct captions -> index; per image the list of its caption indices.  With a
+    ``tokenizer``, a word it does not know (the toy tokenizer maps it to <|endoftext|>) is an
+    error naming the word."""
     table: dict[str, int] = {}
     for c in extra:
         table.setdefault(c, len(table))
     per_image = []
     for caps in pairs.captions:
         per_image.append([table.setdefault(c, len(table)) for c in caps])
+    if tokenizer is not None:
+        from .validate import known_words
+        known_words(tokenizer, list(table), "training captions")
     return list(table), per_image
 
 
@@ -221,7 +226,7 @@ def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batc
     if data.images.shape[1] != cfg.image_size or data.images.shape[2] != cfg.image_size:
         raise ValueError(f"train_clip: images are {tuple(data.images.shape[1:3])} but cfg.image_size "
                          f"is {cfg.image_size}; resize the data or change the config")
-    captions, per_image = _caption_table(data, extra=())
+    captions, per_image = _caption_table(data, extra=(), tokenizer=tokenizer)
     ids = _tokenize(tokenizer, captions, cfg.max_length)
     torch.manual_seed(seed)
     clip = init.requires_grad_(True) if init is not None else CLIPModel(sdformat.clip_config(cfg, tokenizer))
@@ -418,7 +423,7 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
     T = len(abar)
     sf = float(vae.config.scaling_factor)
-    captions, per_image = _caption_table(data, extra=("",))
+    captions, per_image = _caption_table(data, extra=("",), tokenizer=tokenizer)
     emb = encode_texts(text_encoder, tokenizer, captions, cfg.max_length)
     mu, sd = encode_latent_posteriors(vae, data.images)
     torch.manual_seed(seed)

@@ -209,7 +209,7 @@ def train_decoder(pairs, unet, text_encoder, vae, tokenizer, image_embeds, image
     mean = image_normalizer.mean.detach().float().clone()
     std = image_normalizer.std.detach().float().clone()
     sf = float(vae.config.scaling_factor)
-    captions, per_image = training._caption_table(data, extra=("",))
+    captions, per_image = training._caption_table(data, extra=("",), tokenizer=tokenizer)
     cap_emb = training.encode_texts(text_encoder, tokenizer, captions, tokenizer.model_max_length)
     mu, sd = training.encode_latent_posteriors(vae, data.images)
     zi = torch.as_tensor(image_embeds).float()
@@ -273,7 +273,7 @@ def train_prior(pairs, prior, prior_text_encoder, tokenizer, image_embeds, prior
                          "embedding statistics first (unclip_components_from_sd does)")
     mean, std = prior.clip_mean.detach().clone(), prior.clip_std.detach().clone()
     x0_all = (zi - mean) / std
-    captions, per_image = training._caption_table(data, extra=("",))
+    captions, per_image = training._caption_table(data, extra=("",), tokenizer=tokenizer)
     emb, hid, mask = prior_text_encodings(prior_text_encoder, tokenizer, captions)
     abar = torch.as_tensor(prior_scheduler.alphas_cumprod, dtype=torch.float32)
     prior.requires_grad_(True)

@@ -707,3 +707,14 @@ def test_cli_end_to_end_then_stale_rerun_is_refused(files, tmp_path, capsys):
     # the same command again resumes (reads the results back), writes nothing
     assert AF.main(_cli_args(files, res) + extra) == 0
     assert _hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("caps,match", [
+    ([["a red circle"], ["a blue q"], ["a green triangle"], ["a purple diamond"]], r"\['q'\]"),
+    ([["a red circle"], ["a blue square"], ["a green triangles"], ["a purple diamond"]],
+     r"\['triangles'\]"),
+    ("a red circle", "got the string 'a red circle'"),
+])
+def test_training_set_from_images_bad_captions(tiny_model, tiny_images, caps, match):
+    with pytest.raises(V.BadInput, match=match):
+        A.TrainingSet.from_images(tiny_model, np.stack(tiny_images), caps)

@@ -483,3 +483,17 @@ def test_corrupt_stage_checkpoint_from_the_cli_names_it(tmp_path, capsys):
     assert re.search(r"error: training checkpoint .*clip.ckpt is not readable .*delete .*clip.ckpt "
                      r"\(or pass --no-resume", err) and "Traceback" not in err
     assert _hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("caption,word", [("a red q square", "q"), ("a red squares", "squares"),
+                                          ("a red, square", "red,")])
+def test_unknown_caption_words_are_named(cfg, tok, caption, word):
+    pairs = _pairs(4)
+    pairs[2] = (pairs[2][0], caption)
+    with pytest.raises(V.BadInput, match=rf"training captions: .*does not know the word\(s\) \['{word}'\]"):
+        T.train_clip(pairs, cfg, tok, 1, batch_size=2, progress=False)
+    from transformers import CLIPModel
+    clip = CLIPModel(sdformat.clip_config(cfg, tok))
+    with pytest.raises(V.BadInput, match=rf"\['{word}'\]"):
+        T.train_unet(pairs, sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg), tok, cfg, 1,
+                     batch_size=2, progress=False)
