@@ -445,7 +445,9 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
         cache: None (off), True (``paths.CACHE/diffitm``), a folder, or a ResultCache; keyed by the
             model's weights fingerprint and every scoring parameter, one file per item, written as
             soon as the item's evaluations are done (a kill loses only the items of the slice in
-            progress, :data:`SLICE_BATCHES`).
+            progress, :data:`SLICE_BATCHES`); a resumed run reruns exactly the slices that hold
+            unfinished items, in the same UNet batches, so its result is bit-identical to an
+            uninterrupted run's.
         chunk: items scored together (images / prompts shared inside a chunk are evaluated once).
         shard: ``(i, n)`` scores shard i of n of the chunks (cluster array jobs; ``accelerate
             launch`` and the runner's ``--shard`` are detected by themselves), see
