@@ -497,3 +497,17 @@ def test_unknown_caption_words_are_named(cfg, tok, caption, word):
     with pytest.raises(V.BadInput, match=rf"\['{word}'\]"):
         T.train_unet(pairs, sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg), tok, cfg, 1,
                      batch_size=2, progress=False)
+
+
+def test_run_paths_accept_new_empty_or_own_folders(tmp_path):
+    T.check_run_paths(tmp_path / "new" / "sd", tmp_path / "work")            # nothing exists yet
+    (tmp_path / "empty").mkdir()
+    T.check_run_paths(tmp_path / "empty", tmp_path / "work")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "training_log.json").write_text("{}")
+    (own / "model_index.json").write_text("{}")
+    T.check_run_paths(own, tmp_path / "work")                                # an earlier build
+    assert not (tmp_path / "new").exists() and not (tmp_path / "work").exists()
+    assert T.default_work_dir(tmp_path / "x" / "sd") == tmp_path / "x" / "train_runs"
+    assert UT.default_work_dir(tmp_path / "x" / "u") == tmp_path / "x" / "train_runs" / "u"
