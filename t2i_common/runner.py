@@ -12,8 +12,9 @@
   kernel sees ``T2I_FIGURES``), so a parametrized run never overwrites the committed reference.
   ``--output-dir D`` puts both under ``D``.
 * The executed notebook is written in JupyterLab's normal form (see :func:`normalise`), so it opens
-  unmodified; a failed run leaves the committed notebook untouched and keeps the partial run in
-  ``runs/failed/``.
+  unmodified; a failed run leaves the committed notebook untouched and keeps the partial run, one
+  new file per failed run, in ``failed/`` under the output folder (``--output-dir D``: ``D/failed``;
+  ``--name N``: ``runs/N/failed``; otherwise ``runs/failed``).
 * ``--shard I/N`` (or ``-p shard '[I, N]'``): run shard I of N of the notebook's heavy loops
   (the kernel sees ``T2I_SHARD``, read by :mod:`t2i_common.distributed`): each loop computes
   only its share of the examples into the shared cache (``T2I_CACHE``), the other shards'
@@ -463,13 +464,27 @@ def _environ(**env):
                 os.environ[k] = v
 
 
+def failed_path(nb: Path, failed_dir: Path) -> Path:
+    """A new file ``failed_dir/<notebook stem>-<UTC time>[-k].ipynb``: every failed run is kept."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    p = Path(failed_dir) / f"{nb.stem}-{stamp}.ipynb"
+    k = 1
+    while p.exists():
+        k += 1
+        p = Path(failed_dir) / f"{nb.stem}-{stamp}-{k}.ipynb"
+    return p
+
+
 def run_one(nb: Path, params: dict, out: Path, kernel: str | None = None, progress=False,
-            figures: Path | None = None, threads: int | None = None, shard=None) -> float:
+            figures: Path | None = None, threads: int | None = None, shard=None,
+            failed_dir: Path | None = None) -> float:
     """Execute ``nb`` with ``params`` into ``out`` (normal form); figures under ``figures``;
     ``shard`` = (i, n) runs shard i of n of its heavy loops (``T2I_SHARD`` in the kernel).
 
     The committed notebook is replaced only by a successful run: execution writes a temporary
-    file, and a failure moves it to ``runs/failed/<notebook>.ipynb`` and re-raises."""
+    file, and a failure moves it to a new file in ``failed_dir`` (default ``runs/failed/``;
+    :func:`failed_path`, one per failed run), named by the exception's ``failed_notebook``
+    attribute, and re-raises."""
     import nbformat
     import papermill as pm
 
@@ -490,11 +505,15 @@ def run_one(nb: Path, params: dict, out: Path, kernel: str | None = None, progre
             pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(paths.NOTEBOOKS),
                                 kernel_name=kernel, progress_bar=progress, log_output=False,
                                 request_save_on_cell_execute=False, config=_kernel_config(ipc_dir))
-    except BaseException:
+    except BaseException as err:
         if tmp.exists():
-            failed = paths.RUNS / "failed" / nb.name
+            failed = failed_path(nb, failed_dir or paths.RUNS / "failed")
             failed.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, failed)
+            try:
+                err.failed_notebook = failed
+            except AttributeError:   # pragma: no cover - exceptions without a __dict__
+                pass
         raise
     dt = time.time() - t0
     done = normalise(nbformat.read(str(tmp), as_version=4), kernel)
@@ -554,6 +573,30 @@ def _plan(args, nbs):
     return plan
 
 
+def failed_dir_of(args) -> Path:
+    """Failed runs go under the chosen output folder (``--output-dir`` or ``runs/<name>``), else
+    ``runs/failed``."""
+    if args.output_dir:
+        return Path(args.output_dir) / "failed"
+    return paths.RUNS / "failed"
+
+
+def _shard_argv(argv):
+    """``--shard -1/2`` as ``--shard=-1/2``, so that argparse does not read the value as an option
+    and the shard check reports it."""
+    argv = list(argv)
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--shard" and i + 1 < len(argv) and argv[i + 1].startswith("-") and \
+                argv[i + 1][1:2].isdigit():
+            out.append(f"--shard={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def _take_shard(args) -> None:
     """``--shard I/N`` or ``-p shard '[I, N]'`` -> ``args.shard = (I, N)`` (the ``-p`` form is
     removed from the notebook parameters); a bad value is a RunnerError naming the option."""
@@ -593,7 +636,7 @@ def main(argv=None) -> int:
                          "afterwards the plain run reduces (also: -p shard '[I, N]')")
     ap.add_argument("--normalise", action="store_true",
                     help="rewrite the notebooks in JupyterLab's normal form without running them")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(_shard_argv(sys.argv[1:] if argv is None else argv))
     _take_shard(args)
 
     nbs = find_notebooks(args.names)
@@ -617,13 +660,17 @@ def main(argv=None) -> int:
         print(f"{tag} {what} -> {_show(out)}", flush=True)
         try:
             times[nb.stem] = run_one(nb, params, out, args.kernel, args.progress, figures,
-                                     args.threads, args.shard)
+                                     args.threads, args.shard,
+                                     failed_dir=failed_dir_of(args) if not args.name else
+                                     out.parent / "failed")
         except SystemExit:
             raise
         except Exception as err:
             print(_failure_message(nb, err, injected=bool(params)), file=sys.stderr, flush=True)
-            print(f"runner: the partially executed notebook is at "
-                  f"{_show(paths.RUNS / 'failed' / nb.name)}", file=sys.stderr)
+            kept = getattr(err, "failed_notebook", None)
+            if kept is not None:
+                print(f"runner: the partially executed notebook is at {_show(kept)}",
+                      file=sys.stderr)
             return 1
         fig_root = figures or paths.FIGURES
         out_name = params.get("out_name", notebook_parameters(nb).get("out_name", (None,))[0])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .distributed import LossModule, batch_pieces, make_accelerator
+from . import validate as V
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,6 +43,29 @@ def atomic_torch_save(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_checkpoint(ck) -> dict:
+    """A training checkpoint written by :func:`_fit`; a truncated, corrupt or foreign file is a
+    ValueError that names it and says how to start the stage over."""
+    import pickle
+    import zipfile
+    ck = Path(ck)
+    fix = (f"delete {ck} (or pass --no-resume / resume=False) to start this stage over, or point "
+           f"--work-dir at another folder")
+    if ck.is_dir():
+        raise ValueError(f"training checkpoint {ck} is a folder, not a checkpoint file; {fix}")
+    try:
+        st = torch.load(ck, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError, AttributeError, ImportError, TypeError) as err:
+        raise ValueError(f"training checkpoint {ck} is not readable (truncated or corrupt: "
+                         f"{type(err).__name__}); {fix}") from None
+    need = {"model", "optimizer", "step", "generator", "torch_rng", "losses", "wall_s", "fingerprint"}
+    if not isinstance(st, dict) or not need <= set(st):
+        raise ValueError(f"training checkpoint {ck} is not a checkpoint of this training loop "
+                         f"(it holds {type(st).__name__}); {fix}")
+    return st
 
 
 class Interrupted(RuntimeError):
@@ -81,8 +105,12 @@ def _fit(name, model, loss_fn, *, steps, lr, seed, out_dir=None, ckpt_every=500,
     """
     from tqdm.auto import tqdm
 
-    if steps < 0:
-        raise ValueError(f"{name}: steps must be >= 0, got {steps}")
+    steps = V.count(steps, f"{name}: steps", low=0)
+    ckpt_every = V.count(ckpt_every, f"{name}: ckpt_every")
+    V.real(lr, f"{name}: lr", low=0, low_open=True)
+    if batch_size is not None:
+        V.count(batch_size, f"{name}: batch_size")
+    V.count(grad_accum, f"{name}: grad_accum")
     acc = make_accelerator(mixed_precision)
     W, rank = acc.num_processes, acc.process_index
     three = len(inspect.signature(loss_fn).parameters) >= 3
@@ -105,7 +133,7 @@ def _fit(name, model, loss_fn, *, steps, lr, seed, out_dir=None, ckpt_every=500,
     ck = Path(out_dir) / f"{name}.ckpt" if out_dir is not None else None
     start, losses, wall = 0, [], 0.0
     if resume and ck is not None and ck.exists():
-        st = torch.load(ck, map_location="cpu", weights_only=False)
+        st = read_checkpoint(ck)
         if st["fingerprint"] != fp:
             raise ValueError(f"{ck} was written with other hyper-parameters ({st['hparams']}); "
                              f"delete it or use another out_dir to start afresh")

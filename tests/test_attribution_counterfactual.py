@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from t2i_common.attribution import files as AF
 from t2i_common.attribution import unlearning as A
 from t2i_common.attribution import counterfactual as CF
 
@@ -124,7 +125,7 @@ def test_mscoco_file_path_on_a_tiny_model(mscoco_files, tmp_path):
     out = tmp_path / "results"
     kw = dict(query_images=r / "sample" / "images", n_batches=1, batch_size=4, time_samples=5,
               fisher_epochs=1, progress=False, lr=10.0)
-    res = A.attribute_from_files(r / "unet", r / "coco17_train_latents.npy",
+    res = AF.attribute_from_files(r / "unet", r / "coco17_train_latents.npy",
                                  r / "coco17_train_text_embeddings.npy", r / "sample" / "latents.npy",
                                  r / "sample" / "text_embeddings.npy", out, indices=[1],
                                  fisher_path=tmp_path / "fisher_info.pt",
@@ -135,22 +136,22 @@ def test_mscoco_file_path_on_a_tiny_model(mscoco_files, tmp_path):
     assert back["influence"].shape == (4,) and sorted(back["rank"].tolist()) == [0, 1, 2, 3]
     np.testing.assert_array_equal(back["influence"], res[1]["influence"])
     # the bare UNet gets the original's DDPMScheduler(1000) (linear betas)
-    m = A.load_attribution_model(r / "unet")
+    m = AF.load_attribution_model(r / "unet")
     assert m.num_train_timesteps == 1000 and m.alphas_cumprod[0] == pytest.approx(1 - 1e-4)
     # bad query index: a clear error before any model work
     with pytest.raises(IndexError, match="query index 2 is out of range"):
-        A.attribute_from_files(r / "unet", r / "coco17_train_latents.npy",
+        AF.attribute_from_files(r / "unet", r / "coco17_train_latents.npy",
                                r / "coco17_train_text_embeddings.npy", r / "sample" / "latents.npy",
                                r / "sample" / "text_embeddings.npy", out, indices=[2], **kw)
     # a pretrain loss of the wrong length
     np.save(tmp_path / "bad_loss.npy", np.zeros(5))
     with pytest.raises(ValueError, match="bad_loss.npy has shape"):
-        A.attribute_from_files(r / "unet", r / "coco17_train_latents.npy",
+        AF.attribute_from_files(r / "unet", r / "coco17_train_latents.npy",
                                r / "coco17_train_text_embeddings.npy", r / "sample" / "latents.npy",
                                r / "sample" / "text_embeddings.npy", out, indices=[0],
                                pretrain_loss_path=tmp_path / "bad_loss.npy", **kw)
     with pytest.raises(FileNotFoundError, match="neither a Stable-Diffusion folder"):
-        A.load_attribution_model(tmp_path)
+        AF.load_attribution_model(tmp_path)
 
 
 def test_oracle_ranking_puts_the_ground_truth_first():

@@ -180,12 +180,46 @@ def test_failure_names_cell_and_keeps_committed_notebook(nbdir, tmp_path, capsys
     assert runner.main(["02_fail"]) == 1
     err = capsys.readouterr().err
     assert "02_fail FAILED in cell 2" in err and "raise RuntimeError('boom')" in err
-    assert "RuntimeError: boom" in err and "runs/failed/02_fail.ipynb" in err
+    assert "RuntimeError: boom" in err and "runs/failed/02_fail-" in err
     assert (nbdir / "02_fail.ipynb").read_bytes() == committed
-    assert (tmp_path / "runs" / "failed" / "02_fail.ipynb").exists()
+    kept = sorted((tmp_path / "runs" / "failed").glob("02_fail-*.ipynb"))
+    assert len(kept) == 1 and kept[0].name in err
     # with parameters papermill injects a cell; the message still counts the notebook's own cells
     assert runner.main(["02_fail", "-p", "y", "3"]) == 1
     assert "02_fail FAILED in cell 2" in capsys.readouterr().err
+    # the second failure is a new file: the first is kept
+    again = sorted((tmp_path / "runs" / "failed").glob("02_fail-*.ipynb"))
+    assert len(again) == 2 and kept[0] in again
+
+
+def test_failed_runs_go_under_the_output_folder_one_per_run(nbdir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    for k in range(3):
+        assert runner.main(["02_fail", "--output-dir", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "mine" in err and "failed/02_fail-" in err.replace("\\", "/")
+    kept = sorted((out / "failed").glob("02_fail-*.ipynb"))
+    assert len(kept) == 3
+    assert not (tmp_path / "runs" / "failed").exists()        # nothing in the package's runs/
+    assert runner.main(["02_fail", "--name", "exp"]) == 1
+    assert len(list((tmp_path / "runs" / "exp" / "failed").glob("02_fail-*.ipynb"))) == 1
+
+
+def test_failed_path_never_reuses_a_name(tmp_path):
+    nb = tmp_path / "05_x.ipynb"
+    seen = set()
+    for _ in range(4):
+        p = runner.failed_path(nb, tmp_path / "failed")
+        assert p not in seen and not p.exists()
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("{}")
+        seen.add(p)
+
+
+@pytest.mark.parametrize("shard", ["-1/2", "-2/3", "-3/4"])
+def test_negative_shard_is_named_not_read_as_an_option(nbdir, shard):
+    with pytest.raises(SystemExit, match=r"--shard"):
+        runner.main(["01", "--shard", shard])
 
 
 # ---- what the user sees -----------------------------------------------------------------------------

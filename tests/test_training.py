@@ -296,3 +296,219 @@ def test_read_toy_config_round_trip_unknown_keys_and_bad_json(tmp_path):
     (tmp_path / "toy_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="toy_config.json: not valid JSON"):
         sdformat.read_toy_config(tmp_path)
+
+
+# ---------------------------------------------------------------- bad input
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from t2i_common.unclip import training as UT  # noqa: E402
+from t2i_common import validate as V  # noqa: E402
+
+
+def _hashes(folder):
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("clip_steps", 0, "--clip-steps must be positive, got 0"),
+    ("vae_steps", -1, "--vae-steps must be positive, got -1"),
+    ("unet_steps", 2.5, "--unet-steps must be a whole number"),
+    ("unet_extra_steps", -1, "--unet-extra-steps must be >= 0"),
+    ("unet_lr", float("nan"), "--unet-lr must be a finite number"),
+    ("clip_lr", 0.0, "--clip-lr must be > 0"),
+    ("vae_lr", -1e-3, "--vae-lr must be > 0"),
+    ("caption_dropout", 1.5, "--caption-dropout must be < 1"),
+    ("ema_decay", float("inf"), "--ema-decay must be a finite number"),
+    ("snr_gamma", -1.0, "--snr-gamma must be >= 0"),
+    ("n_train", 0, "--n-train must be positive"),
+    ("ckpt_every", 0, "--ckpt-every must be positive"),
+    ("grad_accum", 0, "--grad-accum must be positive"),
+    ("unet_batch", -4, "--unet-batch must be positive"),
+    ("eval_steps", 0, "--eval-steps must be positive"),
+])
+def test_toy_budget_checks(field, value, match):
+    import dataclasses
+    b = dataclasses.replace(T.ToyBudget(), **{field: value})
+    with pytest.raises(V.BadInput, match=match):
+        T.check_budget(b, optional_steps=("unet_extra_steps",))
+    T.check_budget(dataclasses.replace(T.ToyBudget(), unet_extra_steps=0),
+                   optional_steps=("unet_extra_steps",))          # an optional stage may be skipped
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("prior_steps", 0, "--prior-steps must be positive"),
+    ("decoder_steps", -5, "--decoder-steps must be positive"),
+    ("decoder_lr", float("inf"), "--decoder-lr must be a finite number"),
+    ("zero_noise_fraction", float("nan"), "--zero-noise-fraction must be a finite number"),
+    ("vae_decoder_steps", -2, "--vae-decoder-steps must be >= 0"),
+    ("max_noise_level", 0, "--max-noise-level must be positive"),
+    ("prior_layers", 1.5, "--prior-layers must be a whole number"),
+])
+def test_unclip_budget_checks(field, value, match):
+    import dataclasses
+    b = dataclasses.replace(UT.UnCLIPBudget(), **{field: value})
+    with pytest.raises(V.BadInput, match=match):
+        T.check_budget(b, optional_steps=UT.OPTIONAL_STAGES)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(steps=-1), "unet: steps must be >= 0"),
+                                      (dict(steps=2.5), "unet: steps must be a whole number"),
+                                      (dict(lr=float("nan")), "unet: lr must be a finite number"),
+                                      (dict(lr=0.0), "unet: lr must be > 0"),
+                                      (dict(ckpt_every=0), "unet: ckpt_every must be positive")])
+def test_training_loop_checks_its_numbers(cfg, tok, kw, match):
+    with pytest.raises(V.BadInput, match=match):
+        _unet_run(cfg, tok, **kw)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"garbage bytes", "is not readable"),
+    (None, "is not readable"),                        # truncated: the first 100 bytes of a real one
+    ("dict", "is not a checkpoint of this training loop"),
+])
+def test_corrupt_checkpoint_says_how_to_start_over(cfg, tok, tmp_path, content, match):
+    work = tmp_path / "w"
+    if content is None:
+        _unet_run(cfg, tok, steps=2, out_dir=tmp_path / "full", ckpt_every=1)
+        work.mkdir()
+        (work / "unet.ckpt").write_bytes((tmp_path / "full" / "unet.ckpt").read_bytes()[:100])
+    elif content == "dict":
+        work.mkdir()
+        torch.save({"weights": torch.ones(2)}, work / "unet.ckpt")
+    else:
+        work.mkdir()
+        (work / "unet.ckpt").write_bytes(content)
+    before = _hashes(work)
+    with pytest.raises(ValueError, match=rf"training checkpoint .*unet.ckpt {match}.*--no-resume"):
+        _unet_run(cfg, tok, steps=2, out_dir=work, ckpt_every=1)
+    assert _hashes(work) == before
+
+
+_ZERO = ["--clip-steps", "0", "--vae-steps", "0", "--unet-steps", "0", "--unet-extra-steps", "0"]
+
+
+def _cli_cases(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    user = tmp_path / "user_folder"
+    user.mkdir()
+    (user / "notes.txt").write_text("my notes")
+    return [
+        (["--out", str(tmp_path / "sd")] + _ZERO, "--clip-steps must be positive, got 0"),
+        (["--out", str(tmp_path / "sd"), "--unet-lr", "nan"], "--unet-lr must be a finite number"),
+        (["--out", str(tmp_path / "sd"), "--vae-steps", "-3"], "--vae-steps must be positive"),
+        (["--out", str(tmp_path / "afile" / "sd")], r"--out: .*lies under .*afile, which is a file"),
+        (["--out", str(tmp_path / "afile")], r"--out: .*afile is a file"),
+        (["--out", str(user)], r"--out: .*user_folder exists and holds other files"),
+        (["--out", str(tmp_path / "sd"), "--work-dir", str(tmp_path / "afile")],
+         r"--work-dir: .*afile is a file"),
+        (["--out", str(tmp_path / "sd"), "--threads", "0"], "--threads must be positive"),
+        (["--out", str(tmp_path / "sd"), "--seed", "-1"], "--seed must be >= 0"),
+        (["--out", str(tmp_path / "sd"), "--caption-dropout", "1"], "--caption-dropout must be < 1"),
+    ]
+
+
+def test_training_cli_one_line_errors_and_user_files_unchanged(tmp_path, capsys):
+    cases = _cli_cases(tmp_path)
+    before = _hashes(tmp_path)
+    for argv, match in cases:
+        assert T.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, (argv, err)
+        assert lines[0].startswith("python -m t2i_common.toyworld.training: error: ") and re.search(match, lines[0])
+    assert _hashes(tmp_path) == before
+    assert not (tmp_path / "sd").exists() and not (tmp_path / "train_runs").exists()
+
+
+def test_unclip_training_cli_one_line_errors(tmp_path, tiny_sd_dir, capsys):
+    import shutil
+    (tmp_path / "afile").write_text("mine")
+    no_clip = tmp_path / "no_clip"
+    shutil.copytree(tiny_sd_dir, no_clip)
+    shutil.rmtree(no_clip / "clip")
+    no_unet_cfg = tmp_path / "no_unet_cfg"
+    shutil.copytree(tiny_sd_dir, no_unet_cfg)
+    (no_unet_cfg / "unet" / "config.json").unlink()
+    out = ["--out", str(tmp_path / "u")]
+    cases = [
+        (out + ["--sd-folder", str(tmp_path / "afile")], r"--sd-folder: .*afile is a file"),
+        (out + ["--sd-folder", str(tmp_path / "missing")], r"--sd-folder: .*missing not found"),
+        (out + ["--sd-folder", str(no_clip)], r"--sd-folder: .*no_clip has no clip/"),
+        (out + ["--sd-folder", str(no_unet_cfg)], r"--sd-folder: .*has no unet/config.json"),
+        (out + ["--sd-folder", str(tiny_sd_dir), "--prior-steps", "0"], "--prior-steps must be positive"),
+        (out + ["--sd-folder", str(tiny_sd_dir), "--decoder-lr", "inf"], "--decoder-lr must be a finite"),
+        (["--out", str(tmp_path / "afile"), "--sd-folder", str(tiny_sd_dir)], r"--out: .*is a file"),
+        (["--out", str(tiny_sd_dir), "--sd-folder", str(tiny_sd_dir)],
+         r"--out: .*exists and holds other files \(it is not a toy unCLIP"),
+    ]
+    before = _hashes(tmp_path), _hashes(tiny_sd_dir)
+    for argv, match in cases:
+        assert UT.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, (argv, err)
+        assert re.search(match, lines[0]), (argv, lines[0])
+    assert (_hashes(tmp_path), _hashes(tiny_sd_dir)) == before
+    assert not (tmp_path / "u").exists() and not (tmp_path / "train_runs").exists()
+
+
+def test_training_cli_subprocess_all_zero_steps(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(T.__file__).parents[1]))
+    r = subprocess.run([sys.executable, "-m", "t2i_common.toyworld.training", "--out", str(tmp_path / "sd")]
+                       + _ZERO, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "python -m t2i_common.toyworld.training: error: --clip-steps must be positive, got 0 "
+        "(--debug shows the traceback)"]
+    assert not (tmp_path / "sd").exists() and not (tmp_path / "train_runs").exists()
+    r = subprocess.run([sys.executable, "-m", "t2i_common.toyworld.training", "--out", str(tmp_path / "sd"),
+                        "--debug"] + _ZERO, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_corrupt_stage_checkpoint_from_the_cli_names_it(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "clip.ckpt").write_bytes(b"\x00" * 40)
+    before = _hashes(tmp_path)
+    argv = ["--out", str(tmp_path / "sd"), "--work-dir", str(work), "--n-train", "4", "--no-eval"]
+    assert T.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert f"stage checkpoints (resume) in {work}" in out
+    assert re.search(r"error: training checkpoint .*clip.ckpt is not readable .*delete .*clip.ckpt "
+                     r"\(or pass --no-resume", err) and "Traceback" not in err
+    assert _hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("caption,word", [("a red q square", "q"), ("a red squares", "squares"),
+                                          ("a red, square", "red,")])
+def test_unknown_caption_words_are_named(cfg, tok, caption, word):
+    pairs = _pairs(4)
+    pairs[2] = (pairs[2][0], caption)
+    with pytest.raises(V.BadInput, match=rf"training captions: .*does not know the word\(s\) \['{word}'\]"):
+        T.train_clip(pairs, cfg, tok, 1, batch_size=2, progress=False)
+    from transformers import CLIPModel
+    clip = CLIPModel(sdformat.clip_config(cfg, tok))
+    with pytest.raises(V.BadInput, match=rf"\['{word}'\]"):
+        T.train_unet(pairs, sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg), tok, cfg, 1,
+                     batch_size=2, progress=False)
+
+
+def test_run_paths_accept_new_empty_or_own_folders(tmp_path):
+    T.check_run_paths(tmp_path / "new" / "sd", tmp_path / "work")            # nothing exists yet
+    (tmp_path / "empty").mkdir()
+    T.check_run_paths(tmp_path / "empty", tmp_path / "work")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "training_log.json").write_text("{}")
+    (own / "model_index.json").write_text("{}")
+    T.check_run_paths(own, tmp_path / "work")                                # an earlier build
+    assert not (tmp_path / "new").exists() and not (tmp_path / "work").exists()
+    assert T.default_work_dir(tmp_path / "x" / "sd") == tmp_path / "x" / "train_runs"
+    assert UT.default_work_dir(tmp_path / "x" / "u") == tmp_path / "x" / "train_runs" / "u"

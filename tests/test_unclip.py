@@ -346,3 +346,216 @@ def test_prior_from_a_karlo_layout_folder(tiny_unclip_dir, tiny_unclip, tmp_path
     shutil.rmtree(karlo / "text_encoder")
     with pytest.raises(FileNotFoundError):
         unclip.load_unclip(decoder_only, prior=karlo)
+
+
+# ---- bad input, by class: one-line errors naming the input, before any sampling ---------------------
+from t2i_common import validate as V  # noqa: E402
+
+
+@pytest.mark.parametrize("index", [(0, 0), (1, 31), (2, 7)])
+def test_non_finite_embeddings_are_named_with_their_index(tiny_unclip, index):
+    z = torch.randn(3, 32)
+    z[index] = float("nan") if index[1] % 2 else float("inf")
+    with pytest.raises(V.BadInput, match=rf"image_embeds holds a non-finite value .* at index "
+                                         rf"\({index[0]}, {index[1]}\)"):
+        tiny_unclip.decode(z, num_steps=2)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m.decode(torch.zeros(1, 32), num_steps=2, guidance_scale=float("nan")),
+     "guidance_scale must be a finite number"),
+    (lambda m: m.decode(torch.zeros(1, 32), num_steps=2, guidance_scale=float("inf")),
+     "guidance_scale must be a finite number"),
+    (lambda m: m.generate(["a red circle"], num_steps=2, prior_steps=2, prior_guidance=float("nan")),
+     "prior_guidance must be a finite number"),
+    (lambda m: m.generate(["a red circle"], num_steps=2, prior_steps=2, guidance_scale="3"),
+     "guidance_scale must be a number"),
+    (lambda m: m.decode(torch.zeros(1, 32), num_steps=2,
+                        latents=torch.full((1, 4, 8, 8), float("nan"))),
+     r"latents holds a non-finite value .* index \(0, 0, 0, 0\)"),
+    (lambda m: m.interpolate(_image(0), _image(1), [0.2, float("nan")], num_steps=2),
+     "thetas must lie in"),
+    (lambda m: m.invert(torch.zeros(1, 4, 8, 8), torch.zeros(1, 32), guidance_scale=float("-inf")),
+     "guidance_scale must be a finite number"),
+])
+def test_non_finite_parameters(tiny_unclip, call, match):
+    with pytest.raises(V.BadInput, match=match):
+        call(tiny_unclip)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m.generate([], num_steps=2), "prompts is empty"),
+    (lambda m: m.decode(torch.zeros(0, 32), num_steps=2), "image_embeds holds no embeddings"),
+    (lambda m: m.interpolate(_image(0), _image(1), [], num_steps=2), "thetas is empty"),
+    (lambda m: m.sample_prior([], num_steps=2), "prompts is empty"),
+    (lambda m: m.text_diff(_image(0), "a red circle", "a blue circle", [], num_steps=2),
+     "thetas is empty"),
+])
+def test_empty_inputs(tiny_unclip, call, match):
+    with pytest.raises(V.BadInput, match=match):
+        call(tiny_unclip)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_steps=-1), "num_steps must be positive, got -1"),
+    (dict(num_steps=0), "num_steps must be positive, got 0"),
+    (dict(num_steps=2.5), "num_steps must be a whole number"),
+    (dict(num_steps="3"), "num_steps must be a whole number"),
+    (dict(prior_steps=0), "prior_steps must be positive"),
+    (dict(n_candidates=0), "n_candidates must be positive"),
+    (dict(n_candidates=1.5), "n_candidates must be a whole number"),
+    (dict(seed=-1), "seed must be >= 0"),
+    (dict(seeds=[1, -2]), r"seeds\[1\] must be >= 0"),
+    (dict(seeds=[1, 2, 3]), "seeds has 3 entries for 2 prompts"),
+    (dict(seeds="12"), "seeds must be a list of 2 whole numbers"),
+])
+def test_bad_counts_in_generate(tiny_unclip, kw, match):
+    with pytest.raises(V.BadInput, match=match):
+        tiny_unclip.generate(["a red circle", "a blue square"], **dict(dict(num_steps=2, prior_steps=2), **kw))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m.decode(torch.zeros(1, 32), num_steps=-1), "num_steps must be positive"),
+    (lambda m: m.decode(torch.zeros(1, 32), num_steps=2, noise_level=-5), "noise_level must be >= 0"),
+    (lambda m: m.decode(torch.zeros(1, 32), num_steps=2, noise_level=2.5), "noise_level must be a whole"),
+    (lambda m: m.decode(torch.zeros(1, 32), num_steps=2, batch_size=0), "batch_size must be positive"),
+    (lambda m: m.decode(torch.zeros(1, 32), num_steps=2, output="png"), "output must be"),
+    (lambda m: m.variations([_image(0)], n=0, num_steps=2), "n must be positive"),
+    (lambda m: m.sample_prior(["a red circle"], num_steps=0), "num_steps must be positive"),
+    (lambda m: m.invert(torch.zeros(1, 4, 8, 8), torch.zeros(1, 32), num_steps=0),
+     "num_steps must be positive"),
+    (lambda m: m.text_diff(_image(0), "a red circle", "a blue circle", [0.5], num_steps=-3),
+     "num_steps must be positive"),
+])
+def test_bad_counts_elsewhere(tiny_unclip, call, match):
+    with pytest.raises(V.BadInput, match=match):
+        call(tiny_unclip)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m.generate("a red circle", num_steps=2), r"prompts must be a list of strings, got the "
+                                                         r"string 'a red circle'; wrap it"),
+    (lambda m: m.generate("a red circle", mode="caption", num_steps=2), "got the string"),
+    (lambda m: m.sample_prior("a red circle", num_steps=2), "got the string"),
+    (lambda m: m.prior_embeddings("a red circle", num_steps=2), "got the string"),
+    (lambda m: m.encode_prior_texts("a red circle"), "got the string"),
+    (lambda m: m.generate([1, 2], num_steps=2), r"prompts\[0\] is int"),
+    (lambda m: m.generate(None, num_steps=2), "prompts must be a list of strings, got NoneType"),
+    (lambda m: m.text_diff(_image(0), ["a red circle"], "a blue circle", [0.5], num_steps=2),
+     "source_caption must be one caption string"),
+    (lambda m: m.text_diff(_image(0), "a red circle", None, [0.5], num_steps=2),
+     "target_caption must be one caption string"),
+    (lambda m: m.encode_images(_image(0)), "got a single one; wrap it in a list"),
+    (lambda m: m.interpolate(_image(0), _image(1), "0.5", num_steps=2), "got the string"),
+])
+def test_wrong_containers(tiny_unclip, call, match):
+    with pytest.raises(V.BadInput, match=match):
+        call(tiny_unclip)
+
+
+@pytest.mark.parametrize("prompt,word", [("a red circle q blue square", "q"),
+                                         ("a red circles", "circles"),
+                                         ("a red, circle", "red,")])
+def test_unknown_words_are_named(tiny_unclip, prompt, word):
+    m = tiny_unclip
+    with pytest.raises(V.BadInput, match=rf"does not know the word\(s\) \['{word}'\]"):
+        m.generate([prompt], num_steps=2, prior_steps=2)
+    with pytest.raises(V.BadInput, match=rf"\['{word}'\]"):
+        m.encode_prior_texts(["a red circle", prompt])
+    with pytest.raises(V.BadInput, match=rf"\['{word}'\]"):
+        m.generate([prompt], mode="caption", num_steps=2)
+    with pytest.raises(V.BadInput, match=rf"\['{word}'\]"):
+        m.text_diff(_image(0), "a red circle", prompt, [0.5], num_steps=2)
+
+
+def test_zero_edit_direction_returns_the_reconstruction(tiny_unclip):
+    m = tiny_unclip
+    im = _image(2)
+    for cap in ("a red circle", "a blue square"):
+        out, x_T = m.text_diff(im, cap, cap, [0.0, 0.5, 1.0], num_steps=4, guidance_scale=2.0,
+                               return_inversion=True)
+        rec = m.decode(m.encode_images([im]), num_steps=4, guidance_scale=2.0, latents=x_T.cpu())
+        for k in range(3):
+            assert np.array_equal(out[k], rec[0])
+    # a real direction still edits
+    out = m.text_diff(im, "a red circle", "a blue circle", [0.0, 0.5], num_steps=4)
+    assert not np.array_equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("caption,match", [(False, "caption=False would leave no conditioning"),
+                                           ("no", "caption must be True or False"),
+                                           (0, "caption must be True or False")])
+def test_caption_mode_needs_the_caption(tiny_unclip, caption, match):
+    with pytest.raises(V.BadInput, match=match):
+        tiny_unclip.generate(["a red circle"], mode="caption", caption=caption, num_steps=2)
+
+
+# ---- damaged folders: the component, its folder and what is wrong --------------------------------
+def _damaged(src, dst, damage):
+    import shutil
+    shutil.copytree(src, dst)
+    damage(dst)
+    return dst
+
+
+def _drop_index_entry(key):
+    def f(d):
+        idx = json.loads((d / "model_index.json").read_text())
+        idx.pop(key)
+        (d / "model_index.json").write_text(json.dumps(idx))
+    return f
+
+
+def _rm(rel):
+    import shutil
+
+    def f(d):
+        p = d / rel
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return f
+
+
+def _write(rel, text):
+    def f(d):
+        (d / rel).write_text(text)
+    return f
+
+
+def _rm_weights(sub):
+    def f(d):
+        for p in (d / sub).iterdir():
+            if p.suffix in (".safetensors", ".bin"):
+                p.unlink()
+    return f
+
+
+@pytest.mark.parametrize("damage,exc,match", [
+    (_rm("prior/config.json"), FileNotFoundError,
+     r"unCLIP component prior: .*prior has no config.json; restore it"),
+    (_drop_index_entry("unet"), V.BadInput,
+     r"unCLIP component unet: .*model_index.json does not list it although .*unet/ exists; add "
+     r"\"unet\": \[\"diffusers\", \"UNet2DConditionModel\"\]"),
+    (_rm("unet"), FileNotFoundError, r"unCLIP component unet: .*unet is missing"),
+    (_rm_weights("vae"), FileNotFoundError, r"unCLIP component vae: .*vae has a config.json but no weights"),
+    (_write("scheduler/scheduler_config.json", "{oops"), V.BadInput,
+     r"unCLIP component scheduler: .*scheduler_config.json is not valid JSON"),
+    (_rm("image_noising_scheduler/scheduler_config.json"), FileNotFoundError,
+     r"unCLIP component image_noising_scheduler: .* has no scheduler_config.json"),
+    (_rm("prior_tokenizer"), FileNotFoundError, r"unCLIP component prior_tokenizer: .*is missing"),
+    (_write("model_index.json", "[1, 2"), V.BadInput, r"model_index.json is not valid JSON"),
+    (_write("model_index.json", "[1, 2]"), V.BadInput, r"model_index.json holds a list"),
+])
+def test_damaged_folder_names_the_component(tiny_unclip_dir, tmp_path, damage, exc, match):
+    d = _damaged(tiny_unclip_dir, tmp_path / "dmg", damage)
+    with pytest.raises(exc, match=match) as info:
+        unclip.load_unclip(d)
+    assert "huggingface-cli" not in str(info.value)
+
+
+def test_sd_folder_or_file_is_not_an_unclip_folder(tiny_sd_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"unCLIP component image_normalizer: .* has no "
+                                                r"image_normalizer/ folder .*StableDiffusionPipeline"):
+        unclip.load_unclip(tiny_sd_dir)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(V.BadInput, match="is a file, not a Stable unCLIP folder"):
+        unclip.load_unclip(tmp_path / "f")

@@ -203,7 +203,7 @@ def train_unet_masked(pairs, removed, text_encoder, vae, tokenizer, cfg, steps: 
     sched = scheduler or build_scheduler(cfg)
     abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
     sf = float(vae.config.scaling_factor)
-    captions, per_image = training._caption_table(data, extra=("",))
+    captions, per_image = training._caption_table(data, extra=("",), tokenizer=tokenizer)
     emb = training.encode_texts(text_encoder, tokenizer, captions, cfg.max_length)
     mu, sd = training.encode_latent_posteriors(vae, data.images)
     torch.manual_seed(seed)
@@ -375,7 +375,8 @@ def unlearning_scores(setup: AttributionSetup, *, cache_root=None, progress: boo
     res = A.attribute_by_unlearning(setup.base, setup.data, setup.queries, setup.fisher,
                                     setup.pretrain_loss, out_dir=out,
                                     time_samples=setup.settings["time_samples"],
-                                    seed=setup.settings["seed"], progress=progress, **kw)
+                                    seed=setup.settings["seed"], progress=progress,
+                                    reuse_unrecorded=True, **kw)
     return np.stack([res[i]["influence"] for i in range(len(setup.queries))])
 
 

@@ -41,6 +41,7 @@ Deliberate differences (each keeps the method, removes a fragility):
 """
 from __future__ import annotations
 
+import numbers
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import validate as V
 from ..cache import ResultCache
 from ..distributed import LOCAL, ShardError, accelerate_cpu, resolve_shard
 from ..engine import NoiseBank, denoise_errors
 from ..keys import weights_fingerprint
-from ..models import load_t2i
 
 #: parameter-name patterns per weight subset: every group must match (any substring of a group)
 WEIGHT_SUBSETS = {
@@ -81,8 +82,9 @@ def select_parameters(unet, subset: str = "cross-attn-kv") -> list[str]:
 
 def loss_timesteps(time_samples: int = 20, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The original's loss grid ``arange(0, T, T // time_samples)`` (20 -> 0, 50, ..., 950)."""
-    if time_samples < 1 or num_train_timesteps % time_samples:
-        raise ValueError(f"time_samples must divide the {num_train_timesteps} training timesteps, "
+    time_samples = V.count(time_samples, "time_samples")
+    if num_train_timesteps % time_samples:
+        raise V.BadInput(f"time_samples must divide the {num_train_timesteps} training timesteps, "
                          f"got {time_samples}")
     return torch.arange(0, num_train_timesteps, num_train_timesteps // time_samples)
 
@@ -108,6 +110,8 @@ class TrainingSet:
         self.latents = torch.as_tensor(self.latents, dtype=torch.float32)
         self.text_emb = torch.as_tensor(self.text_emb, dtype=torch.float32)
         check_training_set(self.latents.shape, self.text_emb.shape, "latents", "text_emb")
+        V.finite_array(self.latents, "training latents")
+        V.finite_array(self.text_emb, "training text embeddings")
         if self.images is not None and len(self.images) != self.n:
             raise ValueError(f"TrainingSet: {len(self.images)} images for {self.n} training rows; "
                              f"give one image per unflipped latent")
@@ -120,8 +124,10 @@ class TrainingSet:
     def from_npy(cls, latents_path, text_path, images=None, captions=None) -> "TrainingSet":
         """The original's files: ``coco17_train_latents.npy`` [2N, C, h, w] (unflipped rows first)
         and ``coco17_train_text_embeddings.npy`` [N, P, L, D]; shapes are checked before any work."""
-        lat, txt = _load_npy(latents_path), _load_npy(text_path)
+        lat, txt = _load_npy(latents_path, "training latents"), _load_npy(text_path, "training text embeddings")
         check_training_set(lat.shape, txt.shape, latents_path, text_path)
+        V.finite_array(lat, f"training latents {latents_path}")
+        V.finite_array(txt, f"training text embeddings {text_path}")
         return cls(torch.from_numpy(np.array(lat, dtype=np.float32)),
                    torch.from_numpy(np.array(txt, dtype=np.float32)), images, captions)
 
@@ -131,6 +137,9 @@ class TrainingSet:
         and each image's captions with its text encoder.  Images with fewer captions than the most
         captioned one repeat theirs cyclically, so every image has P embeddings."""
         images = np.asarray(images)
+        if isinstance(captions, str):
+            raise V.BadInput(f"captions must hold one caption (or list of captions) per image, got the "
+                             f"string {captions!r}; wrap it: [{captions!r}]")
         caps = [[c] if isinstance(c, str) else list(c) for c in captions]
         if len(caps) != len(images) or any(not c for c in caps):
             raise ValueError(f"TrainingSet.from_images: {len(images)} images need as many non-empty "
@@ -140,6 +149,8 @@ class TrainingSet:
                          model.encode_images(x.flip(-1), batch_size=batch_size)]).float().cpu().clone()
         P = max(len(c) for c in caps)
         flat = [c[j % len(c)] for c in caps for j in range(P)]
+        if getattr(model, "tokenizer", None) is not None:
+            V.known_words(model.tokenizer, flat, "captions")
         emb = model.encode_prompts(flat).float().cpu().clone()   # clone: out of inference mode
         return cls(lat, emb.view(len(images), P, *emb.shape[1:]), images, caps)
 
@@ -153,12 +164,9 @@ class TrainingSet:
         return a, b
 
 
-def _load_npy(path):
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; point at the .npy file written by the "
-                                f"preprocessing (e.g. the original's download_mscoco.sh)")
-    return np.load(path, mmap_mode="r")
+def _load_npy(path, name="array"):
+    return V.load_npy(path, name, "point at the .npy file written by the preprocessing (e.g. the "
+                                  "original's download_mscoco.sh)")
 
 
 def check_training_set(lat_shape, txt_shape, lat_name="latents", txt_name="text_emb") -> None:
@@ -169,6 +177,13 @@ def check_training_set(lat_shape, txt_shape, lat_name="latents", txt_name="text_
     if len(txt_shape) != 4:
         raise ValueError(f"{txt_name}: text embeddings must be [N, P, L, D] (P captions per image), "
                          f"got shape {tuple(txt_shape)}; a [N, L, D] array needs [:, None]")
+    if lat_shape[0] == 0 or txt_shape[0] == 0:
+        raise V.BadInput(f"{lat_name if lat_shape[0] == 0 else txt_name}: the training set is empty "
+                         f"(shape {tuple(lat_shape if lat_shape[0] == 0 else txt_shape)}); it needs "
+                         f"at least one image")
+    if txt_shape[1] == 0:
+        raise V.BadInput(f"{txt_name}: 0 captions per image (shape {tuple(txt_shape)}); each image "
+                         f"needs at least one caption embedding")
     if lat_shape[0] != 2 * txt_shape[0]:
         raise ValueError(f"{lat_name} has {lat_shape[0]} rows but {txt_name} has {txt_shape[0]} "
                          f"images: the latents must hold 2N rows (N unflipped, then N flipped); "
@@ -190,11 +205,16 @@ class QuerySet:
         if self.latents.ndim != 4 or self.text_emb.ndim != 3 or len(self.latents) != len(self.text_emb):
             raise ValueError(f"QuerySet: latents [Q, C, h, w] and text_emb [Q, L, D] with the same Q "
                              f"needed, got {tuple(self.latents.shape)} and {tuple(self.text_emb.shape)}")
+        V.non_empty(len(self.latents), "query latents", "queries")
+        V.finite_array(self.latents, "query latents")
+        V.finite_array(self.text_emb, "query text embeddings")
 
     def __len__(self):
         return len(self.latents)
 
     def check_index(self, idx: int) -> int:
+        idx = V.count(idx, "query index", low=0) if not (isinstance(idx, numbers.Integral)
+                                                          and not isinstance(idx, bool)) else idx
         if not 0 <= int(idx) < len(self):
             raise IndexError(f"query index {idx} is out of range: the query set has {len(self)} "
                              f"queries (0..{len(self) - 1}); pass an index below {len(self)}")
@@ -204,7 +224,9 @@ class QuerySet:
     def from_npy(cls, latents_path, text_path, image_dir=None) -> "QuerySet":
         """The original's ``latents.npy`` [Q, C, h, w], ``text_embeddings.npy`` [Q, 1, L, D] (the
         first caption is used, as ``np.load(...)[[idx], 0]``) and optional ``images/{i}.png``."""
-        lat, txt = _load_npy(latents_path), _load_npy(text_path)
+        lat, txt = _load_npy(latents_path, "query latents"), _load_npy(text_path, "query text embeddings")
+        V.finite_array(lat, f"query latents {latents_path}")
+        V.finite_array(txt, f"query text embeddings {text_path}")
         if txt.ndim == 4:
             txt = txt[:, 0]
         if lat.ndim != 4 or txt.ndim != 3:
@@ -213,6 +235,7 @@ class QuerySet:
         if len(lat) != len(txt):
             raise ValueError(f"{latents_path} holds {len(lat)} queries but {text_path} holds "
                              f"{len(txt)}; both must come from the same generate_samples run")
+        V.non_empty(len(lat), f"query latents {latents_path}", "queries")
         images = None
         if image_dir is not None:
             from PIL import Image
@@ -221,9 +244,21 @@ class QuerySet:
             if missing:
                 raise FileNotFoundError(f"query images missing in {image_dir}: {missing[:3]}; "
                                         f"expected one {{i}}.png per query")
-            images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+            images = np.stack([_read_image(f) for f in files])
         return cls(torch.from_numpy(np.array(lat, dtype=np.float32)),
                    torch.from_numpy(np.array(txt, dtype=np.float32)), images)
+
+
+def _read_image(f) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+    if Path(f).is_dir():
+        raise V.BadInput(f"query image {f} is a folder, expected a PNG file")
+    try:
+        with Image.open(f) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise V.BadInput(f"query image {f} is not a readable image ({type(err).__name__}); replace "
+                         f"it with the PNG of that query") from None
 
 
 def check_compatible(model, data: TrainingSet) -> None:
@@ -263,6 +298,7 @@ def training_loss(model, data: TrainingSet, *, time_samples: int = 20, seed: int
     :func:`weights_fingerprint`), so a killed run resumes.
     """
     check_compatible(model, data)
+    chunk, batch_size = V.count(chunk, "chunk"), V.count(batch_size, "batch_size")
     sh = resolve_shard(shard) if shard is not None or cache is not None else LOCAL
     if sh.live and cache is None:
         raise ShardError(f"training_loss: running as {sh} needs cache=... (the processes exchange "
@@ -384,15 +420,21 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
     generator seeded with (seed, epoch) (original: compute_fisher.py, batch 32, 5 epochs).  Batch
     means of squared per-sample gradients are averaged (float64), as in the original.  With
     ``path`` the result is saved as ``{param_name: tensor}`` (the original's ``fisher_info.pt``)
-    and reloaded if it already exists for the same parameter names.
+    plus ``<path>.meta.json`` (what it was made from: weights, data, epochs, batch_size, seed).
+    An existing ``path`` is never overwritten: it is read back (:func:`read_fisher`) when it
+    covers the parameters of ``subset`` and its record matches, and is an error otherwise; a file
+    without a record (e.g. the original's compute_fisher.py) is used as given after its names,
+    shapes and values are checked.
     """
     check_compatible(model, data)
+    epochs, batch_size = V.count(epochs, "epochs"), V.count(batch_size, "batch_size")
     unet = model.unet
     names = select_parameters(unet, subset)
+    record = fisher_record(model, data, epochs, batch_size, seed)
     if path is not None and Path(path).exists():
-        fisher = torch.load(path, map_location="cpu")
-        if set(names) <= set(fisher):
-            return {n: fisher[n] for n in names}
+        V.check_record(path, record, "fisher", "pass another path (a new file is computed there) "
+                                               "or the parameters it was made with")
+        return check_fisher(read_fisher(path), unet, names, path)
     abar = model.alphas_cumprod.float()
     T, P = len(abar), data.text_emb.shape[1]
     acc = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in unet.named_parameters() if n in names}
@@ -415,8 +457,54 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
     fisher = {n: v / count for n, v in acc.items()}
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(fisher, path)
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        torch.save(fisher, tmp)
+        V.write_record(path, record)
+        tmp.replace(path)
     return fisher
+
+
+def fisher_record(model, data, epochs, batch_size, seed) -> dict:
+    """What a Fisher file is made from (its ``.meta.json``)."""
+    return dict(kind="fisher", weights=weights_fingerprint(model.unet),
+                data=V.digest(data.latents, data.text_emb), epochs=int(epochs),
+                batch_size=int(batch_size), seed=int(seed))
+
+
+def read_fisher(path) -> dict:
+    """A ``{param_name: tensor}`` Fisher file (the original's ``fisher_info.pt``); anything else
+    (a bare tensor, a list, a corrupt file) is an error saying what the file holds."""
+    f = V.load_torch(path, "fisher", "pass the fisher_info.pt written by compute_fisher / this "
+                                     "package, or a new path to compute one there")
+    if not isinstance(f, dict) or not f or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in f.items()):
+        what = (f"a tensor of shape {tuple(f.shape)}" if isinstance(f, torch.Tensor)
+                else "an empty dict" if isinstance(f, dict) and not f else f"a {type(f).__name__}")
+        raise V.BadInput(f"fisher: {path} holds {what}, expected a {{parameter name: tensor}} dict "
+                         f"(the original's fisher_info.pt); pass another path to compute one there")
+    return f
+
+
+def check_fisher(fisher: dict, unet, names, path="fisher") -> dict:
+    """The entries ``names`` of a Fisher dict, checked against the UNet: present, same shapes,
+    finite and >= 0."""
+    params = dict(unet.named_parameters())
+    missing = [n for n in names if n not in fisher]
+    if missing:
+        raise V.BadInput(f"fisher: {path} lacks {len(missing)} of the {len(names)} parameters of this "
+                         f"weight subset (e.g. {missing[0]!r}; it holds {len(fisher)} entries such as "
+                         f"{next(iter(fisher), None)!r}); it was made for another subset or model: "
+                         f"pass another path to compute one there")
+    for n in names:
+        v = fisher[n]
+        if tuple(v.shape) != tuple(params[n].shape):
+            raise V.BadInput(f"fisher: {path} entry {n!r} has shape {tuple(v.shape)} but the UNet's "
+                             f"parameter is {tuple(params[n].shape)}; it was made for another model")
+        V.finite_array(v, f"fisher {path} entry {n!r}")
+        if bool((v < 0).any()):
+            raise V.BadInput(f"fisher: {path} entry {n!r} has negative values (a Fisher diagonal is a "
+                             f"mean of squares); the file is not a Fisher information")
+    return {n: fisher[n] for n in names}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,15 +563,20 @@ def newton_step(grad: dict, fisher: dict | None, lr: float, n_train: int,
                 damping: float = 0.0) -> dict:
     """Delta theta = (lr / N) F^-1 grad (float64).  ``fisher=None`` is the SGD ablation without the
     Fisher preconditioner: Delta theta = (lr / N) grad."""
+    lr = V.real(lr, "lr", low=0)
+    n_train = V.count(n_train, "n_train")
+    damping = V.real(damping, "damping", low=0)
     out = {}
     for n, gn in grad.items():
         gn = gn.double()
+        V.finite_array(gn, f"query gradient of {n!r}")
         if fisher is None:
             out[n] = lr * gn / n_train
             continue
         if n not in fisher:
             raise KeyError(f"the Fisher information has no entry {n!r}; recompute it with a weight "
                            f"subset that covers this parameter (e.g. subset='all')")
+        V.finite_array(fisher[n], f"Fisher entry {n!r}")
         f = fisher[n].double().cpu() + damping
         if (f <= 0).any():
             raise ValueError(f"Fisher entry {n!r} has {(f <= 0).sum().item()} non-positive values; "
@@ -524,6 +617,10 @@ def unlearn_delta(model, latent, emb, fisher, *, n_train: int, subset: str = "cr
     ``use_fisher=False`` is the paper's ablation "SGD without Fisher": the raw gradient step,
     rescaled to the Euclidean length of the Newton step (otherwise lr / N * grad is so short that
     float32 weights round it away; the ranking then compares directions only)."""
+    check_unlearn_settings(lr=lr, n_batches=n_batches, batch_size=batch_size, damping=damping,
+                           n_train=n_train, T=model.num_train_timesteps)
+    V.finite_array(torch.as_tensor(latent), "query latent")
+    V.finite_array(torch.as_tensor(emb), "query text embedding")
     names = select_parameters(model.unet, subset)
     g = query_gradient(model, latent, emb, names, n_batches=n_batches, batch_size=batch_size,
                        seed=seed)
@@ -534,6 +631,19 @@ def unlearn_delta(model, latent, emb, fisher, *, n_train: int, subset: str = "cr
     norm = lambda d: torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))  # noqa: E731
     scale = norm(newton) / norm(sgd).clamp_min(1e-300)
     return {n: v * scale for n, v in sgd.items()}
+
+
+def check_unlearn_settings(*, lr, n_batches, batch_size, damping=0.0, n_train=None, T=1000,
+                           time_samples=None) -> None:
+    """The unlearning step's numbers, checked before any work (one-line errors)."""
+    V.real(lr, "lr (unlearn_lr)", low=0)
+    V.count(n_batches, "n_batches (unlearn_grad_accum_steps)")
+    V.count(batch_size, "batch_size (unlearn_batch_size)", high=T)
+    V.real(damping, "damping", low=0)
+    if n_train is not None:
+        V.count(n_train, "n_train")
+    if time_samples is not None:
+        loss_timesteps(time_samples, T)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -552,8 +662,9 @@ def influence_from_losses(loss_after, loss_before) -> dict:
     return {"influence": infl, "rank": np.argsort(-infl, kind="stable")}
 
 
-def save_influence(result: dict, folder, idx: int) -> Path:
-    """Write ``folder/influence_{idx}.pkl`` holding ``{'influence', 'rank'}`` (original format)."""
+def save_influence(result: dict, folder, idx: int, record: dict | None = None) -> Path:
+    """Write ``folder/influence_{idx}.pkl`` holding ``{'influence', 'rank'}`` (original format);
+    ``record``: the parameters it was made with, kept in ``influence_{idx}.pkl.meta.json``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / f"influence_{int(idx)}.pkl"
@@ -561,6 +672,8 @@ def save_influence(result: dict, folder, idx: int) -> Path:
     with open(tmp, "wb") as f:
         pickle.dump({"influence": np.asarray(result["influence"]),
                      "rank": np.asarray(result["rank"])}, f)
+    if record is not None:
+        V.write_record(p, record)
     tmp.replace(p)
     return p
 
@@ -569,11 +682,12 @@ def load_influence(folder, idx: int) -> dict:
     p = Path(folder) / f"influence_{int(idx)}.pkl"
     if not p.exists():
         raise FileNotFoundError(f"{p} not found; run attribute_by_unlearning for query {idx}")
-    with open(p, "rb") as f:
-        res = pickle.load(f)
-    if set(res) != {"influence", "rank"}:
-        raise ValueError(f"{p} is not an influence file: keys {sorted(res)}, expected "
-                         f"['influence', 'rank']")
+    res = V.load_pickle(p, f"influence of query {idx}", "move it away to recompute it")
+    if not isinstance(res, dict) or set(res) != {"influence", "rank"}:
+        what = f"keys {sorted(map(str, res))}" if isinstance(res, dict) else f"a {type(res).__name__}"
+        raise ValueError(f"{p} is not an influence file: it holds {what}, expected a dict with "
+                         f"['influence', 'rank']; move it away to recompute it")
+    V.finite_array(np.asarray(res["influence"], dtype=np.float64), f"{p} influence")
     return res
 
 
@@ -582,25 +696,68 @@ def attribute_by_unlearning(model, data: TrainingSet, queries: QuerySet, fisher,
                             lr: float = 0.01, n_batches: int = 625, batch_size: int = 80,
                             time_samples: int = 20, seed: int = 0, damping: float = 0.0,
                             use_fisher: bool = True, n_train: int | None = None,
-                            loss_batch_size: int = 256, progress: bool = True) -> dict:
+                            loss_batch_size: int = 256, progress: bool = True,
+                            reuse_unrecorded: bool = False) -> dict:
     """Influence of every training image on each query ``indices`` (default all).
 
     For each query: Newton-unlearn it, recompute the training loss (same noise as
-    ``pretrain_loss``), restore the weights, write ``out_dir/influence_{idx}.pkl``; a query whose
-    file exists is read back (resume).  ``n_train``: N in lr / N (default the training-set size;
-    the original's AbC setting hard-codes 400M for LAION).  Returns {idx: {'influence', 'rank'}}.
+    ``pretrain_loss``), restore the weights, write ``out_dir/influence_{idx}.pkl`` and its record
+    ``influence_{idx}.pkl.meta.json`` (every setting, the weights, data, query and Fisher it was
+    made from).  A query whose file exists is read back (resume) when its record matches; a file
+    made with other settings is an error (it is never overwritten: use another ``out_dir``), and so
+    is a file without a record (an older run's or the original code's), unless
+    ``reuse_unrecorded`` (for folders keyed by the settings, such as the package's cache).
+    ``n_train``: N in lr / N (default the training-set size; the original's AbC setting hard-codes
+    400M for LAION).  Returns {idx: {'influence', 'rank'}}.
     """
     indices = list(range(len(queries))) if indices is None else [queries.check_index(i) for i in indices]
+    if not indices:
+        raise V.BadInput("indices is empty; pass at least one query index (or None for all)")
     pretrain_loss = np.asarray(pretrain_loss, np.float64)
     if pretrain_loss.shape != (len(data.latents),):
         raise ValueError(f"pretrain_loss has shape {pretrain_loss.shape} but the training set has "
                          f"{len(data.latents)} rows (2N); recompute it with training_loss on the "
                          f"same training set")
+    V.finite_array(pretrain_loss, "pretrain_loss")
     check_compatible(model, data)
+    check_unlearn_settings(lr=lr, n_batches=n_batches, batch_size=batch_size, damping=damping,
+                           n_train=n_train, T=model.num_train_timesteps, time_samples=time_samples)
+    V.count(loss_batch_size, "loss_batch_size")
+    if use_fisher:
+        if not isinstance(fisher, dict):
+            raise V.BadInput(f"fisher must be a {{parameter name: tensor}} dict, got "
+                             f"{type(fisher).__name__}")
+        fisher = check_fisher(fisher, model.unet, select_parameters(model.unet, subset))
+    base = None
+    if out_dir is not None:
+        V.out_dir(out_dir, "out_dir")
+        base = dict(kind="influence", weights=weights_fingerprint(model.unet),
+                    data=V.digest(data.latents, data.text_emb), pretrain_loss=V.digest(pretrain_loss),
+                    fisher=V.digest(*[fisher[k] for k in sorted(fisher)]) if use_fisher else None,
+                    subset=subset, lr=float(lr), n_batches=int(n_batches), batch_size=int(batch_size),
+                    time_samples=int(time_samples), seed=int(seed), damping=float(damping),
+                    use_fisher=bool(use_fisher), n_train=int(n_train or data.n))
+    records = {}
+    for idx in indices:   # every existing result is checked before any work
+        if base is None:
+            continue
+        records[idx] = dict(base, query=idx, query_data=V.digest(queries.latents[idx],
+                                                                  queries.text_emb[idx]))
+        p = Path(out_dir) / f"influence_{idx}.pkl"
+        if p.exists() and not V.check_record(
+                p, records[idx], f"influence of query {idx}",
+                "results are never overwritten: pass another result folder") and not reuse_unrecorded:
+            raise V.BadInput(f"{p} exists but has no record of the settings it was made with (an "
+                             f"older run's or the original code's); it is not reused or "
+                             f"overwritten: pass another result folder or move it away")
     out = {}
     for idx in tqdm(indices, disable=not progress, desc="unlearning queries"):
         if out_dir is not None and (Path(out_dir) / f"influence_{idx}.pkl").exists():
             out[idx] = load_influence(out_dir, idx)
+            if len(out[idx]["influence"]) != data.n:
+                raise V.BadInput(f"{Path(out_dir) / f'influence_{idx}.pkl'} holds "
+                                 f"{len(out[idx]['influence'])} influences, the training set has "
+                                 f"{data.n} images; pass another result folder")
             continue
         delta = unlearn_delta(model, queries.latents[idx], queries.text_emb[idx], fisher,
                               n_train=n_train or data.n, subset=subset, lr=lr,
@@ -609,120 +766,8 @@ def attribute_by_unlearning(model, data: TrainingSet, queries: QuerySet, fisher,
         with unlearned(model.unet, delta):
             after = training_loss(model, data, time_samples=time_samples, seed=seed,
                                   batch_size=loss_batch_size, progress=False)
+        V.finite_array(after, f"training loss after unlearning query {idx}")
         out[idx] = influence_from_losses(after, pretrain_loss)
         if out_dir is not None:
-            save_influence(out[idx], out_dir, idx)
+            save_influence(out[idx], out_dir, idx, records[idx])
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# the original's MSCOCO setting from files
-# ------------------------------------------------------------------------------------------------
-class UNetModel:
-    """The minimum of :class:`~t2i_common.models.T2IModel` the attribution code needs, around a
-    bare diffusers ``UNet2DConditionModel`` (the original's MSCOCO model: a UNet trained on
-    precomputed latents and text embeddings, ``DDPMScheduler(num_train_timesteps=1000)``)."""
-
-    def __init__(self, unet, scheduler, device="cpu", dtype=torch.float32):
-        self.unet = unet.to(device, dtype).eval().requires_grad_(False)
-        self.scheduler, self.device, self.dtype = scheduler, torch.device(device), dtype
-        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).cpu()
-        self.num_train_timesteps = len(self.alphas_cumprod)
-        s = int(unet.config.sample_size)
-        self.latent_shape = (int(unet.config.in_channels), s, s)
-        self.name = "unet"
-
-    def eps(self, z_t, t, emb):
-        t = torch.as_tensor(t, device=self.device)
-        if t.ndim == 0:
-            t = t.expand(z_t.shape[0])
-        return self.unet(z_t.to(self.device, self.dtype), t,
-                         encoder_hidden_states=emb.to(self.device, self.dtype)).sample
-
-
-def load_attribution_model(path, device="cpu", dtype=torch.float32):
-    """A Stable-Diffusion folder (``model_index.json``: :func:`models.load_t2i`) or a bare diffusers
-    UNet folder (``config.json`` + weights) with the original's ``DDPMScheduler(1000)``."""
-    p = Path(path)
-    if (p / "model_index.json").exists():
-        return load_t2i(p, device=device, dtype=dtype)
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(f"{p} is neither a Stable-Diffusion folder (model_index.json) nor a "
-                                f"diffusers UNet folder (config.json); save the UNet with "
-                                f"UNet2DConditionModel.save_pretrained(folder)")
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    return UNetModel(UNet2DConditionModel.from_pretrained(p), DDPMScheduler(num_train_timesteps=1000),
-                     device, dtype)
-
-
-def attribute_from_files(model_path, train_latents, train_text, query_latents, query_text, out_dir,
-                         *, indices=None, query_images=None, fisher_path=None,
-                         pretrain_loss_path=None, subset: str = "cross-attn-kv", lr: float = 0.01,
-                         n_batches: int = 625, batch_size: int = 80, time_samples: int = 20,
-                         fisher_epochs: int = 5, n_train: int | None = None, seed: int = 0,
-                         device="cpu", progress: bool = True) -> dict:
-    """The original's ``compute_influence.py`` pipeline on its file formats: every file and query
-    index is checked before the model is loaded.  A missing ``fisher_path`` / ``pretrain_loss_path``
-    file is computed and written there (``fisher_info.pt``, ``pretrain_loss.npy``)."""
-    data = TrainingSet.from_npy(train_latents, train_text)
-    queries = QuerySet.from_npy(query_latents, query_text, query_images)
-    indices = list(range(len(queries))) if indices is None else [queries.check_index(i) for i in indices]
-    if pretrain_loss_path is not None and Path(pretrain_loss_path).exists():
-        loss = np.load(pretrain_loss_path)
-        if loss.shape != (len(data.latents),):
-            raise ValueError(f"{pretrain_loss_path} has shape {loss.shape}, the training set "
-                             f"{len(data.latents)} rows; delete it to recompute")
-    else:
-        loss = None
-    model = load_attribution_model(model_path, device=device)
-    check_compatible(model, data)
-    if tuple(queries.latents.shape[1:]) != tuple(model.latent_shape):
-        raise ValueError(f"{query_latents}: query latents {tuple(queries.latents.shape[1:])} do not "
-                         f"match the model's {tuple(model.latent_shape)}")
-    fisher = fisher_diagonal(model, data, "all" if fisher_path is None or not Path(fisher_path).exists()
-                             else subset, epochs=fisher_epochs, seed=seed, path=fisher_path,
-                             progress=progress)
-    if loss is None:
-        loss = training_loss(model, data, time_samples=time_samples, seed=seed, progress=progress)
-        if pretrain_loss_path is not None:
-            np.save(pretrain_loss_path, loss)
-    return attribute_by_unlearning(model, data, queries, fisher, loss, indices=indices,
-                                   out_dir=out_dir, subset=subset, lr=lr, n_batches=n_batches,
-                                   batch_size=batch_size, time_samples=time_samples, seed=seed,
-                                   n_train=n_train, progress=progress)
-
-
-def main(argv=None):
-    """Command line of :func:`attribute_from_files` with the paper's MSCOCO defaults."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m t2i_common.attribution", description=main.__doc__)
-    ap.add_argument("--model", required=True, help="diffusers UNet folder or SD folder")
-    ap.add_argument("--dataroot", required=True, help="folder with coco17_train_latents.npy and "
-                                                      "coco17_train_text_embeddings.npy")
-    ap.add_argument("--sample_dir", required=True, help="folder with latents.npy, "
-                                                        "text_embeddings.npy, images/")
-    ap.add_argument("--result_dir", required=True)
-    ap.add_argument("--sample_idx", type=int, nargs="*", default=None)
-    ap.add_argument("--fisher_path", default=None)
-    ap.add_argument("--pretrain_loss_path", default=None)
-    ap.add_argument("--weight_selection", default="cross-attn-kv", choices=list(WEIGHT_SUBSETS))
-    ap.add_argument("--unlearn_lr", type=float, default=0.01)
-    ap.add_argument("--unlearn_batch_size", type=int, default=80)
-    ap.add_argument("--unlearn_grad_accum_steps", type=int, default=625)
-    ap.add_argument("--loss_time_samples", type=int, default=20)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = ap.parse_args(argv)
-    d, s = Path(a.dataroot), Path(a.sample_dir)
-    images = s / "images" if (s / "images").exists() else None
-    attribute_from_files(a.model, d / "coco17_train_latents.npy", d / "coco17_train_text_embeddings.npy",
-                         s / "latents.npy", s / "text_embeddings.npy", a.result_dir,
-                         indices=a.sample_idx, query_images=images, fisher_path=a.fisher_path,
-                         pretrain_loss_path=a.pretrain_loss_path, subset=a.weight_selection,
-                         lr=a.unlearn_lr, n_batches=a.unlearn_grad_accum_steps,
-                         batch_size=a.unlearn_batch_size, time_samples=a.loss_time_samples,
-                         device=a.device)
-
-
-if __name__ == "__main__":
-    main()

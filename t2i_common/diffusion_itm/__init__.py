@@ -12,7 +12,7 @@ One import for the notebooks; the work lives in one module per concept:
 - :mod:`t2i_common.diffusion_itm.gdbench`: the GDBench tasks (toy export, published-format readers) and the
   table of every method on every task.
 
-Every public name of those modules is importable from here (``from t2i_common import itm;
+Every public name of those modules is importable from here (``from t2i_common import diffusion_itm as itm;
 itm.diffitm_scores(...)``).
 """
 from __future__ import annotations

@@ -40,6 +40,7 @@ every score matrix here is ``s[i, j] = s(image i, caption j)``, shape [n_images,
 from __future__ import annotations
 
 import hashlib
+import inspect
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -240,36 +241,45 @@ def _prompt_table(model, items):
     return model.encode_prompts(prompts), {p: i for i, p in enumerate(prompts)}
 
 
-def _grid_items(scorer, items, keys, refs, img_retrieval):
+def _grid_items(scorer, items, keys, refs, img_retrieval, need=None):
     """Yield (n, d [I, J, K]) for item n of ``items`` as soon as its last evaluation is done.
 
     Every (image, distinct caption string) pair of the chunk is evaluated once on all K grid
     points (one (image, caption) call per pair in ``sample_per_call`` mode, whose unconditional
     error for image retrieval uses the call's own latents), so identical captions tie by
-    construction.  Work runs in slices of :data:`SLICE_BATCHES` UNet batches, in item order."""
+    construction.  Work runs in slices of :data:`SLICE_BATCHES` UNet batches, in item order; the
+    slices are cut from the requests of all ``items``, and with ``need`` (positions of the items
+    to compute) a slice holding no request of a needed item is skipped, so every computed request
+    sits in the same UNet batch as in a run over all items."""
     scorer.encode([k for ks in keys for k in ks], refs)
     emb, row = _prompt_table(scorer.model, items)
     per_call = scorer.mode == "sample_per_call"
     allk = list(range(scorer.K))
     uncond = [""] if img_retrieval else []
-    requests, texts, last, seen = [], [], [], {}
+    requests, texts, last, seen, uses = [], [], [], {}, []
     for it, ks in zip(items, keys):
         caps = list(dict.fromkeys(str(c) for c in it.captions))
+        used = set()
         for k in ks:
             if per_call:
                 for c in caps:
                     if (k, c) not in seen:
-                        seen[(k, c)] = True
+                        seen[(k, c)] = len(requests)
                         requests.append((k, [row[t] for t in [c] + uncond], allk, c))
                         texts.append([c] + uncond)
+                    used.add(seen[(k, c)])
             else:
-                have = seen.setdefault((k, None), set())
+                have = seen.setdefault((k, None), {})
                 new = [c for c in caps + uncond if c not in have]
                 if new:
-                    have.update(new)
+                    have.update({c: len(requests) for c in new})
                     requests.append((k, [row[c] for c in new], allk, None))
                     texts.append(new)
+                used.update(have[c] for c in caps + uncond)
+        uses.append(used)
         last.append(len(requests))
+    wanted = set(range(len(items))) if need is None else set(need)
+    needed = set().union(*[uses[n] for n in wanted]) if wanted else set()
     l2: dict = {}
 
     def assemble(it, ks):
@@ -285,7 +295,8 @@ def _grid_items(scorer, items, keys, refs, img_retrieval):
     done, nxt, step = 0, 0, scorer.slice_evals()
     while nxt < len(items):
         while nxt < len(items) and last[nxt] <= done:
-            yield nxt, assemble(items[nxt], keys[nxt])
+            if nxt in wanted:
+                yield nxt, assemble(items[nxt], keys[nxt])
             nxt += 1
         if nxt == len(items):
             break
@@ -293,8 +304,10 @@ def _grid_items(scorer, items, keys, refs, img_retrieval):
         while end < len(requests) and (end == done or evals + len(requests[end][1]) * scorer.K <= step):
             evals += len(requests[end][1]) * scorer.K
             end += 1
-        for req, txt, res in zip(requests[done:end], texts[done:end], scorer.run(requests[done:end], emb)):
-            l2.setdefault((req[0], req[3]), {}).update({c: res[p] for p, c in enumerate(txt)})
+        if needed.intersection(range(done, end)):   # slices of finished items only are skipped
+            for req, txt, res in zip(requests[done:end], texts[done:end],
+                                     scorer.run(requests[done:end], emb)):
+                l2.setdefault((req[0], req[3]), {}).update({c: res[p] for p, c in enumerate(txt)})
         done = end
 
 
@@ -313,7 +326,10 @@ def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: i
     fails ``check(id, value)`` -- which returns a problem or None -- is recomputed with a warning,
     never returned), the rest are computed by ``gen(list of ids)``, a generator of (id, value)
     pairs, ``chunk`` ids per call; each value is saved the moment it is yielded, so a kill loses
-    only the items whose evaluations were in progress.
+    only the items whose evaluations were in progress.  A ``gen(ids, need)`` is called on fixed
+    chunks of ``chunk`` consecutive ids (by position, whatever is cached) and computes only the
+    ``need`` ids, in the batches an uninterrupted run gives them, so a resumed run is
+    bit-identical to an uninterrupted one.
 
     ``shard``: ``(i, n)``, ``accelerate launch`` or ``T2I_SHARD`` (:mod:`t2i_common.distributed`):
     this process computes only its share (groups of ``split`` ids, default ``chunk``, round robin,
@@ -332,15 +348,24 @@ def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: i
             warnings.warn(f"{desc}: cache entry {rc._file(i)} is not a result of this call "
                           f"({problem}); recomputing it")
         pending.append(i)
+    todo = set(pending)
+    fixed = "need" in inspect.signature(gen).parameters
     with tqdm(total=len(ids), initial=len(ids) - len(pending), desc=desc, disable=not progress) as bar:
-        for s in range(0, len(pending), chunk):
-            part = pending[s:s + chunk]
-            for i, v in gen(part):
+        # ``gen(part, need)``: fixed chunks of ``ids`` by position, of which only the ``need`` ids
+        # are computed, in the batches an uninterrupted run gives them (bit-identical resume)
+        for s in range(0, len(ids) if fixed else len(pending), chunk):
+            part = ids[s:s + chunk] if fixed else pending[s:s + chunk]
+            need = todo.intersection(part)
+            if not need:
+                continue
+            for i, v in (gen(part, need=need) if fixed else gen(part)):
+                if i not in todo:
+                    continue
                 if rc is not None:
                     rc.save(i, v)
                 out[i] = v
                 bar.update(1)
-            missing = [i for i in part if i not in out]
+            missing = [i for i in need if i not in out]
             if missing:
                 raise RuntimeError(f"{desc}: no result for {len(missing)} of {len(part)} items")
     stats = MapStats(sh, total=len(all_ids), mine=len(ids), computed=len(pending),
@@ -381,7 +406,9 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
         cache: None (off), True (``paths.CACHE/diffitm``), a folder, or a ResultCache; keyed by the
             model's weights fingerprint and every scoring parameter, one file per item, written as
             soon as the item's evaluations are done (a kill loses only the items of the slice in
-            progress, :data:`SLICE_BATCHES`).
+            progress, :data:`SLICE_BATCHES`); a resumed run reruns exactly the slices that hold
+            unfinished items, in the same UNet batches, so its result is bit-identical to an
+            uninterrupted run's.
         chunk: items scored together (images / prompts shared inside a chunk are evaluated once).
         shard: ``(i, n)`` scores shard i of n of the chunks (cluster array jobs; ``accelerate
             launch`` and the runner's ``--shard`` are detected by themselves), see
@@ -397,10 +424,11 @@ def diffitm_distances(model, items, S: int = 10, seed: int = 0, latent_mode: str
     rc = _make_cache(cache, "diffitm", key)
     first = prep.first
 
-    def gen(ids):
+    def gen(ids, need=None):
         its = [items[first[i]] for i in ids]
         ks = [prep.keys[first[i]] for i in ids]
-        for n, d in _grid_items(scorer, its, ks, prep.refs, img_retrieval):
+        pos = None if need is None else [n for n, i in enumerate(ids) if i in need]
+        for n, d in _grid_items(scorer, its, ks, prep.refs, img_retrieval, need=pos):
             yield ids[n], d.float()
         scorer.forget()
 

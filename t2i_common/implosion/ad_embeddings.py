@@ -32,7 +32,7 @@ Preprocessing (``preprocess``):
   -1.1e-4 (-0.28 %), almost all of it in the structure term (feature term within 7e-5); the
   ordering of the datasets is unchanged.  Command (about 6 min on 2 busy cores)::
 
-      python -c "import tempfile; from t2i_common import alignment as a; \
+      python -c "import tempfile; from t2i_common.implosion import alignment as a; \
         d = a.toy_ad_datasets(tempfile.mkdtemp(), 1000); p = a.ad_table(d, [None]); \
         o = a.ad_table(d, [None], preprocess='original'); print(o['ad'] - p['ad'])"
 """

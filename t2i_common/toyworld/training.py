@@ -46,7 +46,9 @@ from ..models import load_clip, load_t2i
 from ..sdformat import build_scheduler, build_unet, build_vae
 # the generic loop lives in trainloop; its names stay importable from here
 from ..trainloop import Interrupted, _fit, atomic_torch_save, lr_at  # noqa: F401
+from ..validate import cli, known_words
 from .checker import check_prompt
+from .. import validate as V
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -123,14 +125,18 @@ def to_clip_pixels(images_u8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _caption_table(pairs: PairData, extra=("",)):
-    """Distinct captions -> index; per image the list of its caption indices."""
+def _caption_table(pairs: PairData, extra=("",), tokenizer=None):
+    """Distinct captions -> index; per image the list of its caption indices.  With a
+    ``tokenizer``, a word it does not know (the toy tokenizer maps it to <|endoftext|>) is an
+    error naming the word."""
     table: dict[str, int] = {}
     for c in extra:
         table.setdefault(c, len(table))
     per_image = []
     for caps in pairs.captions:
         per_image.append([table.setdefault(c, len(table)) for c in caps])
+    if tokenizer is not None:
+        known_words(tokenizer, list(table), "training captions")
     return list(table), per_image
 
 
@@ -225,7 +231,7 @@ def train_clip(pairs, cfg: sdformat.TinySDConfig, tokenizer, steps: int, *, batc
     if data.images.shape[1] != cfg.image_size or data.images.shape[2] != cfg.image_size:
         raise ValueError(f"train_clip: images are {tuple(data.images.shape[1:3])} but cfg.image_size "
                          f"is {cfg.image_size}; resize the data or change the config")
-    captions, per_image = _caption_table(data, extra=())
+    captions, per_image = _caption_table(data, extra=(), tokenizer=tokenizer)
     ids = _tokenize(tokenizer, captions, cfg.max_length)
     torch.manual_seed(seed)
     clip = init.requires_grad_(True) if init is not None else CLIPModel(sdformat.clip_config(cfg, tokenizer))
@@ -418,7 +424,7 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
     abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
     T = len(abar)
     sf = float(vae.config.scaling_factor)
-    captions, per_image = _caption_table(data, extra=("",))
+    captions, per_image = _caption_table(data, extra=("",), tokenizer=tokenizer)
     emb = encode_texts(text_encoder, tokenizer, captions, cfg.max_length)
     mu, sd = encode_latent_posteriors(vae, data.images)
     torch.manual_seed(seed)
@@ -599,6 +605,46 @@ def toy_training_pairs(samples, for_clip: bool = False) -> PairData:
     return PairData(images, caps)
 
 
+def check_budget(budget, optional_steps=()) -> None:
+    """Every number of a training budget (:class:`ToyBudget`, ``UnCLIPBudget``) before any work:
+    step counts whole numbers >= 1 (those in ``optional_steps`` may be 0: the stage is skipped),
+    sizes and counts >= 1, learning rates finite and > 0, dropouts / fractions / decays in
+    [0, 1), ``snr_gamma`` >= 0.  A zero step count of a required stage would write an untrained
+    component, so it is an error."""
+
+    for k, v in asdict(budget).items():
+        opt = "--" + k.replace("_", "-")
+        if k in optional_steps:
+            V.count(v, opt, low=0)
+        elif k.endswith("_lr"):
+            V.real(v, opt, low=0, low_open=True)
+        elif "dropout" in k or "fraction" in k or k.endswith("decay"):
+            V.real(v, opt, low=0, high=1, high_open=True)
+        elif k == "snr_gamma":
+            V.real(v, opt, low=0)
+        else:
+            V.count(v, opt)
+
+
+def check_run_paths(out_dir, work_dir, kind: str = "toy SD") -> None:
+    """The output and work folders of a build, before any work: neither is (under) a file, and an
+    existing non-empty ``out_dir`` must be a previous build of this kind (it holds
+    ``training_log.json``); a folder of the user's is never written into."""
+
+    out_dir = V.out_dir(out_dir, "--out")
+    V.out_dir(work_dir, "--work-dir")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "training_log.json").exists():
+        raise V.BadInput(f"--out: {out_dir} exists and holds other files (it is not a {kind} "
+                         f"checkpoint this command wrote: no training_log.json); pass a new or "
+                         f"empty folder")
+
+
+def default_work_dir(out_dir) -> Path:
+    """Where the stage checkpoints of a toy-SD build go unless ``work_dir`` is given:
+    ``<out_dir>/../train_runs`` (``data/train_runs`` for ``data/toy-sd``, ignored by git)."""
+    return Path(out_dir).parent / "train_runs"
+
+
 def _subsample(xs, every=10):
     return [round(float(x), 5) for x in xs[::every]]
 
@@ -619,9 +665,11 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
     ``mixed_precision`` or the launcher's flag); only the main process writes and evaluates.
     """
     budget = budget or ToyBudget()
+    check_budget(budget, optional_steps=("unet_extra_steps",))
     cfg = cfg or toy_config()
     out_dir = Path(out_dir)
-    work_dir = Path(work_dir) if work_dir is not None else out_dir.parent / "train_runs"
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out_dir)
+    check_run_paths(out_dir, work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     log = dict(seed=seed, budget=asdict(budget), cfg=asdict(cfg), stages={})
     t_all = time.perf_counter()
@@ -714,10 +762,14 @@ def evaluate_toy_checkpoint(folder, seed: int = 1, n_eval: int = 400, n_generate
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the toy SD checkpoint from scratch (resumable).")
-    p.add_argument("--out", default="data/toy-sd", help="output SD-format folder")
-    p.add_argument("--work-dir", default=None, help="checkpoints (default: <out>/../train_runs)")
+def _run(argv):
+    p = argparse.ArgumentParser(prog="python -m t2i_common.toyworld.training",
+                                description="Train the toy SD checkpoint from scratch (resumable; "
+                                            "--debug shows tracebacks).")
+    p.add_argument("--out", default="data/toy-sd", help="output SD-format folder (new, empty, or "
+                                                        "an earlier build of this command)")
+    p.add_argument("--work-dir", default=None, help="stage checkpoints (default: <out>/../train_runs, "
+                                                    "printed at the start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--no-eval", action="store_true")
@@ -729,11 +781,17 @@ def main(argv=None):
     for f in ToyBudget.__dataclass_fields__.values():
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
-    if a.threads:
+    V.count(a.seed, "--seed", low=0)
+    if a.threads is not None:
+        V.count(a.threads, "--threads")
         torch.set_num_threads(a.threads)
     budget = ToyBudget(**{k: getattr(a, k) for k in ToyBudget.__dataclass_fields__})
+    check_budget(budget, optional_steps=("unet_extra_steps",))
+    work = Path(a.work_dir) if a.work_dir is not None else default_work_dir(a.out)
+    check_run_paths(a.out, work)
+    print(f"toy SD -> {a.out}; stage checkpoints (resume) in {work}", flush=True)
     log = build_toy_checkpoint(a.out, budget, seed=a.seed, resume=not a.no_resume,
-                               work_dir=a.work_dir, evaluate=not a.no_eval,
+                               work_dir=work, evaluate=not a.no_eval,
                                mixed_precision=a.mixed_precision)
     summary = {k: v for k, v in log.items() if k != "stages"}
     summary["stages"] = {k: {kk: vv for kk, vv in v.items() if kk != "loss_curve_every10"}
@@ -741,5 +799,10 @@ def main(argv=None):
     print(json.dumps(summary, indent=1))
 
 
+def main(argv=None) -> int:
+    """``python -m t2i_common.toyworld.training``: a bad argument or file is one line on stderr (exit 2)."""
+    return cli(_run, "python -m t2i_common.toyworld.training", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

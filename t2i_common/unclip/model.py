@@ -49,7 +49,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import paths
+from .. import validate as V
 from ..imageio import to_pil
+from . import checks as UC
 
 DEFAULT_UNCLIP = paths.DATA / "toy-unclip"
 UNCLIP_ALIASES = {
@@ -74,9 +76,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def check_theta(theta, name: str = "theta"):
     """theta must lie in [0, 1] (slerp's range); returns it as a float tensor."""
+    if isinstance(theta, (str, bytes)) or (isinstance(theta, (list, tuple)) and
+                                           any(isinstance(x, (str, bytes)) for x in theta)):
+        raise V.BadInput(f"{name} must be a number or a list of numbers in [0, 1], got the string "
+                         f"{theta!r}")
     t = torch.as_tensor(theta, dtype=torch.float32)
+    if t.numel() == 0:
+        raise V.BadInput(f"{name} is empty; pass at least one value in [0, 1]")
     if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
-        raise ValueError(f"{name} must lie in [0, 1] (0 = first embedding, 1 = second), got "
+        raise V.BadInput(f"{name} must lie in [0, 1] (0 = first embedding, 1 = second), got "
                          f"{theta!r}; the paper's text diffs use theta in [0, 0.5]")
     return t
 
@@ -215,6 +223,8 @@ class UnCLIPModel:
             raise ValueError(f"{what}: expected CLIP embeddings [B, {self.embedding_dim}] (the width of "
                              f"{self.name}'s image_normalizer / image encoder), got {tuple(z.shape)}; "
                              f"embed with this model's CLIP (encode_images / encode_prior_texts)")
+        V.non_empty(len(z), what, "embeddings")
+        V.finite_array(z, what)
         return z.to(self.device, self.dtype)
 
     # ---- CLIP side ----------------------------------------------------------------------------
@@ -225,6 +235,9 @@ class UnCLIPModel:
         if self.image_encoder is None or self.feature_extractor is None:
             raise ValueError(f"{self.name} has no image_encoder/feature_extractor; use a folder in the "
                              f"StableUnCLIPImg2ImgPipeline layout")
+        if isinstance(images, (str, Path)) or (hasattr(images, "ndim") and images.ndim == 3):
+            raise V.BadInput("encode_images: images must be a list of images (PIL, uint8 arrays or "
+                             "paths), got a single one; wrap it in a list")
         images = [to_pil(im).convert("RGB") for im in images]
         if not images:
             raise ValueError("encode_images: no images given")
@@ -239,6 +252,8 @@ class UnCLIPModel:
         """(text_embeds [B, D], last_hidden_state [B, L, D], attention mask [B, L] bool) of the
         prior's CLIP text encoder, tokenised as in StableUnCLIPPipeline._encode_prior_prompt."""
         self._need_prior("encode_prior_texts")
+        prompts = UC.prompts_arg(prompts)
+        V.known_words(self.prior_tokenizer, prompts)
         tok = self.prior_tokenizer(list(prompts), padding="max_length", truncation=True,
                                    max_length=self.prior_tokenizer.model_max_length, return_tensors="pt")
         out = self.prior_text_encoder(tok.input_ids.to(self.device))
@@ -250,6 +265,7 @@ class UnCLIPModel:
         prompts = [str(p) for p in prompts]
         pending = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if pending:
+            V.known_words(self.tokenizer, pending)
             ids = self.tokenizer(pending, padding="max_length", truncation=True,
                                  max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
             for p, h in zip(pending, self.text_encoder(ids.to(self.device))[0]):
@@ -264,6 +280,8 @@ class UnCLIPModel:
         from diffusers.models.embeddings import get_timestep_embedding
 
         z = self.check_embeddings(image_embeds)
+        if not isinstance(noise_level, torch.Tensor):
+            V.count(noise_level, "noise_level", low=0)
         T = int(self.image_noising_scheduler.config.num_train_timesteps)
         lv = torch.as_tensor(noise_level, dtype=torch.long)
         if (lv < 0).any() or (lv >= T).any():
@@ -316,6 +334,14 @@ class UnCLIPModel:
         or "latents"."""
         from tqdm.auto import tqdm
 
+        UC.sampler_args(num_steps=num_steps, guidance_scale=guidance_scale, noise_level=noise_level,
+                        seed=seed, batch_size=batch_size)
+        if output not in ("uint8", "tensor", "latents"):
+            raise V.BadInput(f"decode: output must be 'uint8', 'tensor' or 'latents', got {output!r}")
+        if seeds is not None:
+            seeds = UC.seeds_arg(seeds, len(list(seeds)))
+        if latents is not None:
+            V.finite_array(torch.as_tensor(latents), "latents")
         labels, caps, null = self._decoder_inputs(image_embeds, prompts, noise_level, seed)
         B = len(labels)
         if latents is None and seeds is not None:
@@ -369,6 +395,8 @@ class UnCLIPModel:
 
         Walks the sampling grid of :meth:`decode` backwards, approximating eps(x_t, t) by the model
         output at the previous (less noisy) latent - the standard DDIM inversion."""
+        UC.sampler_args(num_steps=num_steps, guidance_scale=guidance_scale, noise_level=noise_level)
+        V.finite_array(torch.as_tensor(latents), "latents")
         labels, caps, null = self._decoder_inputs(image_embeds, prompts, noise_level, 0)
         sched = self._ddim(num_steps)
         ac = sched.alphas_cumprod.to(self.device, torch.float32)
@@ -406,7 +434,11 @@ class UnCLIPModel:
         caption (null = the empty caption, as the pipeline); item i starts from ``seeds[i]``'s
         noise unless ``latents`` are given."""
         self._need_prior("prior sampling")
-        prompts = list(prompts)
+        prompts = UC.prompts_arg(prompts)
+        UC.sampler_args(num_steps=num_steps, guidance_scale=guidance_scale)
+        seeds = UC.seeds_arg(seeds, len(prompts))
+        if latents is not None:
+            V.finite_array(torch.as_tensor(latents), "latents")
         B = len(prompts)
         emb, hid, mask = self.encode_prior_texts(prompts)
         nemb, nhid, nmask = self.encode_prior_texts([""] * B)
@@ -440,9 +472,9 @@ class UnCLIPModel:
         does not depend on the batch.  Returns dict(chosen [B, D], candidates [B, K, D],
         scores [B, K], index [B], text_embeds [B, D])."""
         self._need_prior("prior sampling")
-        if n_candidates < 1:
-            raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
-        prompts = list(prompts)
+        UC.sampler_args(n_candidates=n_candidates, num_steps=num_steps, guidance_scale=guidance_scale,
+                        seed=seed, batch_size=batch_size)
+        prompts = UC.prompts_arg(prompts)
         B, K = len(prompts), int(n_candidates)
         seeds = [seed * 100003 + i for i in range(B)] if seeds is None else list(seeds)
         if len(seeds) != B:
@@ -473,8 +505,21 @@ class UnCLIPModel:
         text embedding fed to the decoder directly, no prior), or "caption" (zero image embedding,
         caption only).  ``caption``: also give the caption to the decoder's cross-attention.
         Prompt i draws everything from ``seeds[i]`` (default seed * 100003 + i): decoder noise
-        (seeds[i], 0), prior candidates (seeds[i], 1 + k)."""
-        prompts = list(prompts)
+        (seeds[i], 0), prior candidates (seeds[i], 1 + k).  ``mode="caption"`` needs
+        ``caption=True`` (the caption is its only conditioning)."""
+        prompts = UC.prompts_arg(prompts)
+        if mode not in ("prior", "text", "caption"):
+            raise V.BadInput(f"generate: mode must be 'prior', 'text' or 'caption', got {mode!r}")
+        if not isinstance(caption, bool):
+            raise V.BadInput(f"generate: caption must be True or False, got {caption!r}")
+        if mode == "caption" and not caption:
+            raise V.BadInput("generate: mode='caption' decodes from the caption alone, so "
+                             "caption=False would leave no conditioning; use caption=True, or "
+                             "mode='prior'/'text' with caption=False")
+        UC.sampler_args(n_candidates=n_candidates, prior_steps=prior_steps,
+                        prior_guidance=prior_guidance, num_steps=num_steps,
+                        guidance_scale=guidance_scale, seed=seed)
+        seeds = UC.seeds_arg(seeds, len(prompts))
         seeds = [seed * 100003 + i for i in range(len(prompts))] if seeds is None else list(seeds)
         if mode == "prior":
             z = self.sample_prior(prompts, n_candidates=n_candidates, num_steps=prior_steps,
@@ -510,6 +555,7 @@ class UnCLIPModel:
     def variations(self, images, n: int = 4, *, seed: int = 0, **decode_kw) -> np.ndarray:
         """``n`` variations of each image: its CLIP embedding decoded with ``n`` different decoder
         noises.  Returns uint8 [len(images), n, R, R, 3]."""
+        UC.sampler_args(n=n, seed=seed)
         z = self.encode_images(images)
         zz = z.repeat_interleave(n, 0)
         out = self.decode(zz, seed=seed, **decode_kw)
@@ -518,7 +564,7 @@ class UnCLIPModel:
     def interpolate(self, image_a, image_b, thetas, *, seed: int = 0, **decode_kw) -> np.ndarray:
         """slerp(z_a, z_b, theta) for each theta, all decoded from the same decoder noise
         (paper Fig. 4).  Returns uint8 [len(thetas), R, R, 3]."""
-        thetas = check_theta(list(thetas), "thetas")
+        thetas = check_theta(thetas if isinstance(thetas, (str, bytes)) else list(thetas), "thetas")
         z = self.encode_images([image_a, image_b])
         zs = slerp(z[0], z[1], thetas)
         lat = _seeded_noise(self.latent_shape, seed, 0).expand(len(thetas), -1, -1, -1)
@@ -533,15 +579,29 @@ class UnCLIPModel:
 
         ``invert_guidance``: guidance scale of the inversion (default: ``guidance_scale``, so that
         theta = 0 reproduces the source as closely as the sampler allows).
+        Source and target captions with the same CLIP text embedding give no edit direction: every
+        theta then returns the reconstruction (theta = 0).
         Returns uint8 [len(thetas), R, R, 3] (and x_T with ``return_inversion``)."""
+        for nm, c in (("source_caption", source_caption), ("target_caption", target_caption)):
+            if not isinstance(c, str):
+                raise V.BadInput(f"text_diff: {nm} must be one caption string, got {c!r}")
+        if isinstance(thetas, (int, float)):
+            thetas = [thetas]
         thetas = check_theta(list(thetas), "thetas")
+        UC.sampler_args(num_steps=num_steps, guidance_scale=guidance_scale,
+                        invert_guidance=invert_guidance)
         self._need_prior("text diffs (the CLIP text encoder lives in prior_text_encoder)")
         z_i = self.encode_images([image])
         zt = self.encode_prior_texts([target_caption, source_caption])[0].cpu()
+        same = torch.equal(_unit(zt[0]), _unit(zt[1]))   # no direction: the edit is the identity
         z_d = text_diff_direction(zt[0], zt[1])
         z_d = z_d * z_i.norm()  # slerp interpolates the norms; keep the source's
         x_T = self.invert(self.encode_latents([image]), z_i, num_steps=num_steps,
                           guidance_scale=guidance_scale if invert_guidance is None else invert_guidance)
+        if same:   # every theta is the reconstruction, decoded once
+            out = self.decode(z_i, latents=x_T.cpu(), num_steps=num_steps,
+                              guidance_scale=guidance_scale).repeat(len(thetas), 0)
+            return (out, x_T) if return_inversion else out
         zs = slerp(z_i[0].cpu(), z_d, thetas)
         out = self.decode(zs, latents=x_T.expand(len(thetas), -1, -1, -1).cpu(), num_steps=num_steps,
                           guidance_scale=guidance_scale)
@@ -556,6 +616,9 @@ def resolve_unclip(name_or_path) -> tuple[str, bool]:
     s = UNCLIP_ALIASES.get(s, s)
     p = Path(s).expanduser()
     if p.exists():
+        if not p.is_dir():
+            raise V.BadInput(f"{p} is a file, not a Stable unCLIP folder; point at the folder that "
+                             f"holds model_index.json")
         if not (p / "model_index.json").exists():
             raise FileNotFoundError(f"{p} is not a Stable unCLIP folder: it has no model_index.json. "
                                     f"Point at a folder written by save_unclip_folder / "
@@ -621,7 +684,20 @@ def load_unclip(name_or_path=None, *, prior=None, prior_text_model=None, device=
         allow_download = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
     index = None
     if local:
-        index = json.loads((Path(loc) / "model_index.json").read_text())
+        try:
+            index = json.loads((Path(loc) / "model_index.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise V.BadInput(f"{Path(loc) / 'model_index.json'} is not valid JSON; restore it from "
+                             f"the checkpoint's release") from None
+        if not isinstance(index, dict):
+            raise V.BadInput(f"{Path(loc) / 'model_index.json'} holds a {type(index).__name__}, "
+                             f"expected a JSON object of components")
+        UC.check_folder(loc, index, DECODER_PARTS)
+        UC.check_folder(loc, index, [k for k in ENCODER_PARTS if index.get(k) or (Path(loc) / k).is_dir()])
+        if prior is None and (need_prior or any(index.get(k) for k in PRIOR_PARTS)):
+            has = [k for k in PRIOR_PARTS if (index.get(k) and index[k][0]) or (Path(loc) / k).is_dir()]
+            if has:   # a folder with (part of) a prior: every prior part must be sound
+                UC.check_folder(loc, index, PRIOR_PARTS)
         if need_prior and prior is None and not all(index.get(k) and index[k][0] for k in PRIOR_PARTS):
             raise FileNotFoundError(
                 f"{loc} has no diffusion prior (model_index.json lacks "
@@ -646,11 +722,13 @@ def load_unclip(name_or_path=None, *, prior=None, prior_text_model=None, device=
             for k in PRIOR_PARTS:
                 parts[k] = _load_part(loc, k, k, local_only, dtype, loaders)
         elif prior is not None:
-            p_index = Path(src) / "model_index.json"
             names = {k: k for k in PRIOR_PARTS}
             if not (Path(src).exists() and (Path(src) / "prior_text_encoder").exists()):
                 names.update(prior_text_encoder="text_encoder", prior_tokenizer="tokenizer")  # Karlo
-            del p_index
+            if Path(src).exists():
+                for k in PRIOR_PARTS:
+                    if not (k in ("prior_text_encoder", "prior_tokenizer") and prior_text_model):
+                        UC.check_component(src, k, names[k])
             for k in PRIOR_PARTS:
                 if k in ("prior_text_encoder", "prior_tokenizer") and prior_text_model is not None:
                     cls = loaders[k]
@@ -664,10 +742,13 @@ def load_unclip(name_or_path=None, *, prior=None, prior_text_model=None, device=
 
     try:
         parts = load_all(True)
-    except FileNotFoundError:
+    except (FileNotFoundError, V.BadInput):
         raise
     except Exception as err:
-        if local or not allow_download:
+        if local:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise V.BadInput(f"could not load the Stable unCLIP folder {loc}: {first}") from err
+        if not allow_download:
             raise FileNotFoundError(f"could not load the Stable unCLIP checkpoint {loc} offline: {err}. "
                                     f"Download it (huggingface-cli download {loc} --local-dir DIR) and "
                                     f"pass DIR") from err

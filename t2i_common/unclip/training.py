@@ -45,7 +45,9 @@ from .. import paths, toyworld as tw
 from ..distributed import accelerate_cpu, launched_world
 from ..sdformat import TinySDConfig, read_toy_config
 from ..toyworld import training
+from ..validate import cli
 from .model import save_unclip_folder
+from .. import validate as V
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ def train_decoder(pairs, unet, text_encoder, vae, tokenizer, image_embeds, image
     mean = image_normalizer.mean.detach().float().clone()
     std = image_normalizer.std.detach().float().clone()
     sf = float(vae.config.scaling_factor)
-    captions, per_image = training._caption_table(data, extra=("",))
+    captions, per_image = training._caption_table(data, extra=("",), tokenizer=tokenizer)
     cap_emb = training.encode_texts(text_encoder, tokenizer, captions, tokenizer.model_max_length)
     mu, sd = training.encode_latent_posteriors(vae, data.images)
     zi = torch.as_tensor(image_embeds).float()
@@ -277,7 +279,7 @@ def train_prior(pairs, prior, prior_text_encoder, tokenizer, image_embeds, prior
                          "embedding statistics first (unclip_components_from_sd does)")
     mean, std = prior.clip_mean.detach().clone(), prior.clip_std.detach().clone()
     x0_all = (zi - mean) / std
-    captions, per_image = training._caption_table(data, extra=("",))
+    captions, per_image = training._caption_table(data, extra=("",), tokenizer=tokenizer)
     emb, hid, mask = prior_text_encodings(prior_text_encoder, tokenizer, captions)
     abar = torch.as_tensor(prior_scheduler.alphas_cumprod, dtype=torch.float32)
     prior.requires_grad_(True)
@@ -344,6 +346,36 @@ class UnCLIPBudget:
     ckpt_every: int = 50
 
 
+#: stages of :class:`UnCLIPBudget` that 0 steps skip
+OPTIONAL_STAGES = ("decoder_extra_steps", "vae_decoder_steps")
+
+
+def default_work_dir(out_dir) -> Path:
+    """Stage checkpoints of a toy-unCLIP build unless ``work_dir`` is given:
+    ``<out_dir>/../train_runs/<out name>`` (``data/train_runs/toy-unclip``, ignored by git)."""
+    return Path(out_dir).parent / "train_runs" / Path(out_dir).name
+
+
+def check_sd_folder(sd_folder) -> Path:
+    """The toy-SD folder the unCLIP is built around: a folder with the SD components it reuses and
+    the toy CLIP (``clip/``); errors name the folder and the missing part."""
+
+    p = Path(sd_folder)
+    if not p.exists():
+        raise FileNotFoundError(f"--sd-folder: {p} not found; pass the toy SD folder (data/toy-sd)")
+    if not p.is_dir():
+        raise V.BadInput(f"--sd-folder: {p} is a file; pass the toy SD folder (data/toy-sd)")
+    need = {"clip": "config.json", "tokenizer": None, "text_encoder": "config.json",
+            "unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
+    for sub, f in need.items():
+        if not (p / sub).is_dir() or (f and not (p / sub / f).is_file()):
+            what = f"{sub}/{f}" if f and (p / sub).is_dir() else f"{sub}/"
+            raise V.BadInput(f"--sd-folder: {p} has no {what}; the toy unCLIP is built around a toy "
+                             f"SD folder with clip/ (the toy CLIP), tokenizer/, text_encoder/, unet/, "
+                             f"vae/ and scheduler/ (python -m t2i_common.toyworld.training writes one)")
+    return p
+
+
 def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int = 0,
                      sd_folder=None, resume: bool = True, work_dir=None,
                      progress: bool = True, mixed_precision: str | None = None) -> dict:
@@ -355,9 +387,11 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
     (``budget.grad_accum`` micro-batches per process; ``mixed_precision`` or the launcher's flag)
     and only the main process writes.  Writes and returns ``training_log.json``."""
     budget = budget or UnCLIPBudget()
-    sd_folder = Path(sd_folder or paths.DEFAULT_T2I)
+    training.check_budget(budget, optional_steps=OPTIONAL_STAGES)
+    sd_folder = check_sd_folder(sd_folder or paths.DEFAULT_T2I)
     out_dir = Path(out_dir or paths.DATA / "toy-unclip")
-    work_dir = Path(work_dir) if work_dir is not None else out_dir.parent / "train_runs" / out_dir.name
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out_dir)
+    training.check_run_paths(out_dir, work_dir, "toy unCLIP")
     work_dir.mkdir(parents=True, exist_ok=True)
     log = dict(seed=seed, budget=asdict(budget), sd_folder=sd_folder.name, stages={})
     t0 = time.perf_counter()
@@ -423,11 +457,15 @@ def build_toy_unclip(out_dir=None, budget: UnCLIPBudget | None = None, seed: int
     return log
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the toy unCLIP checkpoint (resumable).")
-    p.add_argument("--out", default=str(paths.DATA / "toy-unclip"))
+def _run(argv):
+    p = argparse.ArgumentParser(prog="python -m t2i_common.unclip.training",
+                                description="Train the toy unCLIP checkpoint (resumable; --debug "
+                                            "shows tracebacks).")
+    p.add_argument("--out", default=str(paths.DATA / "toy-unclip"),
+                   help="output folder (new, empty, or an earlier build of this command)")
     p.add_argument("--sd-folder", default=str(paths.DEFAULT_T2I))
-    p.add_argument("--work-dir", default=None)
+    p.add_argument("--work-dir", default=None, help="stage checkpoints (default: "
+                                                    "<out>/../train_runs/<out name>, printed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--threads", type=int, default=None)
@@ -436,14 +474,26 @@ def main(argv=None):
     for f in UnCLIPBudget.__dataclass_fields__.values():
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
-    if a.threads:
+    V.count(a.seed, "--seed", low=0)
+    if a.threads is not None:
+        V.count(a.threads, "--threads")
         torch.set_num_threads(a.threads)
     budget = UnCLIPBudget(**{k: getattr(a, k) for k in UnCLIPBudget.__dataclass_fields__})
+    training.check_budget(budget, optional_steps=OPTIONAL_STAGES)
+    check_sd_folder(a.sd_folder)
+    work = Path(a.work_dir) if a.work_dir is not None else default_work_dir(a.out)
+    training.check_run_paths(a.out, work, "toy unCLIP")
+    print(f"toy unCLIP -> {a.out}; stage checkpoints (resume) in {work}", flush=True)
     log = build_toy_unclip(a.out, budget, seed=a.seed, sd_folder=a.sd_folder,
-                           resume=not a.no_resume, work_dir=a.work_dir,
+                           resume=not a.no_resume, work_dir=work,
                            mixed_precision=a.mixed_precision)
     print(json.dumps({k: v for k, v in log.items() if k != "stages"}, indent=1))
 
 
+def main(argv=None) -> int:
+    """``python -m t2i_common.unclip.training``: a bad argument or file is one line on stderr."""
+    return cli(_run, "python -m t2i_common.unclip.training", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
