@@ -7,7 +7,8 @@
   ``-p key value`` overrides (values parsed as YAML).  Every parameter is checked against the
   notebook's parameters cell (name and type of its default) before anything runs.
 * Without parameters the executed notebook replaces the committed one and writes
-  ``figures/<notebook>/`` (the regression reference nbval compares).  With parameters (or ``--name``)
+  ``figures/<notebook>/`` (the regression reference nbval compares; the kernel sees
+  ``T2I_REFERENCE=1``, without which a notebook writes ``runs/interactive/<notebook>/``).  With parameters (or ``--name``)
   the run gets its own folder: ``runs/<name>/<notebook>.ipynb`` and ``runs/<name>/figures/`` (the
   kernel sees ``T2I_FIGURES``), so a parametrized run never overwrites the committed reference.
   ``--output-dir D`` puts both under ``D``.
@@ -478,6 +479,9 @@ def run_one(nb: Path, params: dict, out: Path, kernel: str | None = None, progre
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.stem}.running.ipynb"
     env = {"T2I_FIGURES": str(figures) if figures else os.environ.get("T2I_FIGURES"),
+           # no folder of its own: this run regenerates the committed reference figures/<nb>/
+           # (without the flag a notebook writes runs/interactive/<nb>/, see paths.figures_root)
+           paths.REFERENCE_FLAG: None if figures else "1",
            # the debugger's "frozen modules" notice on every kernel start (Python 3.11+)
            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
            # a shard only where asked for: a plain run is the reduce, whatever the shell holds
@@ -624,7 +628,7 @@ def main(argv=None) -> int:
             print(f"runner: the partially executed notebook is at "
                   f"{_show(paths.RUNS / 'failed' / nb.name)}", file=sys.stderr)
             return 1
-        fig_root = figures or paths.FIGURES
+        fig_root = figures or paths.figures_root({**os.environ, paths.REFERENCE_FLAG: "1"})
         out_name = params.get("out_name", notebook_parameters(nb).get("out_name", (None,))[0])
         where = Path(fig_root) / out_name if isinstance(out_name, str) else Path(fig_root)
         print(f"{tag} done in {times[nb.stem]:.1f} s; figures in {_show(where)}/", flush=True)

@@ -79,6 +79,39 @@ def test_default_run_in_place_writes_reference_figures(nbdir, tmp_path, monkeypa
     assert (tmp_path / "figures" / "o.json").exists()
 
 
+def test_figures_root_interactive_unless_reference_is_asked_for():
+    assert paths.figures_root({}) == paths.INTERACTIVE_FIGURES == paths.ROOT / "runs" / "interactive"
+    assert paths.figures_root({"T2I_REFERENCE": "1"}) == paths.REFERENCE_FIGURES
+    assert paths.figures_root({"T2I_REFERENCE": "0"}) == paths.INTERACTIVE_FIGURES
+    assert paths.figures_root({"T2I_REFERENCE": "1", "T2I_FIGURES": "/x/y"}) == Path("/x/y")
+    # a fresh interpreter (as a JupyterLab kernel): paths.FIGURES and report.outdir follow the flag
+    import subprocess
+    import sys
+    code = "from t2i_common import paths; print(paths.FIGURES)"
+    env = {k: v for k, v in os.environ.items() if k not in ("T2I_FIGURES", "T2I_REFERENCE")}
+    env["PYTHONPATH"] = str(REPO)
+    for flag, want in ((None, paths.INTERACTIVE_FIGURES), ("1", paths.REFERENCE_FIGURES)):
+        e = dict(env, **({"T2I_REFERENCE": flag} if flag else {}))
+        got = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        assert Path(got) == want
+    # interactive outputs are ignored by git, the reference is not
+    ignored = subprocess.run(["git", "check-ignore", "-q", "runs/interactive/00_tour/results.json"],
+                             cwd=REPO)
+    tracked = subprocess.run(["git", "check-ignore", "-q", "figures/00_tour/results.json"], cwd=REPO)
+    assert ignored.returncode == 0 and tracked.returncode == 1
+
+
+def test_only_the_plain_run_regenerates_the_reference(nbdir, tmp_path):
+    _nb(nbdir / "03_flag.ipynb", [("x = 1  # a number", ["parameters"]),
+                                  ("import os\nprint(os.environ.get('T2I_REFERENCE'))", None)])
+    assert runner.main(["03"]) == 0             # in place: the reference regeneration
+    assert nbf.read(nbdir / "03_flag.ipynb", as_version=4).cells[1].outputs[0]["text"] == "1\n"
+    assert runner.main(["03", "-p", "x", "2"]) == 0  # parameters: its own folder, no flag
+    run = nbf.read(tmp_path / "runs" / "03_flag" / "03_flag.ipynb", as_version=4)
+    assert run.cells[2].outputs[0]["text"] == "None\n"
+
+
 def test_params_file_sections_run_the_named_notebooks(nbdir, tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("01_ok:\n  x: 5\n")
