@@ -144,6 +144,139 @@ def notebook_parameters(nb_path: Path) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# listing (reads the notebooks' JSON; imports neither papermill nor torch, so it takes a moment)
+# ------------------------------------------------------------------------------------------------
+def _read_json(nb_path: Path) -> dict:
+    return json.loads(Path(nb_path).read_text(encoding="utf-8"))
+
+
+def _source(cell) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def notebook_title(nb_path: Path) -> str:
+    """The first markdown heading of the notebook (what it shows), without the ``#``."""
+    for cell in _read_json(nb_path).get("cells", []):
+        if cell.get("cell_type") == "markdown":
+            for line in _source(cell).splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+    return ""
+
+
+def listed_parameters(nb_path: Path) -> list[tuple[str, str, str]]:
+    """``[(name, default as written, help comment)]`` of the ``parameters`` cell, read from the
+    notebook's JSON with :mod:`ast` and :mod:`tokenize` (papermill reads the same lines; this is
+    the fast path of ``--list``)."""
+    import io
+    import tokenize
+
+    cells = [c for c in _read_json(nb_path).get("cells", [])
+             if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        return []
+    src = _source(cells[0])
+    comments = {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        tree = ast.parse(src)
+    except (SyntaxError, tokenize.TokenError) as err:
+        raise RunnerError(f"{Path(nb_path).name}: the parameters cell does not parse ({err}); "
+                          f"fix the cell") from None
+    out = []
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else (
+            node.target if isinstance(node, ast.AnnAssign) else None)
+        if isinstance(target, ast.Name) and node.value is not None:
+            out.append((target.id, ast.get_source_segment(src, node.value) or "",
+                        comments.get(node.end_lineno, "")))
+    return out
+
+
+def run_times_file() -> Path:
+    """``figures/run_times.json``: each notebook's wall time of its last reference regeneration."""
+    return Path(paths.ROOT) / "figures" / "run_times.json"
+
+
+def read_run_times() -> dict:
+    f = run_times_file()
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text()).get("notebooks", {})
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise RunnerError(f"{_show(f)} is not valid JSON ({err}); delete it, the next "
+                          f"`python -m t2i_common.runner` rewrites it") from None
+
+
+def record_run_time(stem: str, seconds: float, threads, cache_was_empty: bool) -> None:
+    """Add/replace ``stem``'s entry of :func:`run_times_file` (written atomically)."""
+    import datetime
+    import platform
+
+    f = run_times_file()
+    data = {"how": "wall time of `python -m t2i_common.runner NN` regenerating the reference "
+                   "(kernel start to last cell); a cold run starts with an empty cache: "
+                   "T2I_CACHE=$(mktemp -d) python -m t2i_common.runner --threads 1 NN",
+            "notebooks": read_run_times()}
+    data["notebooks"][stem] = {
+        "seconds": round(float(seconds), 1),
+        "cold": bool(cache_was_empty),
+        "threads": threads or os.environ.get("OMP_NUM_THREADS") or "torch default",
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m t2i_common.runner " + " ".join(
+            ([f"--threads {threads}"] if threads else []) + [stem])}
+    data["notebooks"] = dict(sorted(data["notebooks"].items()))
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, f)
+
+
+def _time_text(entry) -> str:
+    if not entry:
+        return "not measured"
+    sec = entry["seconds"]
+    t = f"{sec:.0f} s" if sec < 120 else f"{sec / 60:.1f} min"
+    return t + ("" if entry.get("cold") else " (warm cache)")
+
+
+def list_notebooks(nbs, verbose_one=False) -> str:
+    """``--list``: one line per notebook (what it shows, cold-run time, paper settings file);
+    with one notebook named, its parameters and their help comments."""
+    times = read_run_times()
+    lines = []
+    for nb in nbs:
+        pfile = Path(paths.NOTEBOOKS) / "params" / f"{nb.stem}.yaml"
+        has = pfile.exists()
+        lines.append(f"{nb.stem:24s} {_time_text(times.get(nb.stem)):>14s}  "
+                     f"{'paper settings' if has else 'no paper file '}  {notebook_title(nb)}")
+        if verbose_one:
+            params = listed_parameters(nb)
+            width = min(max((len(n) + len(d) for n, d, _ in params), default=0) + 3, 36)
+            lines.append("  parameters (-p NAME VALUE; paper settings: "
+                         + (f"-f {_show(pfile)})" if has else "none)"))
+            for n, d, h in params:
+                lines.append(f"    {(n + ' = ' + d):{width}s}  {h}".rstrip())
+    return "\n".join(lines)
+
+
+def readme_table(nbs) -> str:
+    """The README's notebook table (what each shows, its cold-run time) from the notebooks'
+    titles and :func:`run_times_file`; ``python -m t2i_common.runner --readme-table`` prints it."""
+    times = read_run_times()
+    rows = ["| notebook | what it shows | cold run |", "|---|---|---|"]
+    for nb in nbs:
+        rows.append(f"| `{nb.stem}` | {notebook_title(nb)} | {_time_text(times.get(nb.stem))} |")
+    return "\n".join(rows)
+
+
 class _NotLiteral:
     def __repr__(self):
         return "<expression>"
@@ -561,12 +694,13 @@ def _plan(args, nbs):
 def _take_shard(args) -> None:
     """``--shard I/N`` or ``-p shard '[I, N]'`` -> ``args.shard = (I, N)`` (the ``-p`` form is
     removed from the notebook parameters); a bad value is a RunnerError naming the option."""
-    from .distributed import ShardError, parse_shard
-
     given = [v for k, v in args.param or [] if k == "shard"]
     args.param = [kv for kv in args.param or [] if kv[0] != "shard"] or None
     if given and args.shard:
         raise RunnerError("give the shard once: --shard I/N or -p shard '[I, N]'")
+    if not given and not args.shard:
+        return
+    from .distributed import ShardError, parse_shard  # imports torch: only when a shard is given
     try:
         args.shard = parse_shard(yaml.safe_load(given[-1]) if given else args.shard,
                                  name="--shard" if args.shard else "-p shard")
@@ -590,7 +724,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch/OpenMP threads of the kernel (OMP_NUM_THREADS)")
     ap.add_argument("--progress", action="store_true", help="show papermill's per-cell bar")
-    ap.add_argument("--list", action="store_true", help="list notebooks and their parameters")
+    ap.add_argument("--list", action="store_true",
+                    help="one line per notebook: cold-run time (figures/run_times.json), whether "
+                         "notebooks/params/ has its paper settings, what it shows; with one "
+                         "notebook named, its parameters and their help")
+    ap.add_argument("--readme-table", action="store_true",
+                    help="print the README's notebook table from the titles and "
+                         "figures/run_times.json")
     ap.add_argument("--shard", metavar="I/N",
                     help="run shard I of N (0 <= I < N) of the heavy loops into the shared cache; "
                          "afterwards the plain run reduces (also: -p shard '[I, N]')")
@@ -601,10 +741,10 @@ def main(argv=None) -> int:
 
     nbs = find_notebooks(args.names)
     if args.list:
-        for nb in nbs:
-            params = notebook_parameters(nb)
-            print(f"{nb.stem}: " + ", ".join(f"{k}={json.dumps(v) if v is not _NOT_LITERAL else '<expr>'}"
-                                             for k, (v, _) in params.items()))
+        print(list_notebooks(nbs, verbose_one=len(nbs) == 1 and bool(args.names)))
+        return 0
+    if args.readme_table:
+        print(readme_table(nbs))
         return 0
     if args.normalise:
         for nb in nbs:
@@ -618,6 +758,8 @@ def main(argv=None) -> int:
         if args.shard:
             what += f", shard {args.shard[0]}/{args.shard[1]}"
         print(f"{tag} {what} -> {_show(out)}", flush=True)
+        reference = figures is None and not os.environ.get("T2I_FIGURES") and out == nb
+        cache_was_empty = not any(Path(paths.CACHE).glob("*")) if reference else False
         try:
             times[nb.stem] = run_one(nb, params, out, args.kernel, args.progress, figures,
                                      args.threads, args.shard)
@@ -632,6 +774,8 @@ def main(argv=None) -> int:
         out_name = params.get("out_name", notebook_parameters(nb).get("out_name", (None,))[0])
         where = Path(fig_root) / out_name if isinstance(out_name, str) else Path(fig_root)
         print(f"{tag} done in {times[nb.stem]:.1f} s; figures in {_show(where)}/", flush=True)
+        if reference:   # the reference regeneration: its wall time goes to figures/run_times.json
+            record_run_time(nb.stem, times[nb.stem], args.threads, cache_was_empty)
         if args.shard:
             print(f"{tag} shard {args.shard[0]}/{args.shard[1]} is in the cache; its tables hold "
                   f"placeholders. After all {args.shard[1]} shards, `python -m t2i_common.runner "
