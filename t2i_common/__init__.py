@@ -4,3 +4,7 @@ Layers (imports point up): formats -> models -> engine -> methods (alignment, it
 infotheory, training) -> report.  Notebooks call methods and report only.
 """
 __version__ = "0.1.0"
+
+from .progress import install_in_kernel as _install_progress
+
+_install_progress()  # in a Jupyter kernel: a saved progress bar says where it finished

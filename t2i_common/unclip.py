@@ -156,6 +156,18 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
+def _to_device_dtype(module, device, dtype):
+    """Move ``module`` to ``device``; cast it only if a floating-point weight has another dtype.
+
+    ``load_unclip`` already loads every part in ``dtype`` (``torch_dtype`` of ``from_pretrained``),
+    so the usual call is a move only.  (diffusers' ``ModelMixin.to`` warns "modules ... should be
+    kept in float32: [] ... Casting directly with `to()`" whenever a dtype is passed, even an
+    unchanged one with no such module.)"""
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+    return module.to(device)
+
+
 class UnCLIPModel:
     """Loaded Stable-unCLIP components (prior parts may be None for an image-variation folder).
 
@@ -172,12 +184,11 @@ class UnCLIPModel:
         if missing:
             raise ValueError(f"UnCLIPModel {name}: decoder components missing: {missing}")
         self.name, self.device, self.dtype = str(name), torch.device(device), dtype
-        for k in ("prior_text_encoder", "prior", "text_encoder", "unet", "vae", "image_encoder"):
+        for k in ("prior_text_encoder", "prior", "text_encoder", "unet", "vae", "image_encoder",
+                  "image_normalizer"):
             m = getattr(self, k)
             if m is not None:
-                m.to(self.device, dtype=dtype).eval().requires_grad_(False)
-        self.image_normalizer.to(self.device, dtype)
-        self.image_normalizer.requires_grad_(False)
+                _to_device_dtype(m, self.device, dtype).eval().requires_grad_(False)
         cfg = self.unet.config
         if cfg.class_embed_type != "projection":
             raise ValueError(f"{name}: unet/config.json has class_embed_type={cfg.class_embed_type!r}; "
