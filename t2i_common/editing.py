@@ -294,14 +294,18 @@ def plot_interventions(model, res: dict, indices, kind: str = "omit"):
         b = indices[i]
         to_img = lambda x: ((x.permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)  # noqa: E731
         row[0].imshow(to_img(rec[i]))
-        row[0].set_title(res["captions"][b], fontsize=7)
+        row[0].set_title("original: " + res["captions"][b], fontsize=9)
         row[1].imshow(to_img(edit[i]))
-        row[1].set_title(str(prompts[b]), fontsize=7)
+        row[1].set_title(f"{'omitted' if kind == 'omit' else 'swapped'}: {prompts[b]}", fontsize=9)
         for ax, (name, m) in zip(row[2:], maps):
             ax.imshow(upsample_map(m[b].double(), R).numpy(), cmap="viridis")
-            ax.set_title(f"{name}" + (f" ({res['words'][b]})" if name != "change" else ""), fontsize=8)
+            ax.set_title(f"{name}" + (f" ({res['words'][b]})" if name != "change" else ""), fontsize=9)
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
+    what = "a word omitted" if kind == "omit" else "a word swapped"
+    fig.suptitle(f"Prompt intervention ({what}): the reconstruction, the edited image, where the "
+                 f"image changed, the word's CMI map and its attention map (maps: dark = low, "
+                 f"yellow = high)", fontsize=10, wrap=True)
     fig.tight_layout()
     return fig
