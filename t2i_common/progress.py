@@ -33,10 +33,16 @@ def install() -> bool:
     close = tn.tqdm_notebook.close
 
     def close_and_update(self):
-        close(self)
+        was_open = not self.disable                     # tqdm closes a bar once; later calls
+        close(self)                                     # (e.g. from __del__) do nothing
         handle = getattr(getattr(self, "container", None), "_t2i_handle", None)
-        if handle is not None:
-            handle.update(self.container)               # text/plain: the final repr of the bar
+        if was_open and handle is not None:
+            # the bundle is built here, not by repr(container): a bar closed by its __del__ has
+            # lost the container's weak proxy to it, and a failing repr would print a traceback
+            text = self.format_meter(**self.format_dict)
+            view = {"version_major": 2, "version_minor": 0, "model_id": self.container.model_id}
+            handle.update({"text/plain": text[:110] + ("…" if len(text) > 110 else ""),
+                           "application/vnd.jupyter.widget-view+json": view}, raw=True)
 
     tn.display = display
     tn.tqdm_notebook.close = close_and_update

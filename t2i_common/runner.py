@@ -258,6 +258,7 @@ def list_notebooks(nbs, verbose_one=False) -> str:
         lines.append(f"{nb.stem:24s} {_time_text(times.get(nb.stem)):>14s}  "
                      f"{'paper settings' if has else 'no paper file '}  {notebook_title(nb)}")
         if verbose_one:
+            notebook_parameters(nb)   # papermill's reading: a line it would skip is an error
             params = listed_parameters(nb)
             width = min(max((len(n) + len(d) for n, d, _ in params), default=0) + 3, 36)
             lines.append("  parameters (-p NAME VALUE; paper settings: "
@@ -770,7 +771,7 @@ def main(argv=None) -> int:
             print(f"runner: the partially executed notebook is at "
                   f"{_show(paths.RUNS / 'failed' / nb.name)}", file=sys.stderr)
             return 1
-        fig_root = figures or paths.figures_root({**os.environ, paths.REFERENCE_FLAG: "1"})
+        fig_root = figures or os.environ.get("T2I_FIGURES") or Path(paths.ROOT) / "figures"
         out_name = params.get("out_name", notebook_parameters(nb).get("out_name", (None,))[0])
         where = Path(fig_root) / out_name if isinstance(out_name, str) else Path(fig_root)
         print(f"{tag} done in {times[nb.stem]:.1f} s; figures in {_show(where)}/", flush=True)
