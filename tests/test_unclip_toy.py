@@ -81,7 +81,7 @@ def test_prior_maps_captions_to_the_right_image_embeddings(toy):
 
 def test_decoding_own_embedding_keeps_colour_and_shape(toy):
     """Regression on the shipped checkpoint: colour and shape kept in 19/20 at 15 steps when
-    written (colour 20/20; notebook 31 measures the issue's 0.85 target on 160 decodes), against
+    written (colour 20/20; notebook 31 requires 0.85 of 160 decodes), against
     a chance of 1/20 for colour and shape together."""
     samples = tw.make_samples(20, 1, kinds=("single",))
     res, _ = unclip_eval.variation_stats(toy, samples, 1, num_steps=15, cache=False, progress=False)
@@ -92,7 +92,7 @@ def test_decoding_own_embedding_keeps_colour_and_shape(toy):
 def test_ddim_reconstruction_of_a_toy_image(toy):
     """theta = 0 of a text diff is the DDIM reconstruction: close to the source in pixels (RMSE
     0.012-0.013 when written) and read with the same colour, shape and size (3 of 3 when
-    written; 2 of 3 before the VAE decoder was fine-tuned, the small diamond read as a circle)."""
+    written; 2 of 3 through the toy SD's VAE decoder, the small diamond read as a circle)."""
     shapes_ok = 0
     for s in tw.make_samples(3, 1, kinds=("single",)):
         o = s.scene.objects[0]
