@@ -592,9 +592,9 @@ def plot_word_heatmaps(examples, methods=("CMI", "MI", "Attention+Information"))
             ax.set_yticks([])
         for ax in ax_row[len(ex["words"]) + 1:]:
             ax.axis("off")
-    fig.suptitle("Word localisation: each word's map over the image, one row per method "
+    fig.suptitle("Word localisation: each word's map over the image, one row per method\n"
                  "(min-max normalised per map; overlay blue = low, red = high)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     return fig
 
 
