@@ -43,6 +43,8 @@ from pathlib import Path
 import yaml
 
 from . import paths
+from .notebook_index import (listed_parameters, notebook_title, read_run_times,  # noqa: F401
+                             readme_table, record_run_time, run_times_file, time_text)
 
 _STEM = re.compile(r"^\d\d_\w+$")
 
@@ -147,106 +149,6 @@ def notebook_parameters(nb_path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------
 # listing (reads the notebooks' JSON; imports neither papermill nor torch, so it takes a moment)
 # ------------------------------------------------------------------------------------------------
-def _read_json(nb_path: Path) -> dict:
-    return json.loads(Path(nb_path).read_text(encoding="utf-8"))
-
-
-def _source(cell) -> str:
-    src = cell.get("source", "")
-    return "".join(src) if isinstance(src, list) else src
-
-
-def notebook_title(nb_path: Path) -> str:
-    """The first markdown heading of the notebook (what it shows), without the ``#``."""
-    for cell in _read_json(nb_path).get("cells", []):
-        if cell.get("cell_type") == "markdown":
-            for line in _source(cell).splitlines():
-                if line.startswith("#"):
-                    return line.lstrip("#").strip()
-    return ""
-
-
-def listed_parameters(nb_path: Path) -> list[tuple[str, str, str]]:
-    """``[(name, default as written, help comment)]`` of the ``parameters`` cell, read from the
-    notebook's JSON with :mod:`ast` and :mod:`tokenize` (papermill reads the same lines; this is
-    the fast path of ``--list``)."""
-    import io
-    import tokenize
-
-    cells = [c for c in _read_json(nb_path).get("cells", [])
-             if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if not cells:
-        return []
-    src = _source(cells[0])
-    comments = {}
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-            if tok.type == tokenize.COMMENT:
-                comments[tok.start[0]] = tok.string.lstrip("#").strip()
-        tree = ast.parse(src)
-    except (SyntaxError, tokenize.TokenError) as err:
-        raise RunnerError(f"{Path(nb_path).name}: the parameters cell does not parse ({err}); "
-                          f"fix the cell") from None
-    out = []
-    for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) else (
-            node.target if isinstance(node, ast.AnnAssign) else None)
-        if isinstance(target, ast.Name) and node.value is not None:
-            out.append((target.id, ast.get_source_segment(src, node.value) or "",
-                        comments.get(node.end_lineno, "")))
-    return out
-
-
-def run_times_file() -> Path:
-    """``figures/run_times.json``: each notebook's wall time of its last reference regeneration."""
-    return Path(paths.ROOT) / "figures" / "run_times.json"
-
-
-def read_run_times() -> dict:
-    f = run_times_file()
-    if not f.exists():
-        return {}
-    try:
-        return json.loads(f.read_text()).get("notebooks", {})
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise RunnerError(f"{_show(f)} is not valid JSON ({err}); delete it, the next "
-                          f"`python -m t2i_common.runner` rewrites it") from None
-
-
-def record_run_time(stem: str, seconds: float, threads, cache_was_empty: bool) -> None:
-    """Add/replace ``stem``'s entry of :func:`run_times_file` (written atomically)."""
-    import datetime
-    import platform
-
-    f = run_times_file()
-    data = {"how": "wall time of `python -m t2i_common.runner NN` regenerating the reference "
-                   "(kernel start to last cell); a cold run starts with an empty cache: "
-                   "T2I_CACHE=$(mktemp -d) python -m t2i_common.runner --threads 1 NN",
-            "notebooks": read_run_times()}
-    data["notebooks"][stem] = {
-        "seconds": round(float(seconds), 1),
-        "cold": bool(cache_was_empty),
-        "threads": threads or os.environ.get("OMP_NUM_THREADS") or "torch default",
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m t2i_common.runner " + " ".join(
-            ([f"--threads {threads}"] if threads else []) + [stem])}
-    data["notebooks"] = dict(sorted(data["notebooks"].items()))
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, f)
-
-
-def _time_text(entry) -> str:
-    if not entry:
-        return "not measured"
-    sec = entry["seconds"]
-    t = f"{sec:.0f} s" if sec < 120 else f"{sec / 60:.1f} min"
-    return t + ("" if entry.get("cold") else " (warm cache)")
-
-
 def list_notebooks(nbs, verbose_one=False) -> str:
     """``--list``: one line per notebook (what it shows, cold-run time, paper settings file);
     with one notebook named, its parameters and their help comments."""
@@ -255,7 +157,7 @@ def list_notebooks(nbs, verbose_one=False) -> str:
     for nb in nbs:
         pfile = Path(paths.NOTEBOOKS) / "params" / f"{nb.stem}.yaml"
         has = pfile.exists()
-        lines.append(f"{nb.stem:24s} {_time_text(times.get(nb.stem)):>14s}  "
+        lines.append(f"{nb.stem:24s} {time_text(times.get(nb.stem)):>14s}  "
                      f"{'paper settings' if has else 'no paper file '}  {notebook_title(nb)}")
         if verbose_one:
             notebook_parameters(nb)   # papermill's reading: a line it would skip is an error
@@ -266,16 +168,6 @@ def list_notebooks(nbs, verbose_one=False) -> str:
             for n, d, h in params:
                 lines.append(f"    {(n + ' = ' + d):{width}s}  {h}".rstrip())
     return "\n".join(lines)
-
-
-def readme_table(nbs) -> str:
-    """The README's notebook table (what each shows, its cold-run time) from the notebooks'
-    titles and :func:`run_times_file`; ``python -m t2i_common.runner --readme-table`` prints it."""
-    times = read_run_times()
-    rows = ["| notebook | what it shows | cold run |", "|---|---|---|"]
-    for nb in nbs:
-        rows.append(f"| `{nb.stem}` | {notebook_title(nb)} | {_time_text(times.get(nb.stem))} |")
-    return "\n".join(rows)
 
 
 class _NotLiteral:
