@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup figures test unit nbval bench clean-cache
+.PHONY: setup lab figures test unit nbval bench clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# JupyterLab on the tour (notebooks/00_tour.ipynb).  As root JupyterLab refuses to start without
+# --allow-root, so the target adds it then.  LAB_ARGS passes more options, e.g.
+# `make lab LAB_ARGS="--no-browser --port 8890"` on a machine without a browser (open the printed
+# URL from your own machine, through an SSH tunnel if needed).  Interactive runs write their
+# outputs to runs/interactive/<notebook>/; `make figures` regenerates the committed figures/.
+LAB_ARGS ?=
+lab: setup
+	@if [ "$$(id -u)" = 0 ]; then root=--allow-root; else root=; fi; \
+	echo "make lab: starting JupyterLab on notebooks/00_tour.ipynb; open the URL below" \
+	     "(http://127.0.0.1:PORT/lab/tree/notebooks/00_tour.ipynb?token=...); Ctrl-C twice stops it"; \
+	exec $(BIN)/jupyter lab $$root --ServerApp.root_dir="$(CURDIR)" $(LAB_ARGS) notebooks/00_tour.ipynb
 
 figures: setup
 	$(BIN)/python -m t2i_common.runner

@@ -8,3 +8,7 @@ the toy checkpoint's training), and one subpackage per paper: ``implosion``, ``a
 paper's subpackage and ``report`` only.
 """
 __version__ = "0.1.0"
+
+from .progress import install_in_kernel as _install_progress
+
+_install_progress()  # in a Jupyter kernel: a saved progress bar says where it finished

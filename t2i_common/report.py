@@ -13,7 +13,9 @@ from . import paths
 
 
 def outdir(notebook_name: str, root=None) -> Path:
-    """``figures/<notebook_name>/`` (created)."""
+    """``<figures root>/<notebook_name>/`` (created): ``runs/interactive/<notebook_name>/`` in an
+    interactive run, ``figures/<notebook_name>/`` when the runner regenerates the reference
+    (:func:`t2i_common.paths.figures_root`)."""
     d = Path(root or paths.FIGURES) / notebook_name
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -63,11 +65,14 @@ def save_results(out: Path, results: dict) -> None:
 
 
 def load_results(notebook_name: str) -> dict:
-    p = Path(paths.FIGURES) / notebook_name / "results.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{p} not found; run `python -m t2i_common.runner {notebook_name}` "
-                                f"first")
-    return json.loads(p.read_text())
+    """``results.json`` of a notebook: this process's figures folder first, else the committed
+    reference (an interactive session reads the reference of notebooks it has not run)."""
+    for root in dict.fromkeys([Path(paths.FIGURES), Path(paths.REFERENCE_FIGURES)]):
+        p = root / notebook_name / "results.json"
+        if p.exists():
+            return json.loads(p.read_text())
+    raise FileNotFoundError(f"{Path(paths.FIGURES) / notebook_name / 'results.json'} not found; "
+                            f"run `python -m t2i_common.runner {notebook_name}` first")
 
 
 def setup_matplotlib():

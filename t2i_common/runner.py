@@ -7,7 +7,8 @@
   ``-p key value`` overrides (values parsed as YAML).  Every parameter is checked against the
   notebook's parameters cell (name and type of its default) before anything runs.
 * Without parameters the executed notebook replaces the committed one and writes
-  ``figures/<notebook>/`` (the regression reference nbval compares).  With parameters (or ``--name``)
+  ``figures/<notebook>/`` (the regression reference nbval compares; the kernel sees
+  ``T2I_REFERENCE=1``, without which a notebook writes ``runs/interactive/<notebook>/``).  With parameters (or ``--name``)
   the run gets its own folder: ``runs/<name>/<notebook>.ipynb`` and ``runs/<name>/figures/`` (the
   kernel sees ``T2I_FIGURES``), so a parametrized run never overwrites the committed reference.
   ``--output-dir D`` puts both under ``D``.
@@ -43,6 +44,8 @@ from pathlib import Path
 import yaml
 
 from . import paths
+from .notebook_index import (listed_parameters, notebook_title, read_run_times,  # noqa: F401
+                             readme_table, record_run_time, run_times_file, time_text)
 
 _STEM = re.compile(r"^\d\d_\w+$")
 
@@ -142,6 +145,30 @@ def notebook_parameters(nb_path: Path) -> dict:
             value = _NOT_LITERAL
         out[p.name] = (value, p.help)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# listing (reads the notebooks' JSON; imports neither papermill nor torch, so it takes a moment)
+# ------------------------------------------------------------------------------------------------
+def list_notebooks(nbs, verbose_one=False) -> str:
+    """``--list``: one line per notebook (what it shows, cold-run time, paper settings file);
+    with one notebook named, its parameters and their help comments."""
+    times = read_run_times()
+    lines = []
+    for nb in nbs:
+        pfile = Path(paths.NOTEBOOKS) / "params" / f"{nb.stem}.yaml"
+        has = pfile.exists()
+        lines.append(f"{nb.stem:24s} {time_text(times.get(nb.stem)):>14s}  "
+                     f"{'paper settings' if has else 'no paper file '}  {notebook_title(nb)}")
+        if verbose_one:
+            notebook_parameters(nb)   # papermill's reading: a line it would skip is an error
+            params = listed_parameters(nb)
+            width = min(max((len(n) + len(d) for n, d, _ in params), default=0) + 3, 36)
+            lines.append("  parameters (-p NAME VALUE; paper settings: "
+                         + (f"-f {_show(pfile)})" if has else "none)"))
+            for n, d, h in params:
+                lines.append(f"    {(n + ' = ' + d):{width}s}  {h}".rstrip())
+    return "\n".join(lines)
 
 
 class _NotLiteral:
@@ -493,6 +520,9 @@ def run_one(nb: Path, params: dict, out: Path, kernel: str | None = None, progre
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.stem}.running.ipynb"
     env = {"T2I_FIGURES": str(figures) if figures else os.environ.get("T2I_FIGURES"),
+           # no folder of its own: this run regenerates the committed reference figures/<nb>/
+           # (without the flag a notebook writes runs/interactive/<nb>/, see paths.figures_root)
+           paths.REFERENCE_FLAG: None if figures else "1",
            # the debugger's "frozen modules" notice on every kernel start (Python 3.11+)
            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
            # a shard only where asked for: a plain run is the reduce, whatever the shell holds
@@ -600,13 +630,14 @@ def _shard_argv(argv):
 def _take_shard(args) -> None:
     """``--shard I/N`` or ``-p shard '[I, N]'`` -> ``args.shard = (I, N)`` (the ``-p`` form is
     removed from the notebook parameters); a bad value is a RunnerError naming the option."""
-    # local: distributed imports torch (seconds); the runner's import and --help stay without it
-    from .distributed import ShardError, parse_shard
-
     given = [v for k, v in args.param or [] if k == "shard"]
     args.param = [kv for kv in args.param or [] if kv[0] != "shard"] or None
     if given and args.shard:
         raise RunnerError("give the shard once: --shard I/N or -p shard '[I, N]'")
+    if not given and not args.shard:
+        return
+    # local: distributed imports torch (seconds); the runner's import, --help and --list stay without it
+    from .distributed import ShardError, parse_shard
     try:
         args.shard = parse_shard(yaml.safe_load(given[-1]) if given else args.shard,
                                  name="--shard" if args.shard else "-p shard")
@@ -630,7 +661,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch/OpenMP threads of the kernel (OMP_NUM_THREADS)")
     ap.add_argument("--progress", action="store_true", help="show papermill's per-cell bar")
-    ap.add_argument("--list", action="store_true", help="list notebooks and their parameters")
+    ap.add_argument("--list", action="store_true",
+                    help="one line per notebook: cold-run time (figures/run_times.json), whether "
+                         "notebooks/params/ has its paper settings, what it shows; with one "
+                         "notebook named, its parameters and their help")
+    ap.add_argument("--readme-table", action="store_true",
+                    help="print the README's notebook table from the titles and "
+                         "figures/run_times.json")
     ap.add_argument("--shard", metavar="I/N",
                     help="run shard I of N (0 <= I < N) of the heavy loops into the shared cache; "
                          "afterwards the plain run reduces (also: -p shard '[I, N]')")
@@ -641,10 +678,10 @@ def main(argv=None) -> int:
 
     nbs = find_notebooks(args.names)
     if args.list:
-        for nb in nbs:
-            params = notebook_parameters(nb)
-            print(f"{nb.stem}: " + ", ".join(f"{k}={json.dumps(v) if v is not _NOT_LITERAL else '<expr>'}"
-                                             for k, (v, _) in params.items()))
+        print(list_notebooks(nbs, verbose_one=len(nbs) == 1 and bool(args.names)))
+        return 0
+    if args.readme_table:
+        print(readme_table(nbs))
         return 0
     if args.normalise:
         for nb in nbs:
@@ -658,6 +695,8 @@ def main(argv=None) -> int:
         if args.shard:
             what += f", shard {args.shard[0]}/{args.shard[1]}"
         print(f"{tag} {what} -> {_show(out)}", flush=True)
+        reference = figures is None and not os.environ.get("T2I_FIGURES") and out == nb
+        cache_was_empty = not any(Path(paths.CACHE).glob("*")) if reference else False
         try:
             times[nb.stem] = run_one(nb, params, out, args.kernel, args.progress, figures,
                                      args.threads, args.shard,
@@ -672,10 +711,12 @@ def main(argv=None) -> int:
                 print(f"runner: the partially executed notebook is at {_show(kept)}",
                       file=sys.stderr)
             return 1
-        fig_root = figures or paths.FIGURES
+        fig_root = figures or os.environ.get("T2I_FIGURES") or Path(paths.ROOT) / "figures"
         out_name = params.get("out_name", notebook_parameters(nb).get("out_name", (None,))[0])
         where = Path(fig_root) / out_name if isinstance(out_name, str) else Path(fig_root)
         print(f"{tag} done in {times[nb.stem]:.1f} s; figures in {_show(where)}/", flush=True)
+        if reference:   # the reference regeneration: its wall time goes to figures/run_times.json
+            record_run_time(nb.stem, times[nb.stem], args.threads, cache_was_empty)
         if args.shard:
             print(f"{tag} shard {args.shard[0]}/{args.shard[1]} is in the cache; its tables hold "
                   f"placeholders. After all {args.shard[1]} shards, `python -m t2i_common.runner "

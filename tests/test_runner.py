@@ -79,6 +79,97 @@ def test_default_run_in_place_writes_reference_figures(nbdir, tmp_path, monkeypa
     assert (tmp_path / "figures" / "o.json").exists()
 
 
+def test_figures_root_interactive_unless_reference_is_asked_for():
+    assert paths.figures_root({}) == paths.INTERACTIVE_FIGURES == paths.ROOT / "runs" / "interactive"
+    assert paths.figures_root({"T2I_REFERENCE": "1"}) == paths.REFERENCE_FIGURES
+    assert paths.figures_root({"T2I_REFERENCE": "0"}) == paths.INTERACTIVE_FIGURES
+    assert paths.figures_root({"T2I_REFERENCE": "1", "T2I_FIGURES": "/x/y"}) == Path("/x/y")
+    # a fresh interpreter (as a JupyterLab kernel): paths.FIGURES and report.outdir follow the flag
+    import subprocess
+    import sys
+    code = "from t2i_common import paths; print(paths.FIGURES)"
+    env = {k: v for k, v in os.environ.items() if k not in ("T2I_FIGURES", "T2I_REFERENCE")}
+    env["PYTHONPATH"] = str(REPO)
+    for flag, want in ((None, paths.INTERACTIVE_FIGURES), ("1", paths.REFERENCE_FIGURES)):
+        e = dict(env, **({"T2I_REFERENCE": flag} if flag else {}))
+        got = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        assert Path(got) == want
+    # interactive outputs are ignored by git, the reference is not
+    ignored = subprocess.run(["git", "check-ignore", "-q", "runs/interactive/00_tour/results.json"],
+                             cwd=REPO)
+    tracked = subprocess.run(["git", "check-ignore", "-q", "figures/00_tour/results.json"], cwd=REPO)
+    assert ignored.returncode == 0 and tracked.returncode == 1
+
+
+def test_only_the_plain_run_regenerates_the_reference(nbdir, tmp_path):
+    _nb(nbdir / "03_flag.ipynb", [("x = 1  # a number", ["parameters"]),
+                                  ("import os\nprint(os.environ.get('T2I_REFERENCE'))", None)])
+    assert runner.main(["03"]) == 0             # in place: the reference regeneration
+    assert nbf.read(nbdir / "03_flag.ipynb", as_version=4).cells[1].outputs[0]["text"] == "1\n"
+    assert runner.main(["03", "-p", "x", "2"]) == 0  # parameters: its own folder, no flag
+    run = nbf.read(tmp_path / "runs" / "03_flag" / "03_flag.ipynb", as_version=4)
+    assert run.cells[2].outputs[0]["text"] == "None\n"
+
+
+def test_list_is_one_line_per_notebook_and_parameters_on_request(nbdir, capsys):
+    md = nbf.v4.new_markdown_cell("# Squares of a number\n\nText.")
+    nb = nbf.read(nbdir / "01_ok.ipynb", as_version=4)
+    nb.cells.insert(0, md)
+    nbf.write(nb, nbdir / "01_ok.ipynb")
+    (nbdir / "params").mkdir()
+    (nbdir / "params" / "01_ok.yaml").write_text("x: 3\n")
+    assert runner.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].split() == ["01_ok", "not", "measured", "paper", "settings", "Squares", "of",
+                                "a", "number"]
+    assert lines[1].split()[:2] == ["02_fail", "not"] and "no paper file" in lines[1]
+    assert runner.main(["--list", "01"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "  parameters (-p NAME VALUE; paper settings: -f notebooks/params/01_ok.yaml)"
+    assert out[2].split(None, 3) == ["x", "=", "2", "a number"]
+    assert out[4].split() == ["rates", "=", "[0.5,", "1.0]", "poison", "rates"]
+    assert len(out) == 2 + 5
+    # the listed parameters are papermill's
+    assert [n for n, _, _ in runner.listed_parameters(nbdir / "01_ok.ipynb")] == \
+        list(runner.notebook_parameters(nbdir / "01_ok.ipynb"))
+
+
+def test_list_imports_neither_torch_nor_papermill():
+    import subprocess
+    import sys
+    code = ("import sys; from t2i_common import runner; runner.main(['--list']); "
+            "print(sorted(m for m in ('torch', 'papermill', 'nbformat') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO))).stdout.splitlines()
+    assert out[-1] == "[]"
+    assert len(out) - 1 == len(runner.all_notebooks())
+
+
+def test_reference_run_records_its_wall_time(nbdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(paths, "CACHE", tmp_path / "cache")      # empty: a cold run
+    assert runner.main(["01", "--threads", "1"]) == 0
+    f = tmp_path / "figures" / "run_times.json"
+    entry = json.loads(f.read_text())["notebooks"]["01_ok"]
+    assert 0 < entry["seconds"] < 120 and entry["cold"] is True and entry["threads"] == 1
+    assert entry["command"] == "python -m t2i_common.runner --threads 1 01_ok"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "x").write_text("")
+    assert runner.main(["02"]) == 1                               # a failed run records nothing
+    assert runner.main(["01", "-p", "x", "3"]) == 0               # nor a run with parameters
+    data = json.loads(f.read_text())["notebooks"]
+    assert list(data) == ["01_ok"] and data["01_ok"] == entry
+    assert runner.main(["01"]) == 0                               # warm cache: said so
+    assert json.loads(f.read_text())["notebooks"]["01_ok"]["cold"] is False
+    capsys.readouterr()
+    assert runner.main(["--list", "01"]) == 0
+    assert "(warm cache)" in capsys.readouterr().out.splitlines()[0]
+    table = runner.readme_table(runner.all_notebooks()).splitlines()
+    assert table[0] == "| notebook | what it shows | cold run |"
+    assert table[3].startswith("| `02_fail` |") and table[3].endswith("| not measured |")
+
+
 def test_params_file_sections_run_the_named_notebooks(nbdir, tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("01_ok:\n  x: 5\n")

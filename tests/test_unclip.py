@@ -212,6 +212,49 @@ def test_ddim_inversion_inverts_the_sampler(tiny_unclip):
     assert err < 1e-2, err
 
 
+def test_ddim_eta_is_seeded_per_item_and_zero_is_plain_ddim(tiny_unclip):
+    m = tiny_unclip
+    z = m.encode_images([_image(3), _image(4)])
+    plain = m.decode(z, num_steps=4, guidance_scale=1.0, seed=2, output="latents")
+    torch.testing.assert_close(m.decode(z, num_steps=4, guidance_scale=1.0, seed=2, eta=0.0,
+                                        output="latents"), plain)
+    a = m.decode(z, num_steps=4, guidance_scale=1.0, seeds=[7, 8], eta=1.0, output="latents")
+    b = m.decode(z, num_steps=4, guidance_scale=1.0, seeds=[7, 8], eta=1.0, output="latents")
+    torch.testing.assert_close(a, b)                                   # deterministic
+    one = m.decode(z[1:], num_steps=4, guidance_scale=1.0, seeds=[8], eta=1.0, output="latents")
+    torch.testing.assert_close(one[0], a[1])                           # independent of the batch
+    c = m.decode(z, num_steps=4, guidance_scale=1.0, seeds=[9, 8], eta=1.0, output="latents")
+    assert not torch.allclose(c[0], a[0]) and torch.allclose(c[1], a[1])
+    noeta = m.decode(z, num_steps=4, guidance_scale=1.0, seeds=[7, 8], output="latents")
+    assert not torch.allclose(noeta, a)                                # eta adds noise
+
+
+def test_inversion_variations_at_eta_zero_are_the_ddim_reconstruction(tiny_unclip):
+    m = tiny_unclip
+    im = _image(2)
+    v = m.variations([im], 3, method="ddim_inversion", eta=0.0, num_steps=5, guidance_scale=2.0)
+    x_T = m.invert(m.encode_latents([im]), m.encode_images([im]), num_steps=5, guidance_scale=2.0)
+    rec = m.decode(m.encode_images([im]), num_steps=5, guidance_scale=2.0, latents=x_T.cpu())
+    assert v.shape == (1, 3) + rec.shape[1:]
+    assert all(np.array_equal(v[0, j], rec[0]) for j in range(3))
+    w = m.variations([im], 3, method="ddim_inversion", eta=1.0, num_steps=5, guidance_scale=2.0)
+    assert not np.array_equal(w[0, 0], w[0, 1])                     # eta > 0: distinct variations
+    assert np.array_equal(w, m.variations([im], 3, method="ddim_inversion", eta=1.0, num_steps=5,
+                                          guidance_scale=2.0))       # the same seed: the same
+    assert not np.array_equal(w, m.variations([im], 3, method="ddim_inversion", eta=1.0, seed=1,
+                                              num_steps=5, guidance_scale=2.0))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="inversion"), "method must be 'fresh_noise' or 'ddim_inversion'"),
+    (dict(method="ddim_inversion", eta=1.5), r"eta must be in \[0, 1\]"),
+    (dict(eta=-0.1), r"decode: eta must be in \[0, 1\]"),
+])
+def test_bad_variation_options_are_errors(tiny_unclip, kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_unclip.variations([_image(1)], 2, num_steps=2, **kw)
+
+
 # ---- bad inputs ------------------------------------------------------------------------------
 def test_embedding_of_wrong_width_is_an_error(tiny_unclip):
     with pytest.raises(ValueError, match=r"expected CLIP embeddings \[B, 32\].*got \(2, 31\)"):

@@ -219,26 +219,37 @@ def trak_scores(model, data: A.TrainingSet, queries: A.QuerySet, *, target: str 
 
 
 def plot_top_k(query_image, train_images, rankings: dict, truth=(), k: int = 10, title: str = ""):
-    """The paper's figure: the query, then per method its top-``k`` training images (ground-truth
-    images framed in red).  Returns the matplotlib figure."""
+    """The paper's figure: the query, then per method (one row each) its top-``k`` training
+    images, best first; ground-truth images (those that show the query's concept) are framed in
+    red, which the legend under the grid says.  ``title``: the query's prompt.  Returns the
+    matplotlib figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     truth = set(int(i) for i in truth)
-    fig, axes = plt.subplots(len(rankings), k + 1, figsize=(1.1 * (k + 1), 1.15 * len(rankings)),
-                             squeeze=False)
+    n = len(rankings)
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.2 * (k + 1) + 1.0, 1.2 * n + 1.3), squeeze=False)
     for r, (m, rank) in enumerate(rankings.items()):
         ax = axes[r, 0]
         ax.imshow(query_image)
-        ax.set_ylabel(m, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_ylabel(m, rotation=0, ha="right", va="center", fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
         if r == 0:
-            ax.set_title(title or "query", fontsize=8)
+            ax.set_title("query", fontsize=10)
         for j, i in enumerate(np.asarray(rank)[:k]):
             ax = axes[r, j + 1]
             ax.imshow(train_images[int(i)])
             ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"rank {j + 1}", fontsize=10)
             for sp in ax.spines.values():
                 sp.set_color("red" if int(i) in truth else "white")
-                sp.set_linewidth(2.5 if int(i) in truth else 0.5)
-    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+                sp.set_linewidth(3 if int(i) in truth else 0.5)
+    fig.suptitle(f"Top-{k} training images per attribution method"
+                 + (f" for the query \"{title}\"" if title else ""), fontsize=12)
+    fig.legend(handles=[Patch(facecolor="none", edgecolor="red", linewidth=3,
+                              label=f"ground truth: one of the {len(truth)} training images that "
+                                    f"show the query's concept")],
+               loc="lower center", ncol=1, fontsize=10, frameon=False)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08, bottom=0.6 / (1.2 * n + 1.3), top=1 - 0.75 / (1.2 * n + 1.3))
     return fig

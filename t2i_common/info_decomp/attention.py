@@ -568,20 +568,22 @@ def plot_word_heatmaps(examples, methods=("CMI", "MI", "Attention+Information"))
     for (ex, m), ax_row in zip(rows, axes):
         img = np.asarray(to_pil(ex["image"]).convert("RGB").resize(tuple(ex[m].shape[-2:][::-1])))
         ax_row[0].imshow(img)
-        ax_row[0].set_title(ex["caption"] if m == methods[0] else "", fontsize=7, loc="left")
-        ax_row[0].set_ylabel(m, fontsize=8)
+        ax_row[0].set_title(ex["caption"] if m == methods[0] else "", fontsize=9, loc="left")
+        ax_row[0].set_ylabel(m, fontsize=9)
         for j, (wt, w) in enumerate(ex["words"]):
             ax = ax_row[j + 1]
             ax.imshow(img)
             ax.imshow(min_max_normalise(ex[m][j]).numpy(), cmap="jet", alpha=0.5)
             val = {"CMI": ex.get("cmi"), "MI": ex.get("mi")}.get(m)
-            ax.set_title(f"{wt}: {w}" + (f"\n{val[j]:.1f} nats" if val is not None else ""), fontsize=8)
+            ax.set_title(f"{wt}: {w}" + (f"\n{val[j]:.1f} nats" if val is not None else ""), fontsize=9)
         for ax in ax_row:
             ax.set_xticks([])
             ax.set_yticks([])
         for ax in ax_row[len(ex["words"]) + 1:]:
             ax.axis("off")
-    fig.tight_layout()
+    fig.suptitle("Word localisation: each word's map over the image, one row per method\n"
+                 "(min-max normalised per map; overlay blue = low, red = high)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     return fig
 
 

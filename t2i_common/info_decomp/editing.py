@@ -278,6 +278,8 @@ def correlation_table(rows: list[dict], intervention: str = "omit", with_err: bo
 def plot_interventions(model, res: dict, indices, kind: str = "omit"):
     """Rows = images: original (decoded reconstruction under the caption), edited (word omitted
     or swapped), change map, CMI map of the word, attention map (latent grid, upsampled)."""
+    import textwrap
+
     import matplotlib.pyplot as plt
 
     indices = list(indices)
@@ -287,19 +289,25 @@ def plot_interventions(model, res: dict, indices, kind: str = "omit"):
     R = rec.shape[-1]
     maps = [("change", res[f"change_{kind}"]), ("i(x;y|c) map", res[f"cmi_{kind}_map"]),
             ("attention", res["attention"])]
-    fig, axes = plt.subplots(len(indices), 5, figsize=(10.5, 2.3 * len(indices)), squeeze=False)
+    fig, axes = plt.subplots(len(indices), 5, figsize=(10.5, 2.5 * len(indices) + 0.5), squeeze=False)
     for row, i in zip(axes, range(len(indices))):
         b = indices[i]
         to_img = lambda x: ((x.permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)  # noqa: E731
         row[0].imshow(to_img(rec[i]))
-        row[0].set_title(res["captions"][b], fontsize=7)
+        row[0].set_title(textwrap.fill("original: " + res["captions"][b], 30), fontsize=9)
         row[1].imshow(to_img(edit[i]))
-        row[1].set_title(str(prompts[b]), fontsize=7)
+        row[1].set_title(textwrap.fill(f"{'omitted' if kind == 'omit' else 'swapped'}: {prompts[b]}",
+                                       30), fontsize=9)
         for ax, (name, m) in zip(row[2:], maps):
             ax.imshow(upsample_map(m[b].double(), R).numpy(), cmap="viridis")
-            ax.set_title(f"{name}" + (f" ({res['words'][b]})" if name != "change" else ""), fontsize=8)
+            ax.set_title(f"{name}" + (f" ({res['words'][b]})" if name != "change" else ""), fontsize=9)
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
+    what = "a word omitted" if kind == "omit" else "a word swapped"
+    fig.suptitle(f"Prompt intervention ({what}): the reconstruction, the edited image, where the "
+                 f"image changed,\nthe word's CMI map and its attention map (maps: dark = low, "
+                 f"yellow = high)", fontsize=10)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.7 / fig.get_figheight(),
+                        wspace=0.1, hspace=0.3)
     return fig

@@ -209,33 +209,42 @@ def _single_object_sources(n: int, seed: int):
 
 
 def variation_stats(model, samples, n_variations: int = 4, *, seed: int = 0, num_steps: int = 25,
-                    guidance_scale: float = 3.0, cache: bool = True, progress: bool = True) -> dict:
-    """Decode each (single-object) source image's own CLIP embedding with ``n_variations`` decoder
-    noises; report how often a variation keeps the source's colour, shape, size (and colour and
-    shape together), and diversity: mean pairwise RMS pixel distance ([0, 1] units) of the
-    variations of one source, and mean pairwise centroid distance in pixels."""
+                    guidance_scale: float = 3.0, method: str = "fresh_noise", eta=None,
+                    cache: bool = True, progress: bool = True) -> dict:
+    """Make ``n_variations`` variations of each (single-object) source image
+    (:meth:`UnCLIPModel.variations` with ``method`` and ``eta``: fresh decoder noise, or the
+    paper's DDIM inversion decoded with eta > 0); report how often a variation keeps the source's
+    colour, shape, size (and colour and shape together), how far its object moved from the
+    source's (``displacement_px``: mean distance between the checker's object centroids, pixels),
+    and diversity: mean pairwise RMS pixel distance ([0, 1] units) of the variations of one
+    source, and mean pairwise centroid distance in pixels."""
     samples = list(samples)
     key = dict(model=model_key(model), n_var=n_variations, seed=seed, num_steps=num_steps,
                guidance_scale=guidance_scale,
                images=[cache_mod.fingerprint(s.image) for s in samples])
+    if method != "fresh_noise" or eta is not None:      # the fresh-noise default keeps its key
+        key.update(method=method, eta=eta)
     rc = cache_mod.ResultCache("unclip_variations", key, enabled=cache)
 
     def run(ids):
         ims = [samples[i].image for i in ids]
         v = model.variations(ims, n_variations, seed=seed, num_steps=num_steps,
-                             guidance_scale=guidance_scale)
+                             guidance_scale=guidance_scale, method=method, eta=eta)
         return list(v)
 
     res = cache_mod.map_cached(run, range(len(samples)), rc, desc="variations", progress=progress,
                                chunk=16)
     keep = {k: [] for k in ("colour", "shape", "size", "colour_and_shape")}
-    pix, cen = [], []
+    pix, cen, moved = [], [], []
     for i, s in enumerate(samples):
         src = s.scene.objects[0]
+        src_obj = main_object(s.image)
         objs = []
         for im in res[i]:
             o = main_object(im)
             objs.append(o)
+            if o is not None and src_obj is not None:
+                moved.append(float(np.hypot(*np.subtract(o["centroid"], src_obj["centroid"]))))
             keep["colour"].append(o is not None and o["colour"] == src.colour)
             keep["shape"].append(o is not None and o["shape"] == src.shape)
             keep["size"].append(o is not None and o["size"] == src.size)
@@ -251,6 +260,7 @@ def variation_stats(model, samples, n_variations: int = 4, *, seed: int = 0, num
     out.update(n_sources=len(samples), n_variations=n_variations,
                n_keeps_colour_and_shape=int(sum(keep["colour_and_shape"])),
                n_total=len(keep["colour"]),
+               displacement_px=float(np.mean(moved)) if moved else float("nan"),
                diversity_pixel_rms=float(np.mean(pix)) if pix else float("nan"),
                diversity_centroid_px=float(np.mean(cen)) if cen else float("nan"))
     return out, res

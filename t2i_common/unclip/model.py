@@ -161,8 +161,26 @@ def _seeded_noise(shape, seed: int, index: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) * 100003 + int(index)))
 
 
+def _step_noise(shape, item_key: int, step: int) -> torch.Tensor:
+    """The DDIM (eta > 0) noise of step ``step`` of the item keyed ``item_key``."""
+    state = np.random.SeedSequence([int(item_key) % 2**63, int(step), 0xE7A]).generate_state(1)[0]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(state)))
+
+
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def _to_device_dtype(module, device, dtype):
+    """Move ``module`` to ``device``; cast it only if a floating-point weight has another dtype.
+
+    ``load_unclip`` already loads every part in ``dtype`` (``torch_dtype`` of ``from_pretrained``),
+    so the usual call is a move only.  (diffusers' ``ModelMixin.to`` warns "modules ... should be
+    kept in float32: [] ... Casting directly with `to()`" whenever a dtype is passed, even an
+    unchanged one with no such module.)"""
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+    return module.to(device)
 
 
 class UnCLIPModel:
@@ -181,12 +199,11 @@ class UnCLIPModel:
         if missing:
             raise ValueError(f"UnCLIPModel {name}: decoder components missing: {missing}")
         self.name, self.device, self.dtype = str(name), torch.device(device), dtype
-        for k in ("prior_text_encoder", "prior", "text_encoder", "unet", "vae", "image_encoder"):
+        for k in ("prior_text_encoder", "prior", "text_encoder", "unet", "vae", "image_encoder",
+                  "image_normalizer"):
             m = getattr(self, k)
             if m is not None:
-                m.to(self.device, dtype=dtype).eval().requires_grad_(False)
-        self.image_normalizer.to(self.device, dtype)
-        self.image_normalizer.requires_grad_(False)
+                _to_device_dtype(m, self.device, dtype).eval().requires_grad_(False)
         cfg = self.unet.config
         if cfg.class_embed_type != "projection":
             raise ValueError(f"{name}: unet/config.json has class_embed_type={cfg.class_embed_type!r}; "
@@ -326,12 +343,13 @@ class UnCLIPModel:
     @torch.inference_mode()
     def decode(self, image_embeds, prompts=None, *, num_steps: int = 25, guidance_scale: float = 3.0,
                noise_level: int = 0, seed: int = 0, seeds=None, latents=None, batch_size: int = 64,
-               output: str = "uint8", progress: bool = False):
-        """Decode CLIP image embeddings [B, D] (optionally with captions) into images with DDIM
-        (eta 0).  Item i starts from noise seeded by (seed, i) - or by ``seeds[i]`` alone, so that
+               output: str = "uint8", progress: bool = False, eta: float = 0.0):
+        """Decode CLIP image embeddings [B, D] (optionally with captions) into images with DDIM.
+        Item i starts from noise seeded by (seed, i) - or by ``seeds[i]`` alone, so that
         it does not depend on the batch - unless ``latents`` [B, C, h, w] (e.g. a DDIM inversion)
-        are given.  ``output``: "uint8" (numpy [B, R, R, 3]), "tensor" ([-1, 1])
-        or "latents"."""
+        are given.  ``eta`` in [0, 1]: DDIM's stochasticity (0: deterministic; 1: DDPM-like); the
+        noise added at step k of item i is seeded by (``seeds[i]`` or (seed, i), k).
+        ``output``: "uint8" (numpy [B, R, R, 3]), "tensor" ([-1, 1]) or "latents"."""
         from tqdm.auto import tqdm
 
         UC.sampler_args(num_steps=num_steps, guidance_scale=guidance_scale, noise_level=noise_level,
@@ -342,8 +360,13 @@ class UnCLIPModel:
             seeds = UC.seeds_arg(seeds, len(list(seeds)))
         if latents is not None:
             V.finite_array(torch.as_tensor(latents), "latents")
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"decode: eta must be in [0, 1] (0: deterministic DDIM), got {eta!r}")
         labels, caps, null = self._decoder_inputs(image_embeds, prompts, noise_level, seed)
         B = len(labels)
+        item_keys = list(seeds) if seeds is not None else [int(seed) * 100003 + i for i in range(B)]
+        if len(item_keys) != B:
+            raise ValueError(f"decode: {B} embeddings but {len(item_keys)} seeds")
         if latents is None and seeds is not None:
             if len(seeds) != B:
                 raise ValueError(f"decode: {B} embeddings but {len(seeds)} seeds")
@@ -358,10 +381,14 @@ class UnCLIPModel:
             sl = slice(i, i + batch_size)
             sched = self._ddim(num_steps)
             x = latents[sl].to(self.device, self.dtype) * sched.init_noise_sigma
-            for t in sched.timesteps:
+            for k, t in enumerate(sched.timesteps):
                 e = self._guided(sched.scale_model_input(x, t), t, labels[sl], caps[sl], null[sl],
                                  guidance_scale)
-                x = sched.step(e, t, x).prev_sample
+                if eta > 0:
+                    vn = torch.stack([_step_noise(self.latent_shape, key, k) for key in item_keys[sl]])
+                    x = sched.step(e, t, x, eta=float(eta), variance_noise=vn.to(x)).prev_sample
+                else:
+                    x = sched.step(e, t, x).prev_sample
             outs.append(x)
         z0 = torch.cat(outs)
         if output == "latents":
@@ -552,13 +579,41 @@ class UnCLIPModel:
         return _to_uint8(self.vae.decode(x / self.scaling_factor).sample.clamp(-1, 1))
 
     # ---- manipulations ------------------------------------------------------------------------
-    def variations(self, images, n: int = 4, *, seed: int = 0, **decode_kw) -> np.ndarray:
-        """``n`` variations of each image: its CLIP embedding decoded with ``n`` different decoder
-        noises.  Returns uint8 [len(images), n, R, R, 3]."""
+    def variations(self, images, n: int = 4, *, seed: int = 0, method: str = "fresh_noise",
+                   eta: float | None = None, invert_guidance: float | None = None,
+                   **decode_kw) -> np.ndarray:
+        """``n`` variations of each image, decoded from its CLIP embedding z_i.
+
+        * ``method="fresh_noise"`` (Karlo's and Stable unCLIP's image variations): each variation
+          starts from new decoder noise (seeded by (seed, index)); ``eta`` defaults to 0.
+        * ``method="ddim_inversion"`` (the paper's Sec. 3.1): the image is DDIM-inverted under z_i
+          to x_T (:meth:`invert`, as for text diffs), and x_T is decoded ``n`` times with DDIM
+          ``eta`` > 0 (default 1.0), each with its own step noise; eta = 0 gives ``n`` copies of
+          the DDIM reconstruction.  ``invert_guidance``: the inversion's guidance scale (default:
+          the decoder's, so that eta = 0 reproduces the image as closely as the sampler allows).
+
+        Returns uint8 [len(images), n, R, R, 3]."""
+        if method not in ("fresh_noise", "ddim_inversion"):
+            raise ValueError(f"variations: method must be 'fresh_noise' or 'ddim_inversion' "
+                             f"(the paper's), got {method!r}")
         UC.sampler_args(n=n, seed=seed)
+        images = list(images)
         z = self.encode_images(images)
         zz = z.repeat_interleave(n, 0)
-        out = self.decode(zz, seed=seed, **decode_kw)
+        if method == "fresh_noise":
+            out = self.decode(zz, seed=seed, eta=0.0 if eta is None else eta, **decode_kw)
+            return out.reshape(len(z), n, *out.shape[1:])
+        eta = 1.0 if eta is None else eta
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"variations: eta must be in [0, 1] (the paper decodes with eta > 0), "
+                             f"got {eta!r}")
+        num_steps = decode_kw.get("num_steps", 25)
+        guidance = decode_kw.get("guidance_scale", 3.0)
+        x_T = self.invert(self.encode_latents(images), z, num_steps=num_steps,
+                          guidance_scale=guidance if invert_guidance is None else invert_guidance)
+        keys = [int(seed) * 100003 + i * n + j for i in range(len(images)) for j in range(n)]
+        out = self.decode(zz, latents=x_T.repeat_interleave(n, 0).cpu(), seeds=keys, eta=eta,
+                          **decode_kw)
         return out.reshape(len(z), n, *out.shape[1:])
 
     def interpolate(self, image_a, image_b, thetas, *, seed: int = 0, **decode_kw) -> np.ndarray:
