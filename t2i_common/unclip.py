@@ -652,6 +652,8 @@ def load_unclip(name_or_path=None, *, prior=None, prior_text_model=None, device=
     them as loaded, and :meth:`UnCLIPModel.decode` / :meth:`UnCLIPModel.prior_embeddings` sample
     with DDIM (eta 0) on their noise schedules - not the pipelines' default ancestral sampling.
     """
+    from .models import as_dtype
+    dtype = as_dtype(dtype)
     loc, local = resolve_unclip(name_or_path or DEFAULT_UNCLIP)
     if allow_download is None:
         allow_download = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
