@@ -16,7 +16,15 @@ def outdir(notebook_name: str, root=None) -> Path:
     """``figures/<notebook_name>/`` (created)."""
     d = Path(root or paths.FIGURES) / notebook_name
     d.mkdir(parents=True, exist_ok=True)
+    if _dry_run():
+        from .dryrun import LABEL
+        (d / "DRY_RUN.md").write_text(LABEL + "\n")
     return d
+
+
+def _dry_run() -> bool:
+    import os
+    return os.environ.get("T2I_DRYRUN", "") not in ("", "0")
 
 
 def save_table(df, out: Path, name: str, floatfmt: str = ".4g") -> None:
@@ -59,6 +67,9 @@ def save_results(out: Path, results: dict) -> None:
     p = Path(out) / "results.json"
     old = json.loads(p.read_text()) if p.exists() else {}
     old.update(_clean(results))
+    if _dry_run():
+        from .dryrun import LABEL
+        old["dry_run"] = LABEL
     p.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
 
 

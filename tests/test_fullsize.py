@@ -186,3 +186,61 @@ def test_every_notebook_has_device_and_dtype_parameters():
     for nb in nbs:
         p = runner.notebook_parameters(nb)
         assert p["device"][0] == "cpu" and p["dtype"][0] == "float32", (nb.name, p.get("device"), p.get("dtype"))
+
+
+@pytest.mark.fullsize
+def test_sd15_attribution_gradient_at_full_size():
+    """Paper 2 (attribution, SD 1.x): the SD 1.5 folder through load_attribution_model, one
+    training-loss gradient of the cross-attention K/V weights (the unlearning subset) at 64 x 64."""
+    from t2i_common import attribution as A
+    m = A.load_attribution_model(str(fs.ensure("sd1.5")))
+    names = set(A.select_parameters(m.unet, "cross-attn-kv"))
+    assert len(names) == 32  # 16 cross-attention blocks x (K, V)
+    emb = m.encode_prompts(["a photo of a cat"])
+    assert tuple(emb.shape) == (1, 77, 768)
+    for n, p in m.unet.named_parameters():
+        p.requires_grad_(n in names)
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    loss = m.unet(z, torch.tensor([500]), encoder_hidden_states=emb).sample.pow(2).mean()
+    loss.backward()
+    grads = [p.grad for n, p in m.unet.named_parameters() if n in names]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.fullsize
+def test_unclip_small_with_karlo_prior_at_full_size():
+    """Paper 3 (unCLIP): the Stable unCLIP small folder with the Karlo-layout prior through
+    load_unclip; one prior step and one guided decoder step at 96 x 96 latents (no VAE decode)."""
+    from t2i_common import unclip
+    m = unclip.load_unclip(str(fs.ensure("sd2.1-unclip-small")), prior=str(fs.ensure("karlo-prior")))
+    assert type(m.prior_scheduler).__name__ == "UnCLIPScheduler" and m.embedding_dim == 768
+    assert abs(float(m._prior_ddim(25).alphas_cumprod[500]) - 0.492) < 0.005
+    z = m.prior_embeddings(["a photo of a cat"], num_steps=1, guidance_scale=4.0, seeds=[0])
+    assert tuple(z.shape) == (1, 768) and torch.isfinite(z).all()
+    lat = m.decode(z, ["a photo of a cat"], num_steps=1, noise_level=100, seeds=[0], output="latents")
+    assert tuple(lat.shape) == (1, 4, 96, 96) and torch.isfinite(lat).all()
+
+
+@pytest.mark.fullsize
+@pytest.mark.parametrize("name", ["clip-vit-b-32", "openclip-vit-h-14"])
+def test_scorers_at_full_size(name):
+    """Paper 1 (Alignment Difficulty) and the CLIP baselines: the open_clip folders through
+    load_clip, with the real BPE tokenizer."""
+    import numpy as np
+    from t2i_common import models
+    c = models.load_clip(str(fs.ensure(name)))
+    assert c.backend == "open_clip"
+    img = c.encode_images([np.zeros((64, 64, 3), np.uint8)])
+    txt = c.encode_texts(["a photo of a cat"])
+    d = fs.configs(name)["open_clip"]["embed_dim"]
+    assert img.shape == (1, d) and txt.shape == (1, d)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(1), atol=1e-4)
+
+
+@pytest.mark.fullsize
+def test_dino_features_at_full_size():
+    """Paper 2's DINO baseline: the ViT-B/16 folder through self_supervised_features (CLS token)."""
+    import numpy as np
+    from t2i_common.attribution_baselines import self_supervised_features
+    f = self_supervised_features([np.zeros((64, 64, 3), np.uint8)] * 2, str(fs.ensure("dino-vitb16")))
+    assert tuple(f.shape) == (2, 768) and torch.isfinite(f).all()
