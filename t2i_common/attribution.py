@@ -392,7 +392,7 @@ def _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target):
 
 def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: int = 5,
                     batch_size: int = 32, seed: int = 0, progress: bool = True,
-                    path=None) -> dict:
+                    path=None, chunk: int | None = None) -> dict:
     """Diagonal empirical Fisher F = E[(grad_theta L(z, theta))^2] over the 2N training rows.
 
     Per sample: a random timestep t ~ U{0..T-1}, fresh noise and one random caption, drawn from a
@@ -400,8 +400,14 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
     means of squared per-sample gradients are averaged (float64), as in the original.  With
     ``path`` the result is saved as ``{param_name: tensor}`` (the original's ``fisher_info.pt``)
     and reloaded if it already exists for the same parameter names.
+    ``chunk``: rows whose per-sample gradients are held at once (default: the whole batch).  At
+    full size the per-sample gradients of all SD UNet weights take 3.4 GB per row in float32, so a
+    batch of 32 needs ~110 GB: pass e.g. ``chunk=1``; the draws and the result do not change.
     """
     check_compatible(model, data)
+    chunk = batch_size if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"fisher_diagonal: chunk must be >= 1, got {chunk}")
     unet = model.unet
     names = select_parameters(unet, subset)
     if path is not None and Path(path).exists():
@@ -422,10 +428,16 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
             eps = torch.randn((len(r),) + tuple(model.latent_shape), generator=g)
             cap = torch.randint(P, (len(r),), generator=g)
             emb = data.text_emb[r % data.n, cap]
-            gs = per_sample_grads(unet, names, data.latents[r].to(dev), t.to(dev), emb.to(dev),
-                                  eps.to(dev), abar.to(dev))
+            sq = {n: torch.zeros_like(acc[n]) for n in names}
+            for c in range(0, len(r), chunk):
+                cs = slice(c, c + chunk)
+                gs = per_sample_grads(unet, names, data.latents[r[cs]].to(dev), t[cs].to(dev),
+                                      emb[cs].to(dev), eps[cs].to(dev), abar.to(dev))
+                for n in names:
+                    sq[n] += gs[n].double().square().sum(0).cpu()
+                del gs
             for n in names:
-                acc[n] += gs[n].double().square().mean(0).cpu()
+                acc[n] += sq[n] / len(r)
             count += 1
     fisher = {n: v / count for n, v in acc.items()}
     if path is not None:
@@ -676,7 +688,7 @@ def attribute_from_files(model_path, train_latents, train_text, query_latents, q
                          pretrain_loss_path=None, subset: str = "cross-attn-kv", lr: float = 0.01,
                          n_batches: int = 625, batch_size: int = 80, time_samples: int = 20,
                          fisher_epochs: int = 5, n_train: int | None = None, seed: int = 0,
-                         device="cpu", progress: bool = True) -> dict:
+                         device="cpu", progress: bool = True, fisher_chunk: int | None = None) -> dict:
     """The original's ``compute_influence.py`` pipeline on its file formats: every file and query
     index is checked before the model is loaded.  A missing ``fisher_path`` / ``pretrain_loss_path``
     file is computed and written there (``fisher_info.pt``, ``pretrain_loss.npy``)."""
@@ -697,7 +709,7 @@ def attribute_from_files(model_path, train_latents, train_text, query_latents, q
                          f"match the model's {tuple(model.latent_shape)}")
     fisher = fisher_diagonal(model, data, "all" if fisher_path is None or not Path(fisher_path).exists()
                              else subset, epochs=fisher_epochs, seed=seed, path=fisher_path,
-                             progress=progress)
+                             progress=progress, chunk=fisher_chunk)
     if loss is None:
         loss = training_loss(model, data, time_samples=time_samples, seed=seed, progress=progress)
         if pretrain_loss_path is not None:
@@ -727,6 +739,10 @@ def main(argv=None):
     ap.add_argument("--unlearn_batch_size", type=int, default=80)
     ap.add_argument("--unlearn_grad_accum_steps", type=int, default=625)
     ap.add_argument("--loss_time_samples", type=int, default=20)
+    ap.add_argument("--fisher_epochs", type=int, default=5)
+    ap.add_argument("--fisher_chunk", type=int, default=None,
+                    help="rows whose per-sample gradients are held at once (full-size SD: 1 or 2; "
+                         "default: the Fisher batch of 32)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     d, s = Path(a.dataroot), Path(a.sample_dir)
@@ -737,7 +753,7 @@ def main(argv=None):
                          pretrain_loss_path=a.pretrain_loss_path, subset=a.weight_selection,
                          lr=a.unlearn_lr, n_batches=a.unlearn_grad_accum_steps,
                          batch_size=a.unlearn_batch_size, time_samples=a.loss_time_samples,
-                         device=a.device)
+                         fisher_epochs=a.fisher_epochs, fisher_chunk=a.fisher_chunk, device=a.device)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def test_sd15_attribution_gradient_at_full_size():
     m = A.load_attribution_model(str(fs.ensure("sd1.5")))
     names = set(A.select_parameters(m.unet, "cross-attn-kv"))
     assert len(names) == 32  # 16 cross-attention blocks x (K, V)
-    emb = m.encode_prompts(["a photo of a cat"])
+    emb = m.encode_prompts(["a photo of a cat"]).clone()  # out of inference mode, for backward
     assert tuple(emb.shape) == (1, 77, 768)
     for n, p in m.unet.named_parameters():
         p.requires_grad_(n in names)
