@@ -3,7 +3,7 @@
 # in fp16, their per-evaluation cost on the GPU (bench/bench_fullsize.py: load, forward,
 # forward + backward, peak GPU memory), the engine against a plain loop on the SD 2.1-base UNet
 # (bench/bench_engine.py --arch sd21) and the dry runs of one notebook per paper on cuda in fp16
-# (bfloat16 for the notebooks that train or take gradients: 20, 42).  Everything goes to
+# (bfloat16 for 20_attribution, which takes gradients).  Everything goes to
 # ${OUT:-gpu-check}/: bench_gpu.json, bench_engine.txt, dryrun/ and summary.md.  Nothing in the
 # package depends on this script.
 #   bash scripts/gpu_check.sh
