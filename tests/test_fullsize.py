@@ -244,3 +244,37 @@ def test_dino_features_at_full_size():
     from t2i_common.attribution_baselines import self_supervised_features
     f = self_supervised_features([np.zeros((64, 64, 3), np.uint8)] * 2, str(fs.ensure("dino-vitb16")))
     assert tuple(f.shape) == (2, 768) and torch.isfinite(f).all()
+
+
+def test_dry_run_plan_covers_every_notebook(tmp_path):
+    """The dry-run overlay names only notebooks, every notebook's paper settings + overlay pass the
+    runner's parameter checks, models point at the full-size folders, and the run is CPU float32."""
+    from t2i_common import dryrun
+    plan = dryrun.plan(root=tmp_path)
+    assert len(plan) == 17
+    for nb, params in plan:
+        assert params["device"] == "cpu" and params["dtype"] == "float32", nb.stem
+        for k in ("model", "clip", "clip_model", "prior", "sd_model"):
+            v = params.get(k)
+            if isinstance(v, str) and v.startswith(str(tmp_path)):
+                assert (tmp_path / v[len(str(tmp_path)) + 1:]).name in fs.NAMES
+        assert not any(isinstance(v, str) and v.startswith("/data/") for v in params.values()), nb.stem
+    by = {nb.stem: p for nb, p in plan}
+    assert by["40_gdbench"]["model"] == str(tmp_path / "sd2.1-base")
+    assert by["30_unclip_quality"]["prior"] == str(tmp_path / "karlo-prior")
+    assert by["10_ad_datasets"]["clips"] == [str(tmp_path / "clip-vit-b-32"), str(tmp_path / "openclip-vit-h-14")]
+    assert by["42_hardneg"]["steps"] == 1 and by["42_hardneg"]["train_tsv"] is None
+    assert not list(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_dry_run_outputs_are_labelled(tmp_path, monkeypatch):
+    from t2i_common import report
+    monkeypatch.setenv("T2I_DRYRUN", "1")
+    out = report.outdir("x", root=tmp_path)
+    report.save_results(out, {"a": 1.0})
+    assert "meaningless" in (out / "DRY_RUN.md").read_text()
+    assert "meaningless" in json.loads((out / "results.json").read_text())["dry_run"]
+    monkeypatch.delenv("T2I_DRYRUN")
+    out2 = report.outdir("y", root=tmp_path)
+    report.save_results(out2, {"a": 1.0})
+    assert not (out2 / "DRY_RUN.md").exists() and "dry_run" not in json.loads((out2 / "results.json").read_text())
