@@ -5,7 +5,7 @@ with only the sizes cut - CPU, float32, the numbers meaningless.
     python -m t2i_common.dryrun [NOTEBOOK ...] [--output-dir DIR] [--fullsize-root DIR] [--list]
 
 Per notebook: its ``notebooks/params/<notebook>.yaml`` (the paper's settings), then its section of
-``notebooks/params/dryrun.yaml`` (models -> ``fullsize:NAME`` folders, dataset paths -> null, sizes
+``notebooks/dryrun.yaml`` (models -> ``fullsize:NAME`` folders, dataset paths -> null, sizes
 cut), then ``device=cpu``, ``dtype=float32`` (or ``--device`` / ``--dtype``) and one thread.  Outputs go to ``runs/dryrun/`` (not
 ``figures/``): the executed notebooks, ``figures/<notebook>/`` with a ``DRY_RUN.md`` beside every
 table and ``"dry_run"`` in every ``results.json``, its own result cache, and ``dryrun_times.json``
@@ -24,7 +24,7 @@ import yaml
 
 from . import paths
 
-OVERLAY = paths.NOTEBOOKS / "params" / "dryrun.yaml"
+OVERLAY = paths.NOTEBOOKS / "dryrun.yaml"
 PREFIX = "fullsize:"
 LABEL = ("DRY RUN: full-size random-weight models (t2i_common.fullsize) and cut sizes; every "
          "number here is meaningless - the run only shows that the paper settings execute end to end.")
