@@ -8,11 +8,10 @@ repositories' inference configs by diffusers' conversion helpers and from open_c
 configs.  Nothing here writes weights: models are built on the meta device.
 
 Heavier checks (a folder written, loaded through the package's loaders and one full-size UNet
-evaluation) are marked ``fullsize`` and run in ``make dryrun``; one of them (SD 2.1-base) runs in
-``make test``.
+evaluation per paper) are marked ``fullsize``: they run in ``make test`` (folders written once
+into ``$T2I_FULLSIZE`` / ``~/.cache/t2i-repro/fullsize``; deselect with ``-m "not fullsize"``).
 """
 import json
-import os
 
 import pytest
 import torch
@@ -157,10 +156,6 @@ def test_default_folder_is_outside_the_repository(monkeypatch):
 
 
 # ---- written folders through the package's loaders (heavy: minutes, GBs) -----------------------
-def _fullsize_enabled():
-    return os.environ.get("T2I_FULLSIZE_TESTS", "") not in ("", "0")
-
-
 @pytest.mark.fullsize
 def test_sd21_base_loads_and_evaluates_at_full_size():
     """make test's full-size check: SD 2.1-base written (once; cached under T2I_FULLSIZE), loaded by
