@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup lab figures test unit nbval bench clean-cache
+.PHONY: setup lab figures test unit nbval bench dryrun fullsize clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,15 @@ nbval: setup
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 
 test: unit nbval
+
+# Full-size random-weight reference folders (~15 GB, outside the repository: $T2I_FULLSIZE or
+# ~/.cache/t2i-repro/fullsize) and the dry run of every notebook's paper settings on them
+# (CPU, float32, sizes cut; outputs in runs/dryrun/, labelled as a dry run).
+fullsize: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m t2i_common.fullsize write all
+
+dryrun: fullsize
+	OMP_NUM_THREADS=1 $(BIN)/python -m t2i_common.dryrun
 
 bench: setup
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done

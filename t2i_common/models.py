@@ -43,6 +43,17 @@ class ModelFolderError(ValueError):
     """A local model folder exists but one of its components is damaged or inconsistent."""
 
 
+def as_dtype(dtype) -> torch.dtype:
+    """A torch dtype from a torch dtype or its name ("float32", "float16", "bfloat16"), as the
+    notebooks' ``dtype`` parameter gives it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    dt = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16 (or a torch dtype), got {dtype!r}")
+    return dt
+
+
 def _download_enabled(allow_download):
     if allow_download is not None:
         return bool(allow_download)
@@ -435,6 +446,7 @@ def load_t2i(name_or_path=None, device="cpu", dtype=torch.float32,
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    dtype = as_dtype(dtype)
     loc, local = resolve_t2i(name_or_path or paths.DEFAULT_T2I)
     allow_download = _download_enabled(allow_download)
     loaders = [("tokenizer", lambda kw: CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw)),
@@ -560,6 +572,7 @@ def load_clip(name=None, pretrained: str | None = None, device="cpu", dtype=torc
     CLIP.  Hub weights come from the local cache first; a download is tried only if
     ``allow_download`` (default: unless HF_HUB_OFFLINE is set) and the hub answers."""
     name = str(name or paths.DEFAULT_CLIP)
+    dtype = as_dtype(dtype)
     if name in CLIP_ALIASES and pretrained is None:
         name, pretrained = CLIP_ALIASES[name]
     allow_download = _download_enabled(allow_download)
@@ -570,6 +583,8 @@ def load_clip(name=None, pretrained: str | None = None, device="cpu", dtype=torc
                 f"{p} is a file; an open_clip checkpoint file is the pretrained tag of its "
                 f"architecture: load_clip('ViT-B-32', pretrained='{p}') (or clip: ViT-B-32/{p}); "
                 f"a transformers CLIP is given as its folder")
+        if (p / "open_clip_config.json").exists():
+            return _open_clip_dir(p, device, dtype)
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"{p} is not a CLIP model folder: it has no config.json. Pass a "
                                     f"folder written by transformers' CLIPModel.save_pretrained or an "
@@ -607,6 +622,20 @@ def load_clip(name=None, pretrained: str | None = None, device="cpu", dtype=torc
         f"unknown CLIP model {name!r}: not a local folder, not an open_clip architecture, not a hub "
         f"id, not an alias ({', '.join(sorted(CLIP_ALIASES))}). Pass a local CLIPModel folder, or "
         f"an open_clip name with its tag such as ViT-B-32/openai.")
+
+
+def _open_clip_dir(p: Path, device, dtype) -> CLIPEmbedder:
+    """A folder in open_clip's hub layout (``open_clip_config.json`` + weights, as the laion/*
+    repositories and ``t2i_common.fullsize`` write it)."""
+    import open_clip
+    try:
+        model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{p}")
+        tok = open_clip.get_tokenizer(f"local-dir:{p}")
+    except Exception as err:
+        raise _load_error(p, f"open_clip folder {p}", err,
+                          "check open_clip_config.json and the weights file against the original "
+                          "folder") from err
+    return CLIPEmbedder(model, pre, tok, "open_clip", str(p), device, dtype)
 
 
 def _open_clip(open_clip, arch, tag, device, dtype, allow_download) -> CLIPEmbedder:

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from . import paths
+
+#: written beside every output of a dry run (``python -m t2i_common.dryrun``, ``T2I_DRYRUN=1``)
+DRY_RUN_LABEL = ("DRY RUN: full-size random-weight models (t2i_common.fullsize) and cut sizes; every "
+                 "number here is meaningless - the run only shows that the paper settings execute "
+                 "end to end.")
 
 
 def outdir(notebook_name: str, root=None) -> Path:
@@ -18,7 +24,13 @@ def outdir(notebook_name: str, root=None) -> Path:
     (:func:`t2i_common.paths.figures_root`)."""
     d = Path(root or paths.FIGURES) / notebook_name
     d.mkdir(parents=True, exist_ok=True)
+    if _dry_run():
+        (d / "DRY_RUN.md").write_text(DRY_RUN_LABEL + "\n")
     return d
+
+
+def _dry_run() -> bool:
+    return os.environ.get("T2I_DRYRUN", "") not in ("", "0")
 
 
 def save_table(df, out: Path, name: str, floatfmt: str = ".4g") -> None:
@@ -61,6 +73,8 @@ def save_results(out: Path, results: dict) -> None:
     p = Path(out) / "results.json"
     old = json.loads(p.read_text()) if p.exists() else {}
     old.update(_clean(results))
+    if _dry_run():
+        old["dry_run"] = DRY_RUN_LABEL
     p.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
 
 

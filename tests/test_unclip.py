@@ -359,6 +359,97 @@ def test_generation_does_not_depend_on_the_batch(tiny_unclip):
         m.generate(["a red circle"], mode="nope")
 
 
+#: kakaobrain/karlo-v1-alpha prior_scheduler/scheduler_config.json as published (printed in full in
+#: diffusers' examples/community/README.md, "UnCLIP Image Interpolation"): no beta_schedule entry
+KARLO_PRIOR_SCHEDULER = {"_class_name": "UnCLIPScheduler", "_diffusers_version": "0.12.0.dev0",
+                         "clip_sample": True, "clip_sample_range": 5.0, "num_train_timesteps": 1000,
+                         "prediction_type": "sample", "variance_type": "fixed_small_log"}
+
+
+def _karlo_folder(tiny_unclip_dir, karlo):
+    """A Karlo-layout prior folder (prior/, prior_scheduler/ with Karlo's own scheduler config,
+    text_encoder/, tokenizer/) built from the tiny checkpoint's prior parts."""
+    import shutil
+    karlo.mkdir()
+    for src, dst in (("prior", "prior"), ("prior_text_encoder", "text_encoder"),
+                     ("prior_tokenizer", "tokenizer")):
+        shutil.copytree(tiny_unclip_dir / src, karlo / dst)
+    (karlo / "prior_scheduler").mkdir()
+    (karlo / "prior_scheduler" / "scheduler_config.json").write_text(json.dumps(KARLO_PRIOR_SCHEDULER))
+    (karlo / "model_index.json").write_text(json.dumps({
+        "_class_name": "UnCLIPPipeline", "prior": ["diffusers", "PriorTransformer"],
+        "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    return karlo
+
+
+def test_karlo_prior_samples_on_the_unclip_schedule(tiny_unclip_dir, tmp_path):
+    """Karlo's UnCLIPScheduler config names no beta_schedule; the prior's DDIM must still run on
+    UnCLIPScheduler's squaredcos_cap_v2 alphas (DDIMScheduler.from_config alone falls back to
+    linear), with Karlo's prediction type and clip range."""
+    from diffusers import DDIMScheduler, UnCLIPScheduler
+
+    ref = UnCLIPScheduler.from_config(KARLO_PRIOR_SCHEDULER)
+    m = unclip.load_unclip(_without_prior(tiny_unclip_dir, tmp_path / "img2img"),
+                           prior=_karlo_folder(tiny_unclip_dir, tmp_path / "karlo"))
+    assert type(m.prior_scheduler).__name__ == "UnCLIPScheduler"
+    d = m._prior_ddim(25)
+    torch.testing.assert_close(d.alphas_cumprod, ref.alphas_cumprod, atol=0, rtol=0)
+    assert abs(float(d.alphas_cumprod[500]) - 0.492) < 0.005
+    assert (d.config.prediction_type, d.config.clip_sample, d.config.clip_sample_range) == ("sample", True, 5.0)
+    # what the naive conversion gives: the linear schedule the fix avoids
+    naive = DDIMScheduler.from_config(ref.config)
+    assert abs(float(naive.alphas_cumprod[500]) - 0.078) < 0.005
+
+
+def test_karlo_prior_equals_the_pipeline_prior(tiny_unclip_dir, tmp_path):
+    """The Karlo route sampled against diffusers' StableUnCLIPPipeline prior stage, given the same
+    prior noise and the same sampler (DDIM, eta 0, on squaredcos_cap_v2 with Karlo's prediction type
+    and clip range, configured here by hand), 25 steps, guidance 4."""
+    from diffusers import DDIMScheduler, StableUnCLIPPipeline
+
+    m = unclip.load_unclip(_without_prior(tiny_unclip_dir, tmp_path / "img2img"),
+                           prior=_karlo_folder(tiny_unclip_dir, tmp_path / "karlo"))
+    pipe = StableUnCLIPPipeline.from_pretrained(tiny_unclip_dir)
+    pipe.prior_scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                         prediction_type="sample", clip_sample=True, clip_sample_range=5.0)
+    captured = []
+
+    class _Stop(Exception):
+        pass
+
+    def grab(image_embeds, **kw):
+        captured.append(image_embeds.detach().clone())
+        raise _Stop
+
+    pipe.noise_image_embeddings = grab
+    prompts = ["a red circle", "a blue square"]
+    plat = torch.randn(2, m.embedding_dim, generator=torch.Generator().manual_seed(11))
+    for i, p in enumerate(prompts):
+        with pytest.raises(_Stop):
+            pipe(p, height=16, width=16, prior_num_inference_steps=25, prior_guidance_scale=4.0,
+                 prior_latents=plat[i:i + 1].clone(), num_inference_steps=1)
+    ref = torch.cat(captured)
+    ours = m.prior_embeddings(prompts, num_steps=25, guidance_scale=4.0, latents=plat)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_augmentation_noise_follows_the_items_seed(tiny_unclip):
+    """decode(seeds=..., noise_level > 0): item i's embedding noise comes from seeds[i], so an item
+    gives the same image alone and in a batch (and another seed another image)."""
+    m = tiny_unclip
+    z = torch.randn(3, m.embedding_dim, generator=torch.Generator().manual_seed(4))
+    both = m.decode(z, num_steps=2, noise_level=500, seeds=[7, 8, 9])
+    one = m.decode(z[1:2], num_steps=2, noise_level=500, seeds=[8])
+    assert np.array_equal(both[1], one[0])
+    labels = m._decoder_inputs(z[1:2], None, 500, 0, [8])[0]
+    other = m._decoder_inputs(z[1:2], None, 500, 0, [18])[0]
+    assert (labels - other).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="3 embeddings but 2 seeds"):
+        m.decode(z, num_steps=2, noise_level=500, seeds=[7, 8])
+
+
 def test_prior_from_a_karlo_layout_folder(tiny_unclip_dir, tiny_unclip, tmp_path):
     """The real route: the image-variation release (no prior parts) plus a Karlo-layout folder
     (``kakaobrain/karlo-v1-alpha``: prior/, prior_scheduler/, text_encoder/ - a CLIP text tower with
@@ -367,24 +458,11 @@ def test_prior_from_a_karlo_layout_folder(tiny_unclip_dir, tiny_unclip, tmp_path
     does."""
     import shutil
     decoder_only = _without_prior(tiny_unclip_dir, tmp_path / "img2img")
-    karlo = tmp_path / "karlo"
-    karlo.mkdir()
-    for src, dst in (("prior", "prior"), ("prior_text_encoder", "text_encoder"),
-                     ("prior_tokenizer", "tokenizer")):
-        shutil.copytree(tiny_unclip_dir / src, karlo / dst)
-    (karlo / "prior_scheduler").mkdir()  # Karlo's own scheduler class and config
-    (karlo / "prior_scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "UnCLIPScheduler", "clip_sample": True, "clip_sample_range": 5.0,
-        "num_train_timesteps": 1000, "prediction_type": "sample", "variance_type": "fixed_small_log"}))
-    (karlo / "model_index.json").write_text(json.dumps({
-        "_class_name": "UnCLIPPipeline", "prior": ["diffusers", "PriorTransformer"],
-        "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    karlo = _karlo_folder(tiny_unclip_dir, tmp_path / "karlo")
     m = unclip.load_unclip(decoder_only, prior=karlo)
     assert m.has_prior
-    want = tiny_unclip.generate(["a red circle", "a blue square"], seeds=[3, 4], num_steps=2, prior_steps=2)
-    got = m.generate(["a red circle", "a blue square"], seeds=[3, 4], num_steps=2, prior_steps=2)
+    want = tiny_unclip.generate(["a red circle", "a blue square"], seeds=[3, 4], num_steps=2, prior_steps=25)
+    got = m.generate(["a red circle", "a blue square"], seeds=[3, 4], num_steps=2, prior_steps=25)
     assert np.array_equal(got, want)
     shutil.rmtree(karlo / "text_encoder")
     with pytest.raises(FileNotFoundError):

@@ -110,13 +110,15 @@ def clip_text_scores(clip, query_prompts, train_captions) -> np.ndarray:
 
 
 @torch.no_grad()
-def self_supervised_features(images, model="toy-clip-vision", batch_size: int = 128) -> torch.Tensor:
+def self_supervised_features(images, model="toy-clip-vision", batch_size: int = 128, *,
+                             device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Image features standing for DINO.  ``model``: a ``models.CLIPEmbedder`` of the hf backend
     (the toy CLIP: its vision tower's pooled, *pre-projection* output - a stand-in, not DINO), the
     string "toy-clip-vision" (that, for the default toy CLIP), or a transformers hub id / folder of
-    a self-supervised ViT (``facebook/dino-vitb16``, ``facebook/dinov2-base``: the CLS token)."""
+    a self-supervised ViT (``facebook/dino-vitb16``, ``facebook/dinov2-base``: the CLS token),
+    loaded on ``device`` in ``dtype`` (a CLIPEmbedder keeps its own)."""
     if isinstance(model, str) and model == "toy-clip-vision":
-        model = load_clip()
+        model = load_clip(device=device, dtype=dtype)
     if isinstance(model, CLIPEmbedder):
         if model.backend != "hf":
             raise ValueError("self_supervised_features: an open_clip model has no exposed "
@@ -130,19 +132,20 @@ def self_supervised_features(images, model="toy-clip-vision", batch_size: int = 
         return torch.cat(outs)
     from transformers import AutoImageProcessor, AutoModel
 
-    proc, net = AutoImageProcessor.from_pretrained(model), AutoModel.from_pretrained(model).eval()
+    proc = AutoImageProcessor.from_pretrained(model)
+    net = AutoModel.from_pretrained(model, torch_dtype=dtype).to(device).eval()
     outs = []
     for i in range(0, len(images), batch_size):
         x = proc(images=[to_pil(im).convert("RGB") for im in images[i:i + batch_size]],
                  return_tensors="pt")
-        outs.append(net(**x).last_hidden_state[:, 0].float())
+        outs.append(net(pixel_values=x["pixel_values"].to(device, dtype)).last_hidden_state[:, 0].float().cpu())
     return torch.cat(outs)
 
 
-def feature_scores(query_images, train_images, model="toy-clip-vision") -> np.ndarray:
-    """Cosine of :func:`self_supervised_features`."""
-    return _cos(self_supervised_features(list(query_images), model),
-                self_supervised_features(list(train_images), model))
+def feature_scores(query_images, train_images, model="toy-clip-vision", **kw) -> np.ndarray:
+    """Cosine of :func:`self_supervised_features` (``kw``: its device / dtype)."""
+    return _cos(self_supervised_features(list(query_images), model, **kw),
+                self_supervised_features(list(train_images), model, **kw))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,11 +69,23 @@ class AttributionWorld:
     #: the base run's, which adds retraining noise to every Delta L)
     retrain: str = "masked"
     rare: str = "colour"
+    #: where the trained models score, unlearn and generate ("cuda" on a GPU) and in which dtype
+    #: ("float32"; "bfloat16"/"float16" opt in); training runs through Accelerate, which picks the
+    #: device itself, in float32.  Neither enters the cache key.
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def key(self) -> dict:
         d = dataclasses.asdict(self)
         d["base"] = Path(self.base).name      # the folder, not the machine path
+        d.pop("device"), d.pop("dtype")
         return d
+
+    def torch_dtype(self):
+        dt = getattr(torch, str(self.dtype), None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"AttributionWorld.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        return dt
 
 
 def make_world(world: AttributionWorld):
@@ -168,7 +180,7 @@ def train_world_model(world: AttributionWorld, samples, exclude=(), *, init=None
             pairs = training.toy_training_pairs([samples[i] for i in keep])
             unet, info = training.train_unet(
                 pairs, base.text_encoder, base.vae, base.tokenizer, cfg, steps, resume=True,
-                init=copy.deepcopy(init) if init is not None else None, ema_decay=None, **common)
+                init=copy.deepcopy(init).float() if init is not None else None, ema_decay=None, **common)
         else:
             raise ValueError(f"AttributionWorld.retrain must be 'masked' or 'resample', got "
                              f"{world.retrain!r}")
@@ -180,7 +192,8 @@ def train_world_model(world: AttributionWorld, samples, exclude=(), *, init=None
         if ck.exists():
             ck.unlink()
     model = T2IModel(base.tokenizer, base.text_encoder, base.vae, unet.eval(), base.scheduler,
-                     name=f"attribution-{tag}-{fingerprint(key)}")
+                     name=f"attribution-{tag}-{fingerprint(key)}", device=world.device,
+                     dtype=world.torch_dtype())
     return model, info
 
 

@@ -150,7 +150,8 @@ def attribute_from_files(model_path, train_latents, train_text, query_latents, q
                          pretrain_loss_path=None, subset: str = "cross-attn-kv", lr: float = 0.01,
                          n_batches: int = 625, batch_size: int = 80, time_samples: int = 20,
                          fisher_epochs: int = 5, n_train: int | None = None, seed: int = 0,
-                         device="cpu", progress: bool = True) -> dict:
+                         device="cpu", progress: bool = True,
+                         fisher_chunk: int | None = None) -> dict:
     """The original's ``compute_influence.py`` pipeline on its file formats.  Every setting, file,
     query index and existing result is checked before the model is loaded or any work starts.  A
     missing ``fisher_path`` / ``pretrain_loss_path`` file is computed and written there
@@ -159,6 +160,8 @@ def attribute_from_files(model_path, train_latents, train_text, query_latents, q
     A.check_unlearn_settings(lr=lr, n_batches=n_batches, batch_size=batch_size, n_train=n_train,
                              time_samples=time_samples)
     fisher_epochs, seed = V.count(fisher_epochs, "fisher_epochs"), V.count(seed, "seed", low=0)
+    if fisher_chunk is not None:
+        fisher_chunk = V.count(fisher_chunk, "fisher_chunk")
     if subset not in A.WEIGHT_SUBSETS:
         raise V.BadInput(f"weight subset {subset!r} unknown; choose one of {list(A.WEIGHT_SUBSETS)}")
     device = _device(device)
@@ -220,7 +223,7 @@ def attribute_from_files(model_path, train_latents, train_text, query_latents, q
     else:
         fisher = A.fisher_diagonal(model, data, "all" if fisher_path is not None else subset,
                                    epochs=fisher_epochs, seed=seed, path=fisher_path,
-                                   progress=progress)
+                                   progress=progress, chunk=fisher_chunk)
     if loss is None:
         loss = A.training_loss(model, data, time_samples=time_samples, seed=seed, progress=progress)
         V.finite_array(loss, "pre-training loss")
@@ -257,6 +260,9 @@ def _run(argv):
     ap.add_argument("--unlearn_grad_accum_steps", type=int, default=625)
     ap.add_argument("--loss_time_samples", type=int, default=20)
     ap.add_argument("--fisher_epochs", type=int, default=5)
+    ap.add_argument("--fisher_chunk", type=int, default=None,
+                    help="rows whose per-sample gradients are held at once (full-size SD: 1 or 2; "
+                         "default: the Fisher batch of 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
@@ -275,7 +281,8 @@ def _run(argv):
                          pretrain_loss_path=a.pretrain_loss_path, subset=a.weight_selection,
                          lr=a.unlearn_lr, n_batches=a.unlearn_grad_accum_steps,
                          batch_size=a.unlearn_batch_size, time_samples=a.loss_time_samples,
-                         fisher_epochs=a.fisher_epochs, seed=a.seed, device=a.device)
+                         fisher_epochs=a.fisher_epochs, fisher_chunk=a.fisher_chunk, seed=a.seed,
+                         device=a.device)
     print(f"influences written to {a.result_dir}")
 
 

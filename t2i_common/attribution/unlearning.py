@@ -413,7 +413,7 @@ def _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target):
 
 def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: int = 5,
                     batch_size: int = 32, seed: int = 0, progress: bool = True,
-                    path=None) -> dict:
+                    path=None, chunk: int | None = None) -> dict:
     """Diagonal empirical Fisher F = E[(grad_theta L(z, theta))^2] over the 2N training rows.
 
     Per sample: a random timestep t ~ U{0..T-1}, fresh noise and one random caption, drawn from a
@@ -425,9 +425,13 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
     covers the parameters of ``subset`` and its record matches, and is an error otherwise; a file
     without a record (e.g. the original's compute_fisher.py) is used as given after its names,
     shapes and values are checked.
+    ``chunk``: rows whose per-sample gradients are held at once (default: the whole batch).  At
+    full size the per-sample gradients of all SD UNet weights take 3.4 GB per row in float32, so a
+    batch of 32 needs ~110 GB: pass e.g. ``chunk=1``; the draws and the result do not change.
     """
     check_compatible(model, data)
     epochs, batch_size = V.count(epochs, "epochs"), V.count(batch_size, "batch_size")
+    chunk = batch_size if chunk is None else V.count(chunk, "chunk")
     unet = model.unet
     names = select_parameters(unet, subset)
     record = fisher_record(model, data, epochs, batch_size, seed)
@@ -449,10 +453,16 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
             eps = torch.randn((len(r),) + tuple(model.latent_shape), generator=g)
             cap = torch.randint(P, (len(r),), generator=g)
             emb = data.text_emb[r % data.n, cap]
-            gs = per_sample_grads(unet, names, data.latents[r].to(dev), t.to(dev), emb.to(dev),
-                                  eps.to(dev), abar.to(dev))
+            sq = {n: torch.zeros_like(acc[n]) for n in names}
+            for c in range(0, len(r), chunk):
+                cs = slice(c, c + chunk)
+                gs = per_sample_grads(unet, names, data.latents[r[cs]].to(dev), t[cs].to(dev),
+                                      emb[cs].to(dev), eps[cs].to(dev), abar.to(dev))
+                for n in names:
+                    sq[n] += gs[n].double().square().sum(0).cpu()
+                del gs
             for n in names:
-                acc[n] += gs[n].double().square().mean(0).cpu()
+                acc[n] += sq[n] / len(r)
             count += 1
     fisher = {n: v / count for n, v in acc.items()}
     if path is not None:

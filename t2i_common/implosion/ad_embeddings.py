@@ -66,7 +66,7 @@ class CacheProvenanceWarning(UserWarning):
     was taken on the user's word (``trust_cache``)."""
 
 
-def load_clip_spec(clip=None, device="cpu"):
+def load_clip_spec(clip=None, device="cpu", dtype="float32"):
     """A CLIP embedder from a spec: an object with ``encode_images``/``encode_texts`` (returned as
     is), a local CLIPModel folder, an open_clip ``ARCH/TAG`` string (``ViT-B-32/openai``, the
     original's default; ``ViT-H-14/laion2b_s32b_b79k``), a Hugging Face id or a
@@ -74,14 +74,14 @@ def load_clip_spec(clip=None, device="cpu"):
     if hasattr(clip, "encode_images") and hasattr(clip, "encode_texts"):
         return clip
     if clip is None:
-        return models.load_clip(None, device=device)
+        return models.load_clip(None, device=device, dtype=dtype)
     spec = str(clip)
     if not Path(spec).expanduser().exists() and "/" in spec:
         arch, tag = spec.split("/", 1)
         import open_clip
         if arch in open_clip.list_models():
-            return models.load_clip(arch, pretrained=tag, device=device)
-    return models.load_clip(spec, device=device)
+            return models.load_clip(arch, pretrained=tag, device=device, dtype=dtype)
+    return models.load_clip(spec, device=device, dtype=dtype)
 
 
 def _round_trip_table() -> np.ndarray:

@@ -380,10 +380,11 @@ def default_cache_path(data_glob, clip_name: str, resize: int | None = ORIGINAL_
 
 def glob_ad(data_glob, clip=None, alpha: float = 0.8, cache_path=None, batch_size: int = 512,
             resize: int | None = ORIGINAL_RESIZE, device="cpu", progress: bool = False,
-            preprocess: str = "package", **ad_kwargs) -> dict:
+            preprocess: str = "package", dtype="float32", **ad_kwargs) -> dict:
     """AD of the pairs of one glob (embeddings cached, see :func:`default_cache_path`), plus the
-    mean raw CLIP similarity of the pairs (``mean_clip_sim``)."""
-    embedder = load_clip_spec(clip, device)
+    mean raw CLIP similarity of the pairs (``mean_clip_sim``).  ``device`` / ``dtype``: of the
+    CLIP model when ``clip`` is a spec."""
+    embedder = load_clip_spec(clip, device, dtype)
     cache_path = cache_path or default_cache_path(data_glob, getattr(embedder, "name", "clip"),
                                                   resize, preprocess=preprocess)
     emb = embed_pairs(data_glob, embedder, cache_path, batch_size=batch_size, resize=resize,
@@ -395,7 +396,7 @@ def glob_ad(data_glob, clip=None, alpha: float = 0.8, cache_path=None, batch_siz
 
 def ad_table(datasets: dict, clips, alpha: float = 0.8, batch_size: int = 512,
              resize: int | None = ORIGINAL_RESIZE, device="cpu", progress: bool = True,
-             preprocess: str = "package"):
+             preprocess: str = "package", dtype="float32"):
     """AD of several datasets (name -> glob of implosion pickles) under several CLIP models
     (specs for :func:`load_clip_spec`); each model is loaded once.  Returns a DataFrame indexed by
     (dataset, clip) with n, mean_clip_sim, feature_ad, structure_ad, ad."""
@@ -407,7 +408,7 @@ def ad_table(datasets: dict, clips, alpha: float = 0.8, batch_size: int = 512,
     clips = [clips] if isinstance(clips, (str, Path)) or clips is None else list(clips)
     rows = []
     for spec in clips:
-        embedder = load_clip_spec(spec, device)
+        embedder = load_clip_spec(spec, device, dtype)
         for name, g in tqdm(list(datasets.items()), desc=f"AD ({spec})", disable=not progress):
             r = glob_ad(g, embedder, alpha, batch_size=batch_size, resize=resize, device=device,
                         preprocess=preprocess)
@@ -459,7 +460,8 @@ def toy_ad_datasets(root, n: int = 1000, seed: int = 0) -> dict:
 
 def poisoned_ad(samples, rate: float, clip=None, root=None, *, seed: int = 0, concepts=None,
                 attribute: str = "shape", caption_seed: int = 0, alpha: float = 0.8,
-                batch_size: int = 512, resize: int | None = ORIGINAL_RESIZE, device="cpu") -> dict:
+                batch_size: int = 512, resize: int | None = ORIGINAL_RESIZE, device="cpu",
+                dtype="float32") -> dict:
     """AD of toy ``samples`` after ``toyworld.poison(samples, rate, seed, concepts, attribute)``
     (Nightshade-style mismatched captions), through the pickle + embedding pipeline.  Returns the
     AD dict plus rate, n_concepts, n_poisoned and poisoned_fraction (of all pairs)."""
@@ -468,7 +470,7 @@ def poisoned_ad(samples, rate: float, clip=None, root=None, *, seed: int = 0, co
     n_concepts = len(values) if concepts is None else len(set(concepts))
     g = write_pairs_dataset(toy_pairs(poisoned, caption_seed), root or paths.GENERATED / "poisoned",
                             f"{attribute}-rate{rate:g}-k{n_concepts}")
-    res = glob_ad(g, clip, alpha, batch_size=batch_size, resize=resize, device=device)
+    res = glob_ad(g, clip, alpha, batch_size=batch_size, resize=resize, device=device, dtype=dtype)
     res.update(rate=float(rate), n_concepts=n_concepts, n_poisoned=int(is_p.sum()),
                poisoned_fraction=float(is_p.mean()))
     return res
@@ -477,7 +479,7 @@ def poisoned_ad(samples, rate: float, clip=None, root=None, *, seed: int = 0, co
 def _poison_rows(settings, samples, clip, root, progress, **kw):
     import pandas as pd
     from tqdm.auto import tqdm
-    embedder = load_clip_spec(clip, kw.get("device", "cpu"))
+    embedder = load_clip_spec(clip, kw.get("device", "cpu"), kw.get("dtype", "float32"))
     rows = []
     for rate, concepts in tqdm(settings, desc="AD vs poisoning", disable=not progress):
         r = poisoned_ad(samples, rate, embedder, root, concepts=concepts, **kw)
@@ -549,7 +551,7 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
                          guidance: float = 3.0, snr_gamma: float | None = 5.0, seed: int = 0,
                          clip=None, alpha: float = 0.8,
                          resize: int | None = ORIGINAL_RESIZE, root=None, device="cpu",
-                         progress: bool = True):
+                         progress: bool = True, clip_dtype="float32"):
     """Train a UNet on toy data poisoned at each rate, generate the clean prompts, score them.
 
     For each rate: ``toyworld.poison`` the ``n_train`` toy samples (``kinds``, ``attribute``,
@@ -560,7 +562,8 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
     no EMA; ``snr_gamma`` Min-SNR loss weighting as in the toy recipe), generate every clean single-object prompt (:func:`single_object_prompts`) ``n_seeds``
     times (DDIM ``gen_steps``, guidance ``guidance``) and score them with
     ``toyworld.check_prompt`` (:func:`prompt_fidelity`).  The shipped model's own fidelity is
-    measured too (``base``).  Each rate's result is cached (``cache.ResultCache``, keyed by the
+    measured too (``base``).  ``device``: of every model; ``clip_dtype``: of the CLIP scorer (the
+    T2I model trains and generates in float32).  Each rate's result is cached (``cache.ResultCache``, keyed by the
     weights and every parameter), training is resumable.
 
     Returns ``(table, extra)``: a DataFrame indexed by rate (AD terms, poisoned fraction,
@@ -583,7 +586,7 @@ def implosion_experiment(model="toy", rates=(0.0, 0.25, 0.5, 0.75), *, n_train: 
     cfg = _train_config(m)
     if clip is None:
         clip = Path(str(m.name)) / "clip" if (Path(str(m.name)) / "clip").exists() else None
-    embedder = load_clip_spec(clip, device)
+    embedder = load_clip_spec(clip, device, clip_dtype)
     values = list(toyworld.SHAPES if attribute == "shape" else toyworld.COLOURS)
     poisoned_set = set(values if concepts is None else concepts)
     # poison() rewrites a poisoned concept's word into the next value (its target)

@@ -10,7 +10,10 @@ Layout (``stabilityai/stable-diffusion-2-1-unclip`` + the Karlo prior, as loaded
   concatenated with the sinusoidal embedding of that level, and enters as ``class_labels`` (a
   projection added to the timestep embedding); the caption, if any, enters through cross-attention.
   Guidance: null = (empty caption, all-zero ``class_labels``), guided prediction
-  null + s (cond - null), exactly what the diffusers pipelines do.
+  null + s (cond - null), as in the diffusers pipelines.  One deliberate difference: at
+  ``noise_level`` 0 the package adds no noise, while the pipelines still draw N(0, 1) and add it
+  times sqrt(1 - alpha-bar_0) = 0.0064 (squaredcos_cap_v2) in normalised units; on the toy
+  decoder (4 images, 25 DDIM steps, same latents) that moves pixels by at most 2/255.
 * **prior** - ``diffusers.PriorTransformer`` over [caption tokens, CLIP text embedding z_t,
   timestep, noised image embedding, query token] predicting the clean (normalised) image embedding
   (x0 objective); outputs are unnormalised with ``prior.clip_mean`` / ``clip_std``
@@ -36,7 +39,10 @@ slerp exactly.
 
 Deterministic samplers (DDIM, eta = 0) are used for both stages so that a sample depends only on
 its own seed (not on the batch it is in); tests check them against the diffusers pipelines given
-the same initial noise.
+the same initial noise.  The folders' own schedulers are DDPM-family (``DDPMScheduler`` in the
+Stable unCLIP folders, ``UnCLIPScheduler`` in Karlo's prior): the package keeps their training
+noise schedules and prediction types but samples with ``DDIMScheduler`` built on them, so its
+samples are the pipelines' samples only when the pipelines are given the same DDIM scheduler.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ import torch.nn.functional as F
 
 from .. import paths
 from .. import validate as V
+from ..models import as_dtype
 from ..imageio import to_pil
 from . import checks as UC
 
@@ -156,6 +163,11 @@ def typical_norm(image_normalizer) -> float:
 # ------------------------------------------------------------------------------------------------
 # the model
 # ------------------------------------------------------------------------------------------------
+#: noise slot of a decode's embedding augmentation under ``seeds[i]`` (decoder noise: slot 0,
+#: prior candidate k: slot 1 + k)
+_AUG_SLOT = 7919
+
+
 def _seeded_noise(shape, seed: int, index: int) -> torch.Tensor:
     """Noise of item ``index`` under ``seed`` (independent of the batch the item is in)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) * 100003 + int(index)))
@@ -328,15 +340,23 @@ class UnCLIPModel:
         u, c = out.chunk(2)
         return u + guidance_scale * (c - u)
 
-    def _decoder_inputs(self, image_embeds, prompts, noise_level, seed):
+    def _decoder_inputs(self, image_embeds, prompts, noise_level, seed, seeds=None):
+        """class_labels, caption states and null caption states of a decode.  The augmentation noise
+        of item i (``noise_level`` > 0) is drawn from ``seeds[i]`` alone when given (slot
+        ``_AUG_SLOT``, apart from the decoder noise (seeds[i], 0) and the prior candidates
+        (seeds[i], 1 + k)), otherwise from (seed + 7919, i)."""
         z = self.check_embeddings(image_embeds, "image_embeds")
         B = len(z)
         prompts = [""] * B if prompts is None else ([prompts] * B if isinstance(prompts, str) else list(prompts))
         if len(prompts) != B:
             raise ValueError(f"decode: {B} embeddings but {len(prompts)} prompts")
+        if seeds is not None and len(seeds) != B:
+            raise ValueError(f"decode: {B} embeddings but {len(seeds)} seeds")
         aug = None
         if noise_level:
-            aug = torch.stack([_seeded_noise((self.embedding_dim,), seed + 7919, i) for i in range(B)])
+            D = (self.embedding_dim,)
+            aug = torch.stack([_seeded_noise(D, s, _AUG_SLOT) for s in seeds] if seeds is not None
+                              else [_seeded_noise(D, seed + 7919, i) for i in range(B)])
         labels = self.noise_image_embeddings(z, noise_level, aug)
         return labels, self.encode_captions(prompts), self.encode_captions([""] * B)
 
@@ -348,7 +368,10 @@ class UnCLIPModel:
         Item i starts from noise seeded by (seed, i) - or by ``seeds[i]`` alone, so that
         it does not depend on the batch - unless ``latents`` [B, C, h, w] (e.g. a DDIM inversion)
         are given.  ``eta`` in [0, 1]: DDIM's stochasticity (0: deterministic; 1: DDPM-like); the
-        noise added at step k of item i is seeded by (``seeds[i]`` or (seed, i), k).
+        noise added at step k of item i is seeded by (``seeds[i]`` or (seed, i), k).  With
+        ``noise_level`` > 0 the embedding's augmentation noise, too, comes from ``seeds[i]`` when
+        given (else from (seed, i)); ``noise_level`` 0 adds no noise at all (see the module
+        docstring for how that differs from the pipelines).
         ``output``: "uint8" (numpy [B, R, R, 3]), "tensor" ([-1, 1]) or "latents"."""
         from tqdm.auto import tqdm
 
@@ -362,14 +385,12 @@ class UnCLIPModel:
             V.finite_array(torch.as_tensor(latents), "latents")
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"decode: eta must be in [0, 1] (0: deterministic DDIM), got {eta!r}")
-        labels, caps, null = self._decoder_inputs(image_embeds, prompts, noise_level, seed)
+        labels, caps, null = self._decoder_inputs(image_embeds, prompts, noise_level, seed, seeds)
         B = len(labels)
         item_keys = list(seeds) if seeds is not None else [int(seed) * 100003 + i for i in range(B)]
         if len(item_keys) != B:
             raise ValueError(f"decode: {B} embeddings but {len(item_keys)} seeds")
         if latents is None and seeds is not None:
-            if len(seeds) != B:
-                raise ValueError(f"decode: {B} embeddings but {len(seeds)} seeds")
             latents = torch.stack([_seeded_noise(self.latent_shape, s, 0) for s in seeds])
         elif latents is None:
             latents = torch.stack([_seeded_noise(self.latent_shape, seed, i) for i in range(B)])
@@ -448,8 +469,19 @@ class UnCLIPModel:
 
     # ---- prior --------------------------------------------------------------------------------
     def _prior_ddim(self, num_steps):
+        """DDIM (eta 0) on the prior scheduler's own noise schedule.  The betas are taken from the
+        loaded scheduler itself, not re-derived from its config: Karlo's ``UnCLIPScheduler`` config
+        (``kakaobrain/karlo-v1-alpha/prior_scheduler``) has no ``beta_schedule`` entry - the class
+        knows only squaredcos_cap_v2 - and ``DDIMScheduler.from_config`` would fall back to its
+        linear default (alpha-bar at t = 500: 0.078 instead of 0.492).  ``prediction_type``
+        ("sample"), ``clip_sample`` and ``clip_sample_range`` (5.0 for Karlo) come from the config."""
         from diffusers import DDIMScheduler
-        s = DDIMScheduler.from_config(self.prior_scheduler.config)
+        betas = getattr(self.prior_scheduler, "betas", None)
+        if betas is None:
+            raise ValueError(f"prior_scheduler {type(self.prior_scheduler).__name__} has no betas: "
+                             f"the prior needs a DDPM-family scheduler (DDPMScheduler, UnCLIPScheduler)")
+        s = DDIMScheduler.from_config(self.prior_scheduler.config,
+                                      trained_betas=betas.detach().float().cpu().tolist())
         s.set_timesteps(num_steps)
         return s
 
@@ -733,7 +765,13 @@ def load_unclip(name_or_path=None, *, prior=None, prior_text_model=None, device=
     not; pass ``prior="kakaobrain/karlo-v1-alpha"`` (sub-folders prior/, prior_scheduler/,
     text_encoder/, tokenizer/) - or any folder with prior_*/ sub-folders.  With ``need_prior``
     (default) a missing prior is an error raised before anything heavy is loaded.
+
+    Sampling: the folders ship DDPM-family schedulers (``scheduler``, ``image_noising_scheduler``,
+    ``prior_scheduler``: ``DDPMScheduler``; Karlo's prior: ``UnCLIPScheduler``); the model keeps
+    them as loaded, and :meth:`UnCLIPModel.decode` / :meth:`UnCLIPModel.prior_embeddings` sample
+    with DDIM (eta 0) on their noise schedules - not the pipelines' default ancestral sampling.
     """
+    dtype = as_dtype(dtype)
     loc, local = resolve_unclip(name_or_path or DEFAULT_UNCLIP)
     if allow_download is None:
         allow_download = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
