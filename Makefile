@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup lab figures test unit nbval bench dryrun fullsize clean-cache
+.PHONY: setup lab figures test unit nbval bench dryrun fullsize test-fullsize clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,8 +34,15 @@ lab: setup
 figures: setup
 	$(BIN)/python -m t2i_common.runner
 
+# The full-size tests (random-weight SD / unCLIP / scorers at published sizes, ~15 GB written to
+# ~/.cache/t2i-repro/fullsize) take minutes each on 2 cores: `make test` runs one of them (a
+# full-size SD 2.1-base load and UNet evaluation), `make test-fullsize` runs them all.
 unit: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -m "not fullsize"
+	$(BIN)/python -m pytest tests/test_fullsize.py::test_sd21_base_loads_and_evaluates_at_full_size
+
+test-fullsize: setup
+	$(BIN)/python -m pytest tests -m fullsize
 
 # nbval re-executes the notebooks; their figures go to a temporary folder (T2I_FIGURES) so the
 # committed reference under figures/ is never rewritten by a test run.
