@@ -151,6 +151,6 @@ def plot_step_sweep(sweep, paper_lr_over_n: float = PAPER_LR_OVER_N, default=Non
         ax.axvline(default, color="tab:red", ls="-.", label="this notebook's default")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="center right")
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left", framealpha=0.9)
     fig.tight_layout()
     return fig
