@@ -33,6 +33,7 @@ lab: setup
 
 figures: setup
 	$(BIN)/python -m t2i_common.runner
+	$(BIN)/python -m t2i_common.claims
 
 # The full-size tests (random-weight SD / unCLIP / scorers at published sizes, ~15 GB written to
 # ~/.cache/t2i-repro/fullsize) take minutes each on 2 cores: `make test` runs one of them (a
@@ -45,10 +46,12 @@ test-fullsize: setup
 	$(BIN)/python -m pytest tests -m fullsize
 
 # nbval re-executes the notebooks; their figures go to a temporary folder (T2I_FIGURES) so the
-# committed reference under figures/ is never rewritten by a test run.
+# committed reference under figures/ is never rewritten by a test run.  Then every fresh
+# results.json is compared with the committed one under figures/tolerances.yaml.
 nbval: setup
-	T2I_FIGURES=$$(mktemp -d) $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax \
-	    --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
+	F=$$(mktemp -d) && T2I_FIGURES=$$F $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks && \
+	    $(BIN)/python -m t2i_common.claims compare $$F
 
 test: unit nbval
 
