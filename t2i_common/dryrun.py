@@ -89,15 +89,15 @@ def main(argv=None) -> int:
         return 0
     out = Path(a.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    todo = plan(a.names, a.fullsize_root, write=True, device=a.device, dtypes=dtypes)
+    planned = plan(a.names, a.fullsize_root, write=True, device=a.device, dtypes=dtypes)
     os.environ["T2I_DRYRUN"] = "1"
     os.environ.setdefault("T2I_CACHE", str(out / "cache"))
     times_f = out / "dryrun_times.json"
     times = json.loads(times_f.read_text()) if times_f.exists() else {}
     failed = []
     t_all = time.time()
-    for i, (nb, params) in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {nb.stem} (dry run) {json.dumps(params)}", flush=True)
+    for i, (nb, params) in enumerate(planned, 1):
+        print(f"[{i}/{len(planned)}] {nb.stem} (dry run) {json.dumps(params)}", flush=True)
         try:
             dt = runner.run_one(nb, params, out / nb.name, figures=out / "figures", threads=1)
         except Exception as err:
@@ -106,9 +106,9 @@ def main(argv=None) -> int:
             times[nb.stem] = None
         else:
             times[nb.stem] = round(dt, 1)
-            print(f"[{i}/{len(todo)}] {nb.stem} done in {dt:.0f} s", flush=True)
+            print(f"[{i}/{len(planned)}] {nb.stem} done in {dt:.0f} s", flush=True)
         times_f.write_text(json.dumps(times, indent=1) + "\n")
-    print(f"dry run: {len(todo) - len(failed)}/{len(todo)} notebooks ran in {time.time() - t_all:.0f} s; "
+    print(f"dry run: {len(planned) - len(failed)}/{len(planned)} notebooks ran in {time.time() - t_all:.0f} s; "
           f"outputs in {out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 

@@ -348,18 +348,18 @@ def cached_items(gen, ids, rc, check, desc: str, progress: bool = True, chunk: i
             warnings.warn(f"{desc}: cache entry {rc._file(i)} is not a result of this call "
                           f"({problem}); recomputing it")
         pending.append(i)
-    todo = set(pending)
+    wanted = set(pending)
     fixed = "need" in inspect.signature(gen).parameters
     with tqdm(total=len(ids), initial=len(ids) - len(pending), desc=desc, disable=not progress) as bar:
         # ``gen(part, need)``: fixed chunks of ``ids`` by position, of which only the ``need`` ids
         # are computed, in the batches an uninterrupted run gives them (bit-identical resume)
         for s in range(0, len(ids) if fixed else len(pending), chunk):
             part = ids[s:s + chunk] if fixed else pending[s:s + chunk]
-            need = todo.intersection(part)
+            need = wanted.intersection(part)
             if not need:
                 continue
             for i, v in (gen(part, need=need) if fixed else gen(part)):
-                if i not in todo:
+                if i not in wanted:
                     continue
                 if rc is not None:
                     rc.save(i, v)
