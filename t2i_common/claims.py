@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from . import paths
+from .validate import BadInput, cli
 from .report import save_results
 
 #: paper keys -> citation (the order of the claims page)
@@ -120,6 +121,15 @@ def record(out, claims: list) -> None:
     save_results(out, {"claims": [dict(c) for c in claims]})
 
 
+def _json(p: Path) -> dict:
+    """``p`` parsed; an unreadable or non-JSON file is a :class:`BadInput` naming it."""
+    try:
+        return json.loads(Path(p).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{p} is not a readable results.json ({e}); regenerate it by running its "
+                       f"notebook (python -m t2i_common.runner NN)") from None
+
+
 def read(out) -> dict:
     """The ``results.json`` a notebook has written to its figures folder ``out`` (claim cells
     compute their verdicts from it, so the page can be regenerated from the saved numbers)."""
@@ -127,7 +137,7 @@ def read(out) -> dict:
     if not p.exists():
         raise FileNotFoundError(f"{p} not found; the cells that save the notebook's results must "
                                 f"run before its claims cell")
-    return json.loads(p.read_text())
+    return _json(p)
 
 
 def show(claims: list) -> None:
@@ -145,7 +155,7 @@ def collect(root=None) -> list:
     root = Path(root or paths.REFERENCE_FIGURES)
     out, seen = [], {}
     for p in sorted(root.glob("*/results.json")):
-        for c in json.loads(p.read_text()).get("claims", []):
+        for c in _json(p).get("claims", []):
             try:
                 validate(c)
             except ValueError as e:
@@ -238,7 +248,11 @@ def load_tolerances(path=None) -> dict:
     import yaml
 
     path = Path(path or paths.REFERENCE_FIGURES / TOLERANCES)
-    spec = yaml.safe_load(path.read_text())
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BadInput(f"{path} is not valid YAML ({' '.join(str(e).split())}); fix the file "
+                       f"(git checkout figures/{TOLERANCES} restores the committed one)") from None
     if not isinstance(spec, dict) or "default" not in spec:
         raise ValueError(f"{path}: a tolerance spec is a mapping with a 'default' rule and "
                          f"per-notebook sections")
@@ -300,12 +314,12 @@ def compare_folders(fresh_root, ref_root=None, spec=None) -> list:
         if not r.exists():
             bad.append(f"{p.parent.name}: no committed {r}")
             continue
-        bad += compare_results(json.loads(p.read_text()), json.loads(r.read_text()), spec,
+        bad += compare_results(_json(p), _json(r), spec,
                                p.parent.name)
     return bad
 
 
-def main(argv=None) -> int:
+def _run(argv) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m t2i_common.claims", description=__doc__.split("\n")[0])
@@ -322,14 +336,25 @@ def main(argv=None) -> int:
         n = len(list(Path(a.fresh).glob("*/results.json")))
         print("\n".join(bad) if bad else f"{n} results.json agree with the reference within the "
                                          f"declared tolerances")
-        return 1 if bad else 0
+        if bad:
+            raise SystemExit(1)
+        return
     root = Path(a.root or paths.REFERENCE_FIGURES)
     same = write_page(root, check=a.check)
     if a.check and not same:
         print(f"{root / CLAIMS_PAGE} is out of date; run `python -m t2i_common.claims`")
-        return 1
+        raise SystemExit(1)
     print(f"{root / CLAIMS_PAGE}: {len(collect(root))} claims" + ("" if same else " (written)"))
-    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m t2i_common.claims [--check] | compare FRESH [REF]``: exit 1 when the page is out
+    of date or results differ beyond tolerance; a bad file or argument is one line on stderr (exit
+    2, ``--debug`` shows the traceback)."""
+    try:
+        return cli(_run, "python -m t2i_common.claims", argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
 
 
 if __name__ == "__main__":

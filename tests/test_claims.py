@@ -112,3 +112,34 @@ def test_compare_rules(tmp_path):
     (tmp_path / "bad.yaml").write_text("default: {abs: 1}\nnb: {x: loose}\n")
     with pytest.raises(ValueError, match="use 'ignore', 'exact'"):
         claims.load_tolerances(tmp_path / "bad.yaml")
+
+
+def test_claims_command_names_a_bad_file_in_one_line(tmp_path, capsys):
+    """A corrupt results.json, a missing fresh folder and broken tolerance YAML: exit 2, one line
+    naming the file, no traceback; the files are left as they were."""
+    ref = tmp_path / "ref" / "nb"
+    ref.mkdir(parents=True)
+    (ref / "results.json").write_text(json.dumps({"x": 1.0}))
+    fresh = tmp_path / "fresh" / "nb"
+    fresh.mkdir(parents=True)
+    (fresh / "results.json").write_text('{"x": 1.0')            # cut short
+    tol = tmp_path / "tol.yaml"
+    tol.write_text("default: {abs: 0.1}\n")
+    cases = [
+        (["compare", str(tmp_path / "fresh"), str(tmp_path / "ref"), "--tolerances", str(tol)],
+         str(fresh / "results.json")),
+        (["compare", str(tmp_path / "nowhere"), str(tmp_path / "ref"), "--tolerances", str(tol)],
+         str(tmp_path / "nowhere")),
+    ]
+    bad_tol = tmp_path / "broken.yaml"
+    bad_tol.write_text("default: [abs: 0.1\n")
+    (fresh / "results.json").write_text(json.dumps({"x": 1.0}))
+    cases.append((["compare", str(tmp_path / "fresh"), str(tmp_path / "ref"), "--tolerances",
+                   str(bad_tol)], str(bad_tol)))
+    (fresh / "results.json").write_text('{"x": 1.0')
+    for argv, named in cases:
+        capsys.readouterr()
+        assert claims.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0] and "Traceback" not in err[0], err
+    assert (fresh / "results.json").read_text() == '{"x": 1.0'
