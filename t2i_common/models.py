@@ -273,6 +273,40 @@ def resolve_t2i(name_or_path) -> tuple[str, bool]:
         f"folder (with model_index.json).")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(scheduler_config, name="model") -> str:
+    """The scheduler's ``prediction_type`` (diffusers' default ``epsilon`` when absent); anything
+    else is an error naming the model, raised at load time."""
+    p = getattr(scheduler_config, "prediction_type", None) or "epsilon"
+    if p not in PREDICTION_TYPES:
+        raise ValueError(f"{name}: scheduler prediction_type {p!r} is not one of {PREDICTION_TYPES}; "
+                         f"fix scheduler/scheduler_config.json")
+    return p
+
+
+def eps_from_output(out: torch.Tensor, z_t: torch.Tensor, alphas_cumprod: torch.Tensor, t,
+                    prediction_type: str) -> torch.Tensor:
+    """eps implied by a UNet output in ``prediction_type`` at noised latents z_t = a z0 + s eps
+    (a = sqrt(abar_t), s = sqrt(1 - abar_t)).
+
+    v = a eps - s z0 gives eps = a v + s z_t; a predicted z0 gives eps = (z_t - a z0) / s.  At a
+    zero-terminal-SNR step (abar = 0) the v form stays exact (eps = z_t).  ``t``: scalar or [B]."""
+    if prediction_type == "epsilon":
+        return out
+    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()[
+        torch.as_tensor(t, dtype=torch.long).cpu()].reshape(-1)
+    ab = ab.expand(out.shape[0]) if ab.numel() == 1 else ab
+    a = ab.sqrt().to(out.device, out.dtype).view(-1, *([1] * (out.ndim - 1)))
+    s = (1 - ab).sqrt().to(out.device, out.dtype).view(-1, *([1] * (out.ndim - 1)))
+    if prediction_type == "v_prediction":
+        return a * out + s * z_t
+    if prediction_type == "sample":
+        return (z_t - a * out) / s
+    raise ValueError(f"eps_from_output: prediction_type {prediction_type!r} not in {PREDICTION_TYPES}")
+
+
 class T2IModel:
     """A loaded SD-format text-to-image model (components + schedule), no hidden global state.
 
@@ -305,6 +339,7 @@ class T2IModel:
         self.alphas_cumprod = torch.as_tensor(ac, dtype=torch.float64).cpu()
         self.logsnr_table = torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
         self.num_train_timesteps = len(self.alphas_cumprod)
+        self.prediction_type = check_prediction_type(scheduler.config, self.name)
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     # ---- schedule -----------------------------------------------------------------------------
@@ -391,13 +426,24 @@ class T2IModel:
         return torch.cat(outs).clamp(-1, 1)
 
     # ---- denoiser -----------------------------------------------------------------------------
-    def eps(self, z_t: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
-        """eps_theta(z_t, t, c) for a batch (t a scalar or [B] tensor; emb [B, L, D])."""
+    def model_output(self, z_t: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output for a batch, in the checkpoint's own parameterization
+        (``prediction_type``: eps for SD 1.x / 2.x-base, v for SD 2.x at 768 px)."""
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:
             t = t.expand(z_t.shape[0])
         return self.unet(z_t.to(self.device, self.dtype), t,
                          encoder_hidden_states=emb.to(self.device, self.dtype)).sample
+
+    def eps(self, z_t: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
+        """eps_theta(z_t, t, c) for a batch (t a scalar or [B] tensor; emb [B, L, D]), whatever the
+        checkpoint predicts: a v-prediction output is converted (:func:`eps_from_output`), so every
+        denoising-error score is an eps error on SD 2.x-v as on SD 2.x-base."""
+        out = self.model_output(z_t, t, emb)
+        if self.prediction_type == "epsilon":
+            return out
+        return eps_from_output(out, z_t.to(out.device, out.dtype), self.alphas_cumprod, t,
+                               self.prediction_type)
 
     @torch.inference_mode()
     def generate(self, prompts, num_steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
@@ -423,8 +469,8 @@ class T2IModel:
                              for j in range(len(chunk))]).to(self.device, self.dtype)
             cond = self.encode_prompts(chunk)
             emb = torch.cat([null.expand(len(chunk), -1, -1), cond])
-            for t in sched.timesteps:
-                e = self.eps(torch.cat([z, z]), t, emb)
+            for t in sched.timesteps:   # guidance on the raw output: the same as on eps (affine map)
+                e = self.model_output(torch.cat([z, z]), t, emb)
                 e_null, e_cond = e.chunk(2)
                 e = e_null + guidance_scale * (e_cond - e_null)
                 z = sched.step(e, t, z).prev_sample

@@ -192,6 +192,38 @@ def test_vmap_per_sample_grads_equal_a_loop(tiny_model, tiny_set):
         torch.testing.assert_close(v[n][0], r, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+def test_per_sample_grads_of_a_v_or_x0_model_are_eps_loss_grads(tiny_model, tiny_set, kind):
+    """A UNet labelled v- (or x0-) prediction: the per-sample gradient is the gradient of the eps
+    MSE after the conversion (eps = sqrt(abar) v + sqrt(1 - abar) z_t), as in T2IModel.eps."""
+    from t2i_common.models import eps_from_output
+    names = A.select_parameters(tiny_model.unet, "cross-attn-kv")
+    g = torch.Generator().manual_seed(1)
+    z0 = tiny_set.latents[:2]
+    t = torch.tensor([30, 700])
+    eps = torch.randn(z0.shape, generator=g)
+    emb = tiny_set.text_emb[:2, 0]
+    abar = tiny_model.alphas_cumprod.float()
+    got = A.per_sample_grads(tiny_model.unet, names, z0, t, emb, eps, abar, prediction_type=kind)
+    plain = A.per_sample_grads(tiny_model.unet, names, z0, t, emb, eps, abar)
+    u, params = tiny_model.unet, dict(tiny_model.unet.named_parameters())
+    a = abar[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    for i in range(2):
+        with torch.enable_grad():
+            for n in names:
+                params[n].requires_grad_(True)
+            out = u(zt[i:i + 1], t[i:i + 1], encoder_hidden_states=emb[i:i + 1]).sample
+            e = eps_from_output(out, zt[i:i + 1], tiny_model.alphas_cumprod, t[i:i + 1], kind)
+            ref = torch.autograd.grad(torch.nn.functional.mse_loss(e, eps[i:i + 1]),
+                                      [params[n] for n in names])
+            for n in names:
+                params[n].requires_grad_(False)
+        for n, r in zip(names, ref):
+            torch.testing.assert_close(got[n][i], r, rtol=1e-4, atol=1e-7)
+        assert max((got[n][i] - plain[n][i]).abs().max() for n in names) > 1e-6
+
+
 def test_fisher_saved_in_original_format(tiny_model, tiny_set, tmp_path):
     p = tmp_path / "fisher_info.pt"
     f = A.fisher_diagonal(tiny_model, tiny_set, "cross-attn", epochs=2, batch_size=3, path=p,

@@ -304,3 +304,62 @@ def test_tokenizer_identical_across_processes():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2, 3)}
     assert len(outs) == 1
+
+
+# ---- prediction types: SD 2.x at 768 px predicts v, every score is an eps error -------------------
+def _relabelled(tiny_sd_dir, tmp_path, prediction_type):
+    import shutil
+    folder = tmp_path / f"tiny_{prediction_type}"
+    shutil.copytree(tiny_sd_dir, folder)
+    f = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(f.read_text())
+    cfg["prediction_type"] = prediction_type
+    f.write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+def test_eps_from_output_inverts_the_parameterization(kind):
+    from t2i_common.models import eps_from_output
+    g = torch.Generator().manual_seed(0)
+    abar = torch.linspace(0.999, 0.0, 1000, dtype=torch.float64)   # last step: zero terminal SNR
+    t = torch.tensor([0, 250, 700, 998] + ([999] if kind == "v_prediction" else []))
+    z0 = torch.randn(len(t), 4, 3, 3, generator=g)
+    eps = torch.randn(len(t), 4, 3, 3, generator=g)
+    a = abar[t].sqrt().float().view(-1, 1, 1, 1)
+    s = (1 - abar[t]).sqrt().float().view(-1, 1, 1, 1)
+    zt = a * z0 + s * eps
+    out = a * eps - s * z0 if kind == "v_prediction" else z0
+    torch.testing.assert_close(eps_from_output(out, zt, abar, t, kind), eps, atol=1e-5, rtol=0)
+    assert eps_from_output(out, zt, abar, t, "epsilon") is out
+
+
+def test_v_prediction_checkpoint_scores_eps_errors(tiny_sd_dir, tmp_path, tiny_model, tiny_images):
+    """The same weights labelled v_prediction: eps() is sqrt(abar) v + sqrt(1 - abar) z_t of the raw
+    output, and both DiffusionITM paths (fast and the original loop) score with it."""
+    from t2i_common.diffusion_itm import scoring as itm
+    from t2i_common.formats import MatchItem
+    vm = load_t2i(_relabelled(tiny_sd_dir, tmp_path, "v_prediction"))
+    assert vm.prediction_type == "v_prediction" and tiny_model.prediction_type == "epsilon"
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, *vm.latent_shape, generator=g)
+    t = torch.tensor([10, 500, 990])
+    emb = vm.encode_prompts(["a red circle"] * 3)
+    raw = tiny_model.eps(z, t, emb)                 # eps model: the raw output
+    torch.testing.assert_close(vm.model_output(z, t, emb), raw)
+    ab = vm.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(vm.eps(z, t, emb), ab.sqrt() * raw + (1 - ab).sqrt() * z,
+                               atol=1e-6, rtol=0)
+    item = [MatchItem([tiny_images[0]], ["a red circle", "a blue square"], 0, 1)]
+    fast = itm.diffitm_scores(vm, item, S=4, seed=2, progress=False)[0]
+    loop = itm.original_loop_scores(vm, item, S=4, seed=2)[0]
+    torch.testing.assert_close(fast, loop, atol=1e-5, rtol=0)
+    as_eps = itm.diffitm_scores(tiny_model, item, S=4, seed=2, progress=False)[0]
+    assert (fast - as_eps).abs().max() > 1e-3      # the conversion changed the scores
+    img = vm.generate(["a red circle"], num_steps=3, seed=1)   # DDIM in the model's own v space
+    assert img.shape == (1, 16, 16, 3)
+
+
+def test_unknown_prediction_type_is_named(tiny_sd_dir, tmp_path):
+    with pytest.raises(ValueError, match="prediction_type 'x0'.*scheduler_config.json"):
+        load_t2i(_relabelled(tiny_sd_dir, tmp_path, "x0"))

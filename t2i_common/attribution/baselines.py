@@ -179,7 +179,8 @@ def gradient_features(model, latents, embs, *, target: str = "loss", subset: str
             cap = torch.stack([torch.randint(embs.shape[1], (), generator=g) for g in gens])
             e = embs[torch.tensor(idx), cap]
             gs = A.per_sample_grads(model.unet, names, latents[idx], t, e, eps, abar,
-                                    target=target)
+                                    target=target,
+                                    prediction_type=getattr(model, "prediction_type", "epsilon"))
             flat = torch.cat([gs[n].reshape(len(idx), -1) for n in names], 1)
             acc = flat if acc is None else acc + flat
         out.append(acc / n_draws)

@@ -21,7 +21,7 @@ import torch
 
 from . import unlearning as A
 from .. import validate as V
-from ..models import load_t2i
+from ..models import check_prediction_type, eps_from_output, load_t2i
 
 
 class UNetModel:
@@ -34,16 +34,20 @@ class UNetModel:
         self.scheduler, self.device, self.dtype = scheduler, torch.device(device), dtype
         self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).cpu()
         self.num_train_timesteps = len(self.alphas_cumprod)
+        self.prediction_type = check_prediction_type(scheduler.config, "unet")
         s = int(unet.config.sample_size)
         self.latent_shape = (int(unet.config.in_channels), s, s)
         self.name = "unet"
 
     def eps(self, z_t, t, emb):
+        """eps_theta (a v- or sample-prediction output converted, as :meth:`T2IModel.eps`)."""
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:
             t = t.expand(z_t.shape[0])
-        return self.unet(z_t.to(self.device, self.dtype), t,
-                         encoder_hidden_states=emb.to(self.device, self.dtype)).sample
+        out = self.unet(z_t.to(self.device, self.dtype), t,
+                        encoder_hidden_states=emb.to(self.device, self.dtype)).sample
+        return eps_from_output(out, z_t.to(out.device, out.dtype), self.alphas_cumprod, t,
+                               self.prediction_type)
 
 
 def _json(path, name):

@@ -352,25 +352,31 @@ def loss_cache(model, data: TrainingSet, time_samples: int, seed: int, batch_siz
 # ------------------------------------------------------------------------------------------------
 # Fisher information
 # ------------------------------------------------------------------------------------------------
-def _eps_loss(unet, params, buffers, zt, t, emb, eps, target="loss"):
+def _eps_loss(unet, params, buffers, zt, t, emb, eps, target="loss", coef=None,
+              prediction_type="epsilon"):
     pred = torch.func.functional_call(unet, (params, buffers), (zt, t),
                                       {"encoder_hidden_states": emb, "return_dict": False})[0]
+    if prediction_type == "v_prediction":      # eps = sqrt(abar) v + sqrt(1 - abar) z_t
+        pred = coef[..., 0:1, None, None] * pred + coef[..., 1:2, None, None] * zt
+    elif prediction_type == "sample":          # eps = (z_t - sqrt(abar) z0) / sqrt(1 - abar)
+        pred = (zt - coef[..., 0:1, None, None] * pred) / coef[..., 1:2, None, None]
     if target == "sq_norm":          # D-TRAK's output function: mean ||eps_theta||^2
         return pred.pow(2).mean()
     return F.mse_loss(pred, eps)
 
 
 def per_sample_grads(unet, names, z0, t, emb, eps, abar, how: str = "vmap",
-                     target: str = "loss") -> dict:
+                     target: str = "loss", prediction_type: str = "epsilon") -> dict:
     """Gradients of the eps-MSE of each sample w.r.t. the parameters ``names``: dict of
-    [B, *shape].  ``how="vmap"``: ``torch.func.vmap(grad)`` (the original's compute_fisher);
+    [B, *shape].  ``prediction_type``: the UNet's parameterization (a v- or sample-prediction
+    output is converted to eps first, as :meth:`T2IModel.eps` does).  ``how="vmap"``: ``torch.func.vmap(grad)`` (the original's compute_fisher);
     ``how="loop"``: one backward per sample (the reference it must equal).  The UNet's attention
     runs through diffusers' plain ``AttnProcessor`` meanwhile (SDPA has no vmap batching rule on
     CPU, so functorch would fall back to a slow per-sample loop)."""
     if target not in ("loss", "sq_norm"):
         raise ValueError(f"per_sample_grads: target must be 'loss' or 'sq_norm', got {target!r}")
     with _plain_attention(unet):
-        return _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target)
+        return _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target, prediction_type)
 
 
 class _plain_attention:
@@ -391,22 +397,24 @@ class _plain_attention:
         return False
 
 
-def _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target):
+def _per_sample_grads(unet, names, z0, t, emb, eps, abar, how, target, prediction_type="epsilon"):
     all_p = {n: p.detach() for n, p in unet.named_parameters()}
     params = {n: all_p[n] for n in names}
     frozen = {n: p for n, p in all_p.items() if n not in params}
     buffers = {n: b.detach() for n, b in unet.named_buffers()}
     a = abar[t].view(-1, 1, 1, 1).to(z0.dtype)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    coef = torch.cat([a.sqrt(), (1 - a).sqrt()], dim=1).view(-1, 2)   # per sample [sqrt abar, sqrt 1-abar]
 
-    def one(p, zt1, t1, emb1, eps1):
+    def one(p, zt1, t1, emb1, eps1, c1):
         return _eps_loss(unet, {**frozen, **p}, buffers, zt1[None], t1[None], emb1[None], eps1[None],
-                         target)
+                         target, c1[None], prediction_type)
 
     if how == "vmap":
-        return torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0, 0))(params, zt, t, emb, eps)
+        return torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0, 0, 0))(
+            params, zt, t, emb, eps, coef)
     if how == "loop":
-        gs = [torch.func.grad(one)(params, zt[i], t[i], emb[i], eps[i]) for i in range(len(zt))]
+        gs = [torch.func.grad(one)(params, zt[i], t[i], emb[i], eps[i], coef[i]) for i in range(len(zt))]
         return {n: torch.stack([g[n] for g in gs]) for n in names}
     raise ValueError(f"per_sample_grads: how must be 'vmap' or 'loop', got {how!r}")
 
@@ -457,7 +465,8 @@ def fisher_diagonal(model, data: TrainingSet, subset: str = "all", *, epochs: in
             for c in range(0, len(r), chunk):
                 cs = slice(c, c + chunk)
                 gs = per_sample_grads(unet, names, data.latents[r[cs]].to(dev), t[cs].to(dev),
-                                      emb[cs].to(dev), eps[cs].to(dev), abar.to(dev))
+                                      emb[cs].to(dev), eps[cs].to(dev), abar.to(dev),
+                                      prediction_type=getattr(model, "prediction_type", "epsilon"))
                 for n in names:
                     sq[n] += gs[n].double().square().sum(0).cpu()
                 del gs

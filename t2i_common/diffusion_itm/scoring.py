@@ -537,10 +537,10 @@ def original_loop_scores(model, items, S: int = 10, seed: int = 0, img_retrieval
                     abar = model.alphas_cumprod[t].float()
                     eps = bank[k:k + 1].to(dev, dt)
                     zt = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
-                    pred = model.unet(zt, t, encoder_hidden_states=emb).sample
+                    pred = model.eps(zt, t, emb)   # = the UNet output on eps models
                     d = (eps - pred).float().flatten(1).norm(dim=1)
                     if img_retrieval:
-                        pred0 = model.unet(zt, t, encoder_hidden_states=emb0).sample
+                        pred0 = model.eps(zt, t, emb0)
                         d = d - (eps - pred0).float().flatten(1).norm(dim=1)
                     dists.append(d.cpu())
                 s[:, i, j] = -torch.stack(dists, 1).double().mean(1)
