@@ -91,7 +91,8 @@ def record_run_time(stem: str, seconds: float, threads, cache_was_empty: bool) -
     f = run_times_file()
     data = {"how": "wall time of `python -m t2i_common.runner NN` regenerating the reference "
                    "(kernel start to last cell); a cold run starts with an empty cache: "
-                   "T2I_CACHE=$(mktemp -d) python -m t2i_common.runner NN, one notebook at a time on an otherwise idle machine",
+                   "T2I_CACHE=$(mktemp -d) python -m t2i_common.runner NN, one notebook at a time "
+                   "on an otherwise idle machine",
             "notebooks": read_run_times()}
     data["notebooks"][stem] = {
         "seconds": round(float(seconds), 1),
