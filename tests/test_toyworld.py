@@ -364,3 +364,22 @@ def test_triple_scenes_fit():
     assert [o.size for o in sc.objects] == ["large", "large", "small"]
     with pytest.raises(ValueError, match="at most two large"):
         tw.random_scene(rng, "triple", sizes=["large"] * 3)
+
+
+def test_checker_skips_blobs_of_no_palette_colour():
+    # a cyan-gray square is far from the background but covers no palette colour: no object
+    # (a random-weight decoder draws such blobs; the checker used to raise on them)
+    img = np.full((32, 32, 3), tw.BACKGROUND, np.uint8)
+    img[4:14, 4:14] = (120, 200, 180)
+    assert tw.detect_objects(img) == []
+    r = tw.check_prompt(img, "a red circle")
+    assert not r["colour_ok"] and not r["both"] and not r["count_ok"]
+    # beside a real object, the blob is left out and the object is read
+    img[18:28, 18:28] = tw.COLOURS["red"]
+    found = tw.detect_objects(img)
+    assert [(d["colour"], d["shape"]) for d in found] == [("red", "square")]
+    assert tw.check_prompt(img, "a red square")["both"]
+    # classify_object with an explicit mask falls back to the mask's own shape
+    mask = np.zeros((32, 32), bool)
+    mask[4:14, 4:14] = True
+    assert tw.classify_object(img, mask)[1] == "square"

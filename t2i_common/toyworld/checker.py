@@ -119,7 +119,9 @@ def detect_objects(image, tolerance: float = CHECK_TOLERANCE, min_area: int = MI
     least ``min_area`` pixels.  A component's colour is the majority nearest
     palette colour of its pixels; its shape, area (blur-invariant coverage sum),
     size (side sqrt(area / fill fraction of the shape) >= LARGE_THRESHOLD: large)
-    and centroid come from its coverage map (``_coverage``).
+    and centroid come from its coverage map (``_coverage``).  A component with no coverage of
+    any palette colour (a blob far from the background in no colour's direction, e.g. cyan-gray)
+    is not an object and is left out.
     """
     img = _as_image(image)
     fg = np.sqrt(((img - np.array(BACKGROUND, float)) ** 2).sum(-1)) > tolerance
@@ -132,8 +134,12 @@ def detect_objects(image, tolerance: float = CHECK_TOLERANCE, min_area: int = MI
         votes = np.bincount(_nearest_colour(img[m]), minlength=len(_PALETTE))
         colour = _COLOUR_NAMES[int(votes.argmax())]
         cov = _coverage(img, m, colour, fg & ~m)
-        shape = classify_shape(cov)
         area = float(cov.sum())
+        if area <= 0:
+            # far from the background but no palette colour over it (e.g. a cyan-gray blob of a
+            # random-weight decoder): not an object of the toy world
+            continue
+        shape = classify_shape(cov)
         ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]] + 0.5
         side = np.sqrt(area / shape_prototypes()[shape][2])
         my, mx = np.nonzero(m)
@@ -166,7 +172,9 @@ def classify_object(image, mask: np.ndarray | None = None) -> tuple[str, str]:
         raise ValueError(f"mask must be a non-empty bool array of shape {img.shape[:2]}, got {mask.shape}")
     votes = np.bincount(_nearest_colour(img[mask]), minlength=len(_PALETTE))
     colour = _COLOUR_NAMES[int(votes.argmax())]
-    return colour, classify_shape(_coverage(img, mask, colour, None))
+    cov = _coverage(img, mask, colour, None)
+    # no coverage of the majority colour under the mask: its shape is the mask's own
+    return colour, classify_shape(cov if cov.sum() > 0 else mask.astype(float))
 
 
 def parse_prompt(prompt: str) -> tuple[list[dict], tuple[int, str, int] | None]:
