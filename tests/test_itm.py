@@ -367,3 +367,32 @@ def test_budget_summary_with_calibration():
     # calibration picks the cheapest policy reaching 0.9 there (n0=2, z=1), reported on test items
     assert s.calibrated_policy == "n0=2,step=2,z=1" and s.calibrated_accuracy == 0.7
     assert s.best_policy == "n0=2,step=2,z=0.5" and s.best_evals == 5.0
+
+
+def test_gdbench_export_is_atomic_and_shared(tmp_path):
+    """40-42 share one export: concurrent exports of the same folder all return a complete one,
+    no temporary folder is left, no exported file names the temporary folder, and a stale export
+    (another version) is replaced whole."""
+    import json
+    import threading
+    res = []
+    threads = [threading.Thread(target=lambda: res.append(itm.export_toy_gdbench(tmp_path, n=3, seed=1)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(res) == 3 and res[0] == res[1] == res[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n3-s1"]
+    root = tmp_path / "n3-s1"
+    for f in root.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".csv", ".tsv"):
+            assert ".tmp" not in f.read_text(), f
+    assert {t: len(v) for t, v in itm.read_gdbench(res[0], max_items=3).items()}["VG-A"] == 3
+    # a stale export (an older version stamp, a stray file) is replaced, not mixed with the new one
+    (root / "export.json").write_text(json.dumps({"n": 3, "seed": 1, "version": 1}))
+    (root / "stray.txt").write_text("old")
+    again = itm.export_toy_gdbench(tmp_path, n=3, seed=1)
+    assert again == res[0] and not (root / "stray.txt").exists()
+    assert json.loads((root / "export.json").read_text())["version"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n3-s1"]

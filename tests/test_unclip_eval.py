@@ -160,3 +160,40 @@ def test_vae_round_trip_reads_counts_and_rejects_scenes_with_several_objects():
     assert all(ok == n for ok, n in reads.values())
     with pytest.raises(ValueError, match="single-object"):
         ue.vae_round_trip_reads(Identity(), tw.make_samples(3, 3, kinds=("pair",)))
+
+
+def test_generators_load_on_first_use_and_hold_one_at_a_time():
+    import gc
+    import weakref
+
+    class Model:  # stands in for a generator; weakref shows when it is freed
+        pass
+
+    calls = []
+
+    def loader(name):
+        def load():
+            calls.append(name)
+            return Model()
+        return load
+
+    methods = {"prior": "unclip", "text": "unclip", "sd": "sd"}
+    g = ue.Generators({"unclip": loader("unclip"), "sd": loader("sd")}, methods)
+    a = g("prior")
+    assert g("text") is a and calls == ["unclip"] and g.held == ["unclip"]
+    b = g("sd")
+    assert g.held == ["unclip", "sd"] and g("prior") is a and calls == ["unclip", "sd"]
+
+    one = ue.Generators({"unclip": loader("unclip"), "sd": loader("sd")}, methods, one_at_a_time=True)
+    calls.clear()
+    ref = weakref.ref(one("prior"))
+    one("sd")
+    gc.collect()
+    assert ref() is None and one.held == ["sd"] and calls == ["unclip", "sd"]
+    one("text")
+    assert one.held == ["unclip"] and calls == ["unclip", "sd", "unclip"] and one.loads == 3
+    with pytest.raises(ValueError, match="unknown method 'glide'"):
+        one("glide")
+    with pytest.raises(ValueError, match=r"unknown models \['dalle'\]"):
+        ue.Generators({"sd": loader("sd")}, {"sd": "dalle"})
+    del a, b

@@ -26,12 +26,16 @@ GDBENCH_TASKS = {
 def export_toy_gdbench(root, n: int = 40, seed: int = 0) -> dict:
     """Write the toy analogues of the GDBench tasks under ``root/n{n}-s{seed}`` in the published
     formats (:mod:`t2i_common.toyworld.export`) and return ``{task: path}`` for :func:`read_gdbench`.
-    A folder already exported with the same (n, seed) is reused."""
+    A folder already exported with the same (n, seed) is reused.  The export is written into a
+    temporary folder beside it and renamed into place, so notebooks that share it (40-42, also
+    when run in parallel) never read a half-written export, and a killed export leaves none."""
     import json
+    import os
+    import shutil
+    import uuid
     from pathlib import Path
 
     root = Path(root) / f"n{int(n)}-s{int(seed)}"
-    stamp = root / "export.json"
     want = {"n": int(n), "seed": int(seed), "version": 2}   # 2: order perturbations never equal the caption
     paths = {
         "VG-A": root / "vg_attribution" / "visual_genome_attribution.json",
@@ -43,18 +47,41 @@ def export_toy_gdbench(root, n: int = 40, seed: int = 0) -> dict:
         "Classes": root / "classes" / "*" / "*.pickle",
         "Flickr30K-img": root / "flickr30k" / "flickr30k_retrieval_toy.json",
     }
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        return {k: str(v) for k, v in paths.items()}
-    toyexport.export_aro_vg(root / "vg_attribution", n, seed, "attribution")
-    toyexport.export_aro_vg(root / "vg_relation", n, seed, "relation")
-    toyexport.export_aro_order(root / "coco_order", n, seed, "coco_order")
-    toyexport.export_aro_order(root / "flickr_order", n, seed, "flickr_order")
-    toyexport.export_winoground(root / "winoground", n, seed)
-    toyexport.export_clevr(root / "clevr", n, seed)
-    toyexport.export_implosion_classes(root / "classes", n, seed)
-    toyexport.export_flickr_retrieval(root / "flickr30k", n, seed)
-    stamp.write_text(json.dumps(want))
-    return {k: str(v) for k, v in paths.items()}
+    out = {k: str(v) for k, v in paths.items()}
+
+    def current() -> bool:
+        try:
+            return json.loads((root / "export.json").read_text()) == want
+        except (OSError, ValueError):
+            return False
+
+    if current():
+        return out
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        toyexport.export_aro_vg(tmp / "vg_attribution", n, seed, "attribution")
+        toyexport.export_aro_vg(tmp / "vg_relation", n, seed, "relation")
+        toyexport.export_aro_order(tmp / "coco_order", n, seed, "coco_order")
+        toyexport.export_aro_order(tmp / "flickr_order", n, seed, "flickr_order")
+        toyexport.export_winoground(tmp / "winoground", n, seed)
+        toyexport.export_clevr(tmp / "clevr", n, seed)
+        toyexport.export_implosion_classes(tmp / "classes", n, seed)
+        toyexport.export_flickr_retrieval(tmp / "flickr30k", n, seed)
+        (tmp / "export.json").write_text(json.dumps(want))
+        if current():        # another process finished the same export meanwhile
+            return out
+        if root.exists():    # an older version or a killed export of an earlier release
+            old = root.with_name(f".{root.name}.{uuid.uuid4().hex[:8]}.old")
+            os.rename(root, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:      # lost the race to a process that renamed its own export first
+            if not current():
+                raise
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def class_prompt_items(pairs) -> list:

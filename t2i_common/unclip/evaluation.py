@@ -78,6 +78,50 @@ def model_key(model) -> dict:
     return model._t2i_cache_key
 
 
+class Generators:
+    """The generators of a comparison by method, each loaded on first use.
+
+    ``loaders``: {name: zero-argument function returning the model}; ``methods``: {method: name}
+    (e.g. "prior", "text", "caption" -> the unCLIP folder, "sd" -> the baseline).  Calling the
+    holder with a method returns its model.  With ``one_at_a_time`` only one model is held: asking
+    for another frees the current one first (``gc.collect``) and loads the other - for a full-size
+    comparison on a machine whose memory holds one of them (Stable unCLIP with the Karlo prior
+    takes 11 GB in float32, SD 2.1 another 5 GB), at the price of a reload per switch.  Results do
+    not depend on it: the generators are deterministic given their seeds and cached per example.
+    """
+
+    def __init__(self, loaders: dict, methods: dict, one_at_a_time: bool = False):
+        unknown = sorted(set(methods.values()) - set(loaders))
+        if unknown:
+            raise ValueError(f"Generators: methods name unknown models {unknown}; loaders: {sorted(loaders)}")
+        self.loaders, self.methods, self.one_at_a_time = dict(loaders), dict(methods), bool(one_at_a_time)
+        self._held: dict = {}
+        self.loads = 0
+
+    def model(self, name: str):
+        """The model ``name`` (a key of ``loaders``), loaded now if it is not held."""
+        if name not in self.loaders:
+            raise ValueError(f"Generators: unknown model {name!r}; known: {sorted(self.loaders)}")
+        if name not in self._held:
+            if self.one_at_a_time and self._held:
+                import gc
+                self._held.clear()
+                gc.collect()
+            self._held[name] = self.loaders[name]()
+            self.loads += 1
+        return self._held[name]
+
+    def __call__(self, method: str):
+        if method not in self.methods:
+            raise ValueError(f"Generators: unknown method {method!r}; known: {sorted(self.methods)}")
+        return self.model(self.methods[method])
+
+    @property
+    def held(self) -> list:
+        """Names of the models in memory now."""
+        return list(self._held)
+
+
 # ------------------------------------------------------------------------------------------------
 # a shared first stage for the GLIDE-analogue comparison
 # ------------------------------------------------------------------------------------------------
