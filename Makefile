@@ -35,12 +35,26 @@ figures: setup
 	$(BIN)/python -m t2i_common.runner
 	$(BIN)/python -m t2i_common.claims
 
-# The full-size tests (random-weight SD / unCLIP / scorers at published sizes, ~15 GB written to
-# ~/.cache/t2i-repro/fullsize) take minutes each on 2 cores: `make test` runs one of them (a
-# full-size SD 2.1-base load and UNet evaluation), `make test-fullsize` runs them all.
+# Tests run in TEST_WORKERS pytest-xdist workers (default 2, one per core; 0: in this process):
+# unit tests a whole file to a worker (--dist loadfile); notebooks a whole paper to a worker, in
+# order (--dist loadgroup, groups in notebooks/conftest.py: they share exports and caches).  Each worker runs torch with OMP_NUM_THREADS threads (default 1 here; checked outputs
+# do not depend on the thread count, and two workers with two threads each on two cores are slower).
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST_NB := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+TEST_THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+
+# The full-size tests (random-weight SD / unCLIP / scorers at published sizes, written once to
+# $$T2I_FULLSIZE or ~/.cache/t2i-repro/fullsize) take minutes each on 2 cores: `make test` runs one
+# per paper (FULLSIZE_SUBSET: a full-size load and evaluation each; about 10 GB written the first
+# time), `make test-fullsize` runs them all.
+FULLSIZE_SUBSET := "tests/test_fullsize.py::test_scorers_at_full_size[clip-vit-b-32]" \
+	tests/test_fullsize.py::test_sd15_attribution_gradient_at_full_size \
+	tests/test_fullsize.py::test_unclip_small_with_karlo_prior_at_full_size \
+	tests/test_fullsize.py::test_sd21_base_loads_and_evaluates_at_full_size
 unit: setup
-	$(BIN)/python -m pytest tests -m "not fullsize"
-	$(BIN)/python -m pytest tests/test_fullsize.py::test_sd21_base_loads_and_evaluates_at_full_size
+	$(TEST_THREADS) $(BIN)/python -m pytest $(XDIST) tests -m "not fullsize"
+	$(BIN)/python -m pytest $(FULLSIZE_SUBSET)
 
 test-fullsize: setup
 	$(BIN)/python -m pytest tests -m fullsize
@@ -49,8 +63,8 @@ test-fullsize: setup
 # committed reference under figures/ is never rewritten by a test run.  Then every fresh
 # results.json is compared with the committed one under figures/tolerances.yaml.
 nbval: setup
-	F=$$(mktemp -d) && T2I_FIGURES=$$F $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax \
-	    --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks && \
+	F=$$(mktemp -d) && T2I_FIGURES=$$F $(TEST_THREADS) $(BIN)/python -m pytest $(XDIST_NB) -p no:cacheprovider \
+	    --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks && \
 	    $(BIN)/python -m t2i_common.claims compare $$F
 
 test: unit nbval

@@ -10,12 +10,18 @@ cut), then ``device=cpu``, ``dtype=float32`` (or ``--device`` / ``--dtype``) and
 ``figures/``): the executed notebooks, ``figures/<notebook>/`` with a ``DRY_RUN.md`` beside every
 table and ``"dry_run"`` in every ``results.json``, its own result cache, and ``dryrun_times.json``
 (wall seconds per notebook).  Every notebook runs even if one fails; the exit status is 1 then.
+
+After the notebooks come the real-model paths that no notebook takes (``EXTRA``): attribution's
+MSCOCO command line and its customised-model (AbC) setting on the full-size SD 1.5
+(``python -m t2i_common.attribution.realmodels check``), run as a command (the shared layer
+imports no paper), outputs in ``runs/dryrun/attribution-real/``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +33,24 @@ from . import fullsize, paths, report, runner
 OVERLAY = paths.NOTEBOOKS / "dryrun.yaml"
 PREFIX = "fullsize:"
 LABEL = report.DRY_RUN_LABEL
+
+
+#: {name: (full-size folder it needs, command given that folder and the output folder)}
+EXTRA = {
+    "attribution-real": ("sd1.5", lambda model, out: [
+        sys.executable, "-m", "t2i_common.attribution.realmodels", "check", "--model", str(model),
+        "--out", str(out)]),
+}
+
+
+def extra_plan(names=None, root=None, write: bool = False) -> list:
+    """[(name, folder, command builder)] of the extra steps selected by ``names`` (all without)."""
+    chosen = [n for n in EXTRA if not names or any(n.startswith(x) for x in names)]
+    out = []
+    for n in chosen:
+        need, cmd = EXTRA[n]
+        out.append((n, fullsize.ensure(need, root) if write else fullsize.folder(need, root), cmd))
+    return out
 
 
 def _resolve(v, root, write: bool):
@@ -46,6 +70,10 @@ def plan(names=None, root=None, write: bool = False, device: str = "cpu", dtypes
     ``dtypes`` ({notebook stem: dtype}, default float32): for the GPU check."""
 
     overlay = yaml.safe_load(OVERLAY.read_text()) or {}
+    if names:   # names of extra steps select no notebook
+        names = [x for x in names if not any(e.startswith(x) for e in EXTRA)] or None
+        if names is None:
+            return []
     nbs = runner.find_notebooks(names)
     unknown = sorted(set(overlay) - {p.stem for p in runner.all_notebooks()})
     if unknown:
@@ -86,10 +114,13 @@ def main(argv=None) -> int:
     if a.list:
         for nb, params in plan(a.names, a.fullsize_root, device=a.device, dtypes=dtypes):
             print(f"{nb.stem}: {json.dumps(params)}")
+        for name, folder, cmd in extra_plan(a.names, a.fullsize_root):
+            print(f"{name}: {' '.join(cmd(folder, Path(a.output_dir) / name))}")
         return 0
     out = Path(a.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     planned = plan(a.names, a.fullsize_root, write=True, device=a.device, dtypes=dtypes)
+    extras = extra_plan(a.names, a.fullsize_root, write=True) if a.device == "cpu" else []
     os.environ["T2I_DRYRUN"] = "1"
     os.environ.setdefault("T2I_CACHE", str(out / "cache"))
     times_f = out / "dryrun_times.json"
@@ -108,7 +139,20 @@ def main(argv=None) -> int:
             times[nb.stem] = round(dt, 1)
             print(f"[{i}/{len(planned)}] {nb.stem} done in {dt:.0f} s", flush=True)
         times_f.write_text(json.dumps(times, indent=1) + "\n")
-    print(f"dry run: {len(planned) - len(failed)}/{len(planned)} notebooks ran in {time.time() - t_all:.0f} s; "
+    for name, folder, cmd in extras:
+        argv = cmd(folder, out / name)
+        print(f"[{name}] (dry run) {' '.join(argv)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(argv, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        times[name] = round(time.time() - t0, 1) if rc == 0 else None
+        if rc:
+            print(f"[{name}] FAILED (exit {rc})", file=sys.stderr, flush=True)
+            failed.append(name)
+        else:
+            print(f"[{name}] done in {times[name]:.0f} s", flush=True)
+        times_f.write_text(json.dumps(times, indent=1) + "\n")
+    n_all = len(planned) + len(extras)
+    print(f"dry run: {n_all - len(failed)}/{n_all} notebooks and real-model steps ran in {time.time() - t_all:.0f} s; "
           f"outputs in {out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 

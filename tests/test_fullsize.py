@@ -158,19 +158,33 @@ def test_default_folder_is_outside_the_repository(monkeypatch):
 # ---- written folders through the package's loaders (heavy: minutes, GBs) -----------------------
 @pytest.mark.fullsize
 def test_sd21_base_loads_and_evaluates_at_full_size():
-    """make test's full-size check: SD 2.1-base written (once; cached under T2I_FULLSIZE), loaded by
-    load_t2i in fp32 from fp16 files, one UNet evaluation at 64 x 64 latents."""
-    from t2i_common import models
+    """Papers 4 and 5 (DiffusionITM, Info-Decomp): SD 2.1-base written (once; cached under
+    T2I_FULLSIZE), loaded by load_t2i in fp32 from fp16 files; one 512 px image through the VAE and
+    two captions through the 23-layer OpenCLIP-H text tower, then the scorers' engine
+    (``engine.denoise_errors``) at one timestep: one batched UNet call at 64 x 64 latents for both
+    captions, sharing the noise.  The captions' errors differ (they are conditioned) and agree with
+    a direct ``eps`` call."""
+    import numpy as np
+    from t2i_common import engine, models
     f = fs.ensure("sd2.1-base")
     info = json.loads((f / fs.MARKER).read_text())
     assert info["random_weights"] and info["dtype"] == "torch.float16"
     m = models.load_t2i(str(f))
     assert m.unet.dtype == torch.float32 and m.text_encoder.config.num_hidden_layers == 23
-    emb = m.encode_prompts(["a photo of a cat"])
-    assert tuple(emb.shape) == (1, 77, 1024)
+    emb = m.encode_prompts(["a photo of a cat", "a photo of a dog"])
+    assert tuple(emb.shape) == (2, 77, 1024)
+    img = np.random.default_rng(0).integers(0, 256, (1, 512, 512, 3), dtype=np.uint8)
+    z0 = m.encode_images(m.preprocess(list(img)))
+    assert tuple(z0.shape) == (1, 4, 64, 64)
+    noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    out = engine.denoise_errors(m, z0, emb, torch.tensor([0, 1]), timesteps=t, noise=noise, batch_size=2)
+    mse = out["mse"]
+    assert tuple(mse.shape) == (1, 2, 1) and torch.isfinite(mse).all() and mse[0, 0, 0] != mse[0, 1, 0]
+    a = m.alphas_cumprod[500].to(z0.dtype)
     with torch.no_grad():
-        e = m.eps(torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([500]), emb)
-    assert tuple(e.shape) == (1, 4, 64, 64) and torch.isfinite(e).all() and e.std() > 0
+        e = m.eps(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, emb[:1])
+    assert torch.allclose(((e - noise) ** 2).mean(), mse[0, 0, 0], rtol=1e-4)
 
 
 def test_every_notebook_has_device_and_dtype_parameters():
@@ -259,6 +273,14 @@ def test_dry_run_plan_covers_every_notebook(tmp_path):
     assert by["30_unclip_quality"]["prior"] == str(tmp_path / "karlo-prior")
     assert by["10_ad_datasets"]["clips"] == [str(tmp_path / "clip-vit-b-32"), str(tmp_path / "openclip-vit-h-14")]
     assert by["42_hardneg"]["steps"] == 1 and by["42_hardneg"]["train_tsv"] is None
+    assert by["30_unclip_quality"]["one_model_at_a_time"] is True
+    # after the notebooks: attribution's real-model paths (MSCOCO command line, AbC) on SD 1.5
+    extra = dryrun.extra_plan(root=tmp_path)
+    assert [(n, f) for n, f, _ in extra] == [("attribution-real", tmp_path / "sd1.5")]
+    cmd = extra[0][2](tmp_path / "sd1.5", tmp_path / "out")
+    assert cmd[1:5] == ["-m", "t2i_common.attribution.realmodels", "check", "--model"]
+    assert dryrun.plan(["attribution-real"], root=tmp_path) == []      # its name selects no notebook
+    assert [n for n, _, _ in dryrun.extra_plan(["30"], root=tmp_path)] == []
     assert not list(tmp_path.iterdir())  # planning writes nothing
 
 

@@ -107,8 +107,7 @@ class TrainingSet:
     captions: list | None = None
 
     def __post_init__(self):
-        self.latents = torch.as_tensor(self.latents, dtype=torch.float32)
-        self.text_emb = torch.as_tensor(self.text_emb, dtype=torch.float32)
+        self.latents, self.text_emb = _out_of_inference_mode(self.latents, self.text_emb)
         check_training_set(self.latents.shape, self.text_emb.shape, "latents", "text_emb")
         V.finite_array(self.latents, "training latents")
         V.finite_array(self.text_emb, "training text embeddings")
@@ -164,6 +163,16 @@ class TrainingSet:
         return a, b
 
 
+def _out_of_inference_mode(*xs):
+    """float32 tensors usable by autograd: outputs of ``encode_images`` / ``encode_prompts`` (made
+    in inference mode, which the unlearning gradient cannot backpropagate through) are copied."""
+    out = []
+    for x in xs:
+        x = torch.as_tensor(x, dtype=torch.float32)
+        out.append(x.clone() if x.is_inference() else x)
+    return out
+
+
 def _load_npy(path, name="array"):
     return V.load_npy(path, name, "point at the .npy file written by the preprocessing (e.g. the "
                                   "original's download_mscoco.sh)")
@@ -200,8 +209,7 @@ class QuerySet:
     prompts: list | None = None
 
     def __post_init__(self):
-        self.latents = torch.as_tensor(self.latents, dtype=torch.float32)
-        self.text_emb = torch.as_tensor(self.text_emb, dtype=torch.float32)
+        self.latents, self.text_emb = _out_of_inference_mode(self.latents, self.text_emb)
         if self.latents.ndim != 4 or self.text_emb.ndim != 3 or len(self.latents) != len(self.text_emb):
             raise ValueError(f"QuerySet: latents [Q, C, h, w] and text_emb [Q, L, D] with the same Q "
                              f"needed, got {tuple(self.latents.shape)} and {tuple(self.text_emb.shape)}")
