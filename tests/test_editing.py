@@ -139,3 +139,9 @@ def test_intervention_rows_from_coco_it(tmp_path):
     assert len(ed.intervention_rows(rows, ("noun",), max_images=2)["images"]) == 2
     with pytest.raises(ValueError, match="word type"):
         ed.intervention_rows(rows, ("verb",))
+
+
+def test_correlation_table_says_how_many_images_a_correlation_needs():
+    with pytest.raises(ValueError, match=r"fewer than 3 edited images.*max_images >= 3"):
+        ed.correlation_table([{"intervention": "swap", "level": "image", "predictor": "cmi", "r": 0.1,
+                              "err": 0.1, "std": 0.1, "n": 3}], "omit")

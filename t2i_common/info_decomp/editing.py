@@ -262,7 +262,9 @@ def correlation_table(rows: list[dict], intervention: str = "omit", with_err: bo
 
     sel = {(r["level"], r["predictor"]): r for r in rows if r["intervention"] == intervention}
     if not sel:
-        raise ValueError(f"correlation_table: no rows for intervention {intervention!r}")
+        raise ValueError(f"correlation_table: no correlations for intervention {intervention!r}; "
+                         f"intervention_correlations leaves out an intervention with fewer than 3 "
+                         f"edited images: edit more images (e.g. max_images >= 3)")
     out = {}
     for level, lab in (("image", "Image-level"), ("pixel", "Pixel-level")):
         out[lab] = {}
