@@ -174,3 +174,17 @@ def test_localisation_table_with_oracle_maps(coco_it_rows):
     assert set(df.word_type) >= {"all", "noun", "colour"}
     tab = at.localisation_pivot(df)
     assert list(tab.index) == ["Whole image", "Attention", "CMI"] and list(tab.columns) == ["10 steps"]
+
+
+def test_heatmap_examples_fall_back_to_noun_and_colour_then_name_the_problem(tmp_path):
+    from t2i_common.info_decomp import attention as at, information as inf
+    rows = inf.coco_it_items(None, None, None, 32, toy_root=tmp_path, toy_n=3, seed=42)
+    full = at.heatmap_examples(rows, n=3)
+    assert full and all([t for t, _ in e["words"]] == ["noun", "colour", "relation"] for e in full)
+    # the first image's rows alone: a caption without a relation word -> noun and colour only
+    first = [r for r in rows if r.caption == rows[0].caption]
+    assert all(w not in rows[0].caption.split() for w in ("above", "below", "left", "right"))
+    part = at.heatmap_examples(first, n=3)
+    assert len(part) == 1 and [t for t, _ in part[0]["words"]] == ["noun", "colour"]
+    with pytest.raises(ValueError, match="noun row and a colour"):
+        at.heatmap_examples([r for r in first if r.word_type == "noun"], n=3)

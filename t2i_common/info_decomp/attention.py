@@ -508,22 +508,33 @@ def heatmap_examples(items, relation_words=("above", "below", "left", "right"), 
     """Pick up to ``n`` (image, caption) groups of COCO-IT rows that have a noun row, a colour
     (adjective) row and a relation word in the caption -> [{"image", "caption", "words":
     [(type, word), ...], "masks": {word: GT mask}}].  Word types come from the csv's type column;
-    relation words from ``relation_words`` (they have no category mask)."""
-    out = []
+    relation words from ``relation_words`` (they have no category mask).  When no group has a
+    relation word (e.g. a few rows of real COCO-IT, whose captions seldom use the listed words),
+    groups with a noun and a colour row are taken, without a relation word; with neither a
+    ValueError says what the rows lack."""
+    full, partial = [], []
     for g in _groups(items):
         rows = [items[r] for r in g["rows"]]
         by_type = {}
         for r in rows:
             by_type.setdefault(str(r.word_type), r)
         rel = [w for w in g["caption"].split() if w in set(relation_words)]
-        if "noun" in by_type and "colour" in by_type and rel:
-            words = [("noun", by_type["noun"].word), ("colour", by_type["colour"].word),
-                     ("relation", rel[0])]
-            out.append({"image": g["image"], "caption": g["caption"], "words": words,
-                        "masks": {by_type[t].word: by_type[t].mask for t in ("noun", "colour")}})
-        if len(out) >= n:
+        if "noun" in by_type and "colour" in by_type:
+            words = [("noun", by_type["noun"].word), ("colour", by_type["colour"].word)]
+            ex = {"image": g["image"], "caption": g["caption"], "words": words,
+                  "masks": {by_type[t].word: by_type[t].mask for t in ("noun", "colour")}}
+            if rel:
+                ex["words"] = words + [("relation", rel[0])]
+                full.append(ex)
+            elif len(partial) < n:
+                partial.append(ex)
+        if len(full) >= n:
             break
-    return out
+    if full or partial:
+        return full or partial
+    raise ValueError(f"heatmap_examples: none of the {len(items)} rows' images has both a noun row "
+                     f"and a colour (adjective) row; give more rows (max_rows / toy_n) or rows with "
+                     f"a type column")
 
 
 def word_heatmaps(model, examples, n_samples: int = 100, *, seed: int = 0,
