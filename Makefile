@@ -35,13 +35,13 @@ figures: setup
 	$(BIN)/python -m t2i_common.runner
 	$(BIN)/python -m t2i_common.claims
 
-# Tests run in TEST_WORKERS pytest-xdist workers (default 2, one per core; 0: in this process):
-# unit tests a whole file to a worker (--dist loadfile); notebooks a whole paper to a worker, in
-# order (--dist loadgroup, groups in notebooks/conftest.py: they share exports and caches).  Each worker runs torch with OMP_NUM_THREADS threads (default 1 here; checked outputs
-# do not depend on the thread count, and two workers with two threads each on two cores are slower).
-TEST_WORKERS ?= 2
+# The unit tests can run in TEST_WORKERS pytest-xdist workers, a whole test file to a worker
+# (`make test TEST_WORKERS=2`; default 0: one process).  Each worker runs torch with
+# OMP_NUM_THREADS threads (default 1; checked outputs do not depend on the thread count).  The
+# notebooks always run one after another: those of one paper share exports, caches and trained
+# models, which two processes would build at once.
+TEST_WORKERS ?= 0
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
-XDIST_NB := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 TEST_THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
 # The full-size tests (random-weight SD / unCLIP / scorers at published sizes, written once to
@@ -63,7 +63,7 @@ test-fullsize: setup
 # committed reference under figures/ is never rewritten by a test run.  Then every fresh
 # results.json is compared with the committed one under figures/tolerances.yaml.
 nbval: setup
-	F=$$(mktemp -d) && T2I_FIGURES=$$F $(TEST_THREADS) $(BIN)/python -m pytest $(XDIST_NB) -p no:cacheprovider \
+	F=$$(mktemp -d) && T2I_FIGURES=$$F $(BIN)/python -m pytest -p no:cacheprovider \
 	    --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks && \
 	    $(BIN)/python -m t2i_common.claims compare $$F
 
