@@ -3,10 +3,15 @@
 For held-out toy pair scenes (stream ``--seed``, not the training stream 0) the true caption
 "a {c0} {s0} {rel} a {c1} {s1}" and its relation-flipped twin "... {converse rel} ..." (same
 words, same objects; only the relation said the other way round, so it is false for the image)
-are scored with the same noise: err(c) = || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1-abar_t) eps,
-t, c) ||^2 (``T2IModel.eps``, so a v-prediction model is scored in eps units).  Per t bucket:
-the mean gap err(flipped) - err(true) (> 0: the true caption explains the image better) and the
-fraction of scenes where the true caption wins (mean over noise draws per scene).  A colour-swap
+are scored with the same noise, in two units: the eps error || eps - eps_theta(z_t, t, c) ||^2
+(``T2IModel.eps``: what DiffusionITM-style scorers see) and the x0 error || z0 - x0_theta(z_t, t,
+c) ||^2 (x0_theta = sqrt(abar) z_t - sqrt(1-abar) v_theta for a v model, (z_t - sqrt(1-abar)
+eps_theta) / sqrt(abar) for an eps model; the v loss is the x0 error / (1 - abar)).  Under zero
+terminal SNR the eps error cannot see the caption at high t (eps_theta = sqrt(abar) v_theta +
+sqrt(1-abar) z_t, exactly z_t at t = 999), so the x0 gap is the one that shows whether the layout
+follows the relation word.  Per t bucket: the mean gaps err(flipped) - err(true) (> 0: the true
+caption explains the image better) and the fraction of scenes where the true caption wins
+(errors averaged over the noise draws per scene first).  A colour-swap
 twin ("a {c1} {s0} ... a {c0} {s1}") is scored alongside as the reference of a gap the model
 does read.  The error at t = 999 is scored too: under zero terminal SNR z_t holds no image
 information there, and the gap shows whether the caption alone fixes the layout.
@@ -55,33 +60,46 @@ def relation_probe(model, n: int = 100, seed: int = 1, timesteps=TIMESTEPS, n_no
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n_noise,) + tuple(z0.shape), generator=g)  # shared by the three captions
     ac = model.alphas_cumprod.float()
+    embs = [model.encode_prompts([cc[c] for cc in caps]) for c in range(3)]
     out = {}
     for t in timesteps:
         ab = ac[t]
-        errs = torch.zeros(3, n, n_noise)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        errs = torch.zeros(2, 3, n, n_noise)                       # (eps, x0) x caption
         for k in range(n_noise):
-            zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise[k]
+            zt = a * z0 + s * noise[k]
             for c in range(3):
-                emb = model.encode_prompts([cc[c] for cc in caps])
                 for b in range(0, n, batch_size):
-                    e = model.eps(zt[b:b + batch_size], t, emb[b:b + batch_size]).float().cpu()
-                    errs[c, b:b + batch_size, k] = ((e - noise[k][b:b + batch_size]) ** 2).mean(dim=(1, 2, 3))
-        m = errs.mean(2)                                           # [3, n] noise-averaged
-        out[str(t)] = dict(
-            abar=float(ab), err_true=float(m[0].mean()), err_flip=float(m[1].mean()),
-            err_swap=float(m[2].mean()),
-            relation_gap=float((m[1] - m[0]).mean()), colour_gap=float((m[2] - m[0]).mean()),
-            relation_win=float((m[0] < m[1]).float().mean()),
-            colour_win=float((m[0] < m[2]).float().mean()))
+                    sl = slice(b, b + batch_size)
+                    o = model.model_output(zt[sl], t, embs[c][sl]).float().cpu()
+                    if model.prediction_type == "v_prediction":
+                        e, x0 = a * o + s * zt[sl], a * zt[sl] - s * o
+                    else:
+                        e = o
+                        x0 = (zt[sl] - s * o) / a
+                    errs[0, c, sl, k] = ((e - noise[k][sl]) ** 2).mean(dim=(1, 2, 3))
+                    errs[1, c, sl, k] = ((x0 - z0[sl]) ** 2).mean(dim=(1, 2, 3))
+        m = errs.mean(3)                                           # [2, 3, n] noise-averaged
+        row = dict(abar=float(ab))
+        for u, unit in enumerate(("eps", "x0")):
+            row.update({
+                f"{unit}_err_true": float(m[u, 0].mean()),
+                f"{unit}_relation_gap": float((m[u, 1] - m[u, 0]).mean()),
+                f"{unit}_colour_gap": float((m[u, 2] - m[u, 0]).mean()),
+                f"{unit}_relation_win": float((m[u, 0] < m[u, 1]).float().mean()),
+                f"{unit}_colour_win": float((m[u, 0] < m[u, 2]).float().mean())})
+        out[str(t)] = row
     return dict(n=n, seed=seed, n_noise=n_noise, per_t=out)
 
 
 def format_table(res: dict) -> str:
-    rows = [f"{'t':>4} {'abar':>8} {'err_true':>9} {'rel_gap':>9} {'rel_win':>8} {'col_gap':>9} "
-            f"{'col_win':>8}"]
+    rows = [f"{'t':>4} {'abar':>8} | {'unit':>4} {'err_true':>9} {'rel_gap':>9} {'rel_win':>8} "
+            f"{'col_gap':>9} {'col_win':>8}"]
     for t, r in res["per_t"].items():
-        rows.append(f"{t:>4} {r['abar']:8.5f} {r['err_true']:9.4f} {r['relation_gap']:9.4f} "
-                    f"{r['relation_win']:8.2f} {r['colour_gap']:9.4f} {r['colour_win']:8.2f}")
+        for u in ("eps", "x0"):
+            rows.append(f"{t:>4} {r['abar']:8.5f} | {u:>4} {r[u + '_err_true']:9.4f} "
+                        f"{r[u + '_relation_gap']:9.4f} {r[u + '_relation_win']:8.2f} "
+                        f"{r[u + '_colour_gap']:9.4f} {r[u + '_colour_win']:8.2f}")
     return "\n".join(rows)
 
 

@@ -77,6 +77,7 @@ def main(argv=None):
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--probe-n", type=int, default=50)
     p.add_argument("--note", default="")
+    p.add_argument("--eval-only", default=None, help="score this existing folder, train nothing")
     p.add_argument("--jsonl", default=str(Path(__file__).resolve().parent / "toy_tries.jsonl"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -84,21 +85,27 @@ def main(argv=None):
     T.check_budget(budget, optional_steps=("unet_extra_steps",))
     root = Path(a.runs) / a.name
     out, work = Path(a.out or root / "model"), root / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    if a.base_work:
+    if not a.eval_only:
+        work.mkdir(parents=True, exist_ok=True)
+    if a.base_work and not a.eval_only:
         for stage in ("clip", "vae"):
             src, dst = Path(a.base_work) / f"{stage}.ckpt", work / f"{stage}.ckpt"
             if src.exists() and not dst.exists():
                 os.symlink(src.resolve(), dst)
     t0 = time.perf_counter()
-    log = T.build_toy_checkpoint(out, budget, seed=0, work_dir=work, evaluate=False, progress=False)
+    if a.eval_only:
+        out = Path(a.eval_only)
+        log = json.loads((out / "training_log.json").read_text())
+    else:
+        log = T.build_toy_checkpoint(out, budget, seed=0, work_dir=work, evaluate=False,
+                                     progress=False)
     build_s = time.perf_counter() - t0
     st = log["stages"]
     unet_steps = sum(st[k]["steps"] for k in ("unet", "unet_extra") if k in st)
     unet_wall = sum(st[k]["wall_s"] for k in ("unet", "unet_extra") if k in st)
-    row = dict(name=a.name, note=a.note, recipe=a.recipe,
-               changed={k: v for k, v in dataclasses.asdict(budget).items()
-                        if v != getattr(T.ToyBudget(), k)},
+    used = log.get("budget", {})
+    row = dict(name=a.name, note=a.note, recipe=a.recipe if not a.eval_only else "as trained",
+               changed={k: v for k, v in used.items() if v != getattr(T.ToyBudget(), k, None)},
                cfg_unet=dict(channels=log["cfg"]["unet_channels"], heads=log["cfg"]["unet_heads"],
                              layers=log["cfg"]["unet_layers"]),
                threads=torch.get_num_threads(), unet_steps=unet_steps,
@@ -113,10 +120,14 @@ def main(argv=None):
     row["eval_wall_s"] = round(time.perf_counter() - t, 1)
     if a.probe_n:
         pr = relation_probe(load_t2i(out), n=a.probe_n, seed=1)
-        row["probe"] = {t: dict(rel_gap=round(r["relation_gap"], 4), rel_win=round(r["relation_win"], 2),
-                                col_gap=round(r["colour_gap"], 4), col_win=round(r["colour_win"], 2))
+        row["probe"] = {t: {k: round(v, 4) for k, v in r.items() if k != "abar"}
                         for t, r in pr["per_t"].items()}
     row["when"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    if not a.eval_only:     # the held-out scores travel with the folder
+        f = out / "training_log.json"
+        f.write_text(json.dumps(dict(json.loads(f.read_text()), eval_tries=dict(
+            n=a.n, num_steps=a.eval_steps, seed=1, fidelity=row["eval"],
+            probe=row.get("probe"))), indent=1))
     with open(a.jsonl, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=1))
