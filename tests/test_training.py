@@ -703,3 +703,33 @@ def test_cli_recipe_and_bool_flags(monkeypatch, tmp_path):
         (False, 7, True, "v_prediction")
     with pytest.raises(SystemExit):      # argparse: usage and the bad value on stderr, exit 2
         T.main(["--out", str(tmp_path / "m"), "--zero-snr", "maybe"])
+
+
+def test_train_unet_follows_a_v_scheduler_and_logsnr_range_is_finite(cfg, tok, tiny_sd_dir):
+    from t2i_common.models import T2IModel, load_t2i
+    sched = VP.build_zero_snr_scheduler(cfg)
+    unet, info = _unet_run(cfg, tok, steps=3, scheduler=sched, ema_decay=None, seed=5)
+    # the v loss of the same draws: recompute step 0's loss by hand would need the draws; check
+    # instead that the eps path is untouched (same losses as without a scheduler argument)
+    _, eps_info = _unet_run(cfg, tok, steps=3, ema_decay=None, seed=5)
+    _, eps_info2 = _unet_run(cfg, tok, steps=3, ema_decay=None, seed=5,
+                             scheduler=sdformat.build_scheduler(cfg))
+    assert eps_info["losses"] == eps_info2["losses"] != info["losses"]
+    m = load_t2i(tiny_sd_dir)
+    mz = T2IModel(m.tokenizer, m.text_encoder, m.vae, m.unet, sched)
+    lo, hi = mz.logsnr_range
+    assert math.isfinite(lo) and lo == pytest.approx(float(mz.logsnr_table[-2]))
+    assert int(mz.logsnr_to_t(torch.tensor([lo]))) == 998
+
+
+def test_and_repeats_change_the_caption_share():
+    import t2i_common.toyworld as tw
+    samples = tw.make_samples(40, 0)
+    pairs = T.toy_training_pairs(samples)
+    assert VP.with_and_repeats(pairs, samples, 1) is pairs
+    more = VP.with_and_repeats(pairs, samples, 2)
+    for s, c0, c in zip(samples, pairs.captions, more.captions):
+        if s.scene.kind == "pair":
+            assert sorted(set(c)) == sorted(c0) and sum(" and " in x for x in c) == 2 and len(c) == 4
+        else:
+            assert c == c0

@@ -404,7 +404,8 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
                stop_after=None, warmup: int = 100, scheduler=None,
                snr_gamma: float | None = None, ckpt_name: str = "unet", grad_accum: int = 1,
                mixed_precision: str | None = None):
-    """Train ``sdformat.build_unet(cfg)`` (or fine-tune ``init``) with the eps-prediction loss.
+    """Train ``sdformat.build_unet(cfg)`` (or fine-tune ``init``) with the eps-prediction loss
+    (the v loss of :mod:`.vpred` when ``scheduler`` is a v-prediction one, e.g. a v3 base's).
 
     ``text_encoder`` and ``vae`` are frozen; their outputs for the whole training set are computed
     once.  Each step draws images (optionally with ``weights``), one of each image's captions, a
@@ -425,6 +426,11 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
         raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
     sched = scheduler or build_scheduler(cfg)
     abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
+    ptype = getattr(sched.config, "prediction_type", "epsilon")
+    if ptype not in ("epsilon", "v_prediction") or (ptype == "epsilon" and float(abar[-1]) == 0):
+        raise ValueError(f"train_unet: scheduler prediction_type {ptype!r} with abar_T = "
+                         f"{float(abar[-1]):.4g} is not trainable here; use epsilon on SD's "
+                         f"schedule or v_prediction")
     T = len(abar)
     sf = float(vae.config.scaling_factor)
     captions, per_image = _caption_table(data, extra=("",), tokenizer=tokenizer)
@@ -443,6 +449,10 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
         a = abar[t].view(-1, 1, 1, 1).to(dev)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = model(zt, t.to(dev), encoder_hidden_states=emb[cap].to(dev)).sample
+        if ptype != "epsilon":          # the scheduler's own parameterization (a v3 base's v)
+            from .vpred import diffusion_target, loss_weight
+            err = ((pred - diffusion_target(z0, eps, a.view(-1), ptype)) ** 2).mean(dim=(1, 2, 3))
+            return (loss_weight(a.view(-1), ptype, snr_gamma) * err).mean()
         if snr_gamma is None:
             return F.mse_loss(pred, eps)
         snr = (abar[t] / (1 - abar[t])).to(dev)
@@ -450,7 +460,7 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
         return (lw * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
 
     hp = dict(stage="unet", n=len(data), batch_size=batch_size, caption_dropout=caption_dropout,
-              snr_gamma=snr_gamma,
+              snr_gamma=snr_gamma, **({} if ptype == "epsilon" else dict(prediction_type=ptype)),
               cfg=asdict(cfg), fine_tune=init is not None, weighted=weights is not None,
               scaling_factor=round(sf, 6))
     unet, ema, info = _fit(ckpt_name, unet, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
@@ -530,6 +540,9 @@ class ToyBudget:
     train_text_encoder: bool = False
     pair_weight: float = 0.0
     high_t_fraction: float = 0.0
+    #: how often a pair scene's "and" caption is listed beside its two relational ones (1: once,
+    #: so 1/3 of its draws; 2: 1/2), the template of the held-out two-object (binding) prompts
+    pair_and_repeats: int = 1
     #: the UNet's own architecture, overriding toy_config() (0 / "": keep it): attention heads,
     #: block channels ("48,96"); the CLIP and VAE stages keep toy_config() either way
     unet_heads: int = 0
@@ -547,7 +560,7 @@ class ToyBudget:
 RECIPES = {
     "v2": ToyBudget(),
     "v3": ToyBudget(prediction_type="v_prediction", zero_snr=True, train_text_encoder=True,
-                    pair_weight=0.7, snr_gamma=0.0, unet_steps=6000, unet_extra_steps=0,
+                    pair_weight=0.7, snr_gamma=0.0, unet_steps=8000, unet_extra_steps=0,
                     unet_lr=1e-3, unet_heads=4, eval_steps=25),
 }
 

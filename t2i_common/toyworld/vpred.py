@@ -193,6 +193,20 @@ def train_unet_joint(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDCo
     return out.unet, out.text_encoder, info
 
 
+def with_and_repeats(pairs, samples, repeats: int):
+    """``pairs`` (PairData of ``samples``) with each pair scene's "and" caption (template
+    ``TEMPLATES["pair"][2]``) listed ``repeats`` times, so it is drawn with probability
+    repeats / (2 + repeats) instead of 1/3; unchanged for ``repeats`` 1."""
+    if repeats == 1:
+        return pairs
+    caps = []
+    for s, c in zip(samples, pairs.captions):
+        if s.scene.kind == "pair":
+            c = [x for x in c if " and " not in x] + [x for x in c if " and " in x] * int(repeats)
+        caps.append(c)
+    return type(pairs)(pairs.images, caps)
+
+
 def train_v3_unet_stages(log, samples, te, vae, tok, cfg, budget, common, accum):
     """The UNet stage(s) of :func:`.training.build_toy_checkpoint` for a budget with v3 levers
     (``budget.joint``): :func:`train_unet_joint` on the toy samples, then the optional
@@ -207,7 +221,7 @@ def train_v3_unet_stages(log, samples, te, vae, tok, cfg, budget, common, accum)
               ema_decay=budget.ema_decay, weights=kind_weights(samples, budget.pair_weight),
               snr_gamma=budget.snr_gamma or None, high_t_fraction=budget.high_t_fraction,
               **common, **accum)
-    pairs = toy_training_pairs(samples)
+    pairs = with_and_repeats(toy_training_pairs(samples), samples, budget.pair_and_repeats)
     t = time.perf_counter()
     unet, te, info = train_unet_joint(pairs, te, vae, tok, cfg, budget.unet_steps,
                                       lr=budget.unet_lr, **kw)
