@@ -356,7 +356,10 @@ class T2IModel:
 
     @property
     def logsnr_range(self) -> tuple[float, float]:
-        return float(self.logsnr_table.min()), float(self.logsnr_table.max())
+        """Finite ends of the trained logSNR range: a zero-terminal-SNR schedule (abar_T = 0,
+        logSNR -inf at t = T - 1) ends at its last step with abar > 0."""
+        fin = self.logsnr_table[torch.isfinite(self.logsnr_table)]
+        return float(fin.min()), float(fin.max())
 
     # ---- text ---------------------------------------------------------------------------------
     def tokenize(self, prompts):

@@ -128,13 +128,28 @@ def build_unet(cfg: TinySDConfig):
         attention_head_dim=cfg.unet_heads, norm_num_groups=cfg.unet_groups)
 
 
-def build_scheduler(cfg: TinySDConfig | None = None):
-    """SD's training schedule: DDPM, scaled_linear betas 0.00085..0.012, 1000 steps, eps-prediction."""
+def build_scheduler(cfg: TinySDConfig | None = None, prediction_type: str = "epsilon",
+                    zero_snr: bool = False):
+    """SD's training schedule: DDPM, scaled_linear betas 0.00085..0.012, 1000 steps, eps-prediction.
+
+    ``zero_snr``: the betas rescaled so that abar_T = 0 exactly and timesteps spaced "trailing"
+    (sampling starts at t = T - 1), Lin et al. 2023, Algorithm 1 and Sec. 3.3 (diffusers'
+    ``rescale_betas_zero_snr=True``, ``timestep_spacing="trailing"``); it needs
+    ``prediction_type="v_prediction"`` (eps is not identifiable from z_T when abar_T = 0).
+    Both land in ``scheduler_config.json``, so every sampler built ``from_config`` uses them."""
     from diffusers import DDPMScheduler
 
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"build_scheduler: prediction_type must be epsilon, v_prediction or sample, "
+                         f"got {prediction_type!r}")
+    if zero_snr and prediction_type == "epsilon":
+        raise ValueError("build_scheduler: zero_snr=True needs prediction_type='v_prediction' "
+                         "(Lin et al. 2023, Sec. 3.2: eps-prediction is undefined at SNR 0)")
+    extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_snr else {}
     return DDPMScheduler(num_train_timesteps=(cfg or TinySDConfig()).train_timesteps,
                          beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
+                         prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+                         **extra)
 
 
 def text_encoder_from_clip(clip_model):

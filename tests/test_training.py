@@ -512,3 +512,224 @@ def test_run_paths_accept_new_empty_or_own_folders(tmp_path):
     assert not (tmp_path / "new").exists() and not (tmp_path / "work").exists()
     assert T.default_work_dir(tmp_path / "x" / "sd") == tmp_path / "x" / "train_runs"
     assert UT.default_work_dir(tmp_path / "x" / "u") == tmp_path / "x" / "train_runs" / "u"
+
+
+# ---------------------------------------------------------------- v3: zero terminal SNR, v-prediction, joint text encoder
+from t2i_common.toyworld import vpred as VP  # noqa: E402
+
+
+def _sd_betas():
+    return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+
+
+def test_v_target_closed_form_and_diffusers():
+    from diffusers import DDPMScheduler
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    sched = sdformat.build_scheduler(prediction_type="v_prediction", zero_snr=True)
+    t = torch.tensor([0, 10, 500, 998, 999])
+    ab = sched.alphas_cumprod[t]
+    v = VP.v_target(z0, eps, ab)
+    for b in range(5):
+        a, s = math.sqrt(float(ab[b])), math.sqrt(1 - float(ab[b]))
+        assert torch.allclose(v[b], a * eps[b] - s * z0[b], atol=1e-6)
+    assert torch.allclose(v, DDPMScheduler.from_config(sched.config).get_velocity(z0, eps, t), atol=1e-6)
+    assert torch.equal(v[-1], -z0[-1])                          # abar = 0: v = -z0
+    assert torch.equal(VP.diffusion_target(z0, eps, ab, "epsilon"), eps)
+
+
+def test_zero_snr_schedule_is_lin_et_al_algorithm_1():
+    sched = sdformat.build_scheduler(prediction_type="v_prediction", zero_snr=True)
+    ac = sched.alphas_cumprod
+    assert float(ac[-1]) == 0.0 and float(ac[-2]) > 0
+    # Algorithm 1 of Lin et al. 2023 written out: shift sqrt(abar) to 0 at T, keep it at t = 0
+    sq = torch.cumprod(1 - _sd_betas(), 0).sqrt()
+    sq = (sq - sq[-1]) * sq[0] / (sq[0] - sq[-1])
+    assert torch.allclose(ac, sq ** 2, atol=1e-6)
+    assert float(ac[0]) == pytest.approx(float(torch.cumprod(1 - _sd_betas(), 0)[0]), abs=1e-7)
+    old = sdformat.build_scheduler()
+    assert float(old.alphas_cumprod[-1]) == pytest.approx(0.0047, abs=2e-4)   # SD's: not zero
+    c = sched.config
+    assert (c.prediction_type, c.rescale_betas_zero_snr, c.timestep_spacing) == \
+        ("v_prediction", True, "trailing")
+    with pytest.raises(ValueError, match="zero_snr=True needs prediction_type='v_prediction'"):
+        sdformat.build_scheduler(zero_snr=True)
+
+
+def test_eps_from_v_exact_also_at_zero_snr():
+    from t2i_common.models import eps_from_output
+    sched = sdformat.build_scheduler(prediction_type="v_prediction", zero_snr=True)
+    ac = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    z0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([3, 400, 900, 999])
+    ab = ac[t].float().view(-1, 1, 1, 1)
+    zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+    v = VP.v_target(z0, eps, ac[t].float())
+    assert torch.allclose(eps_from_output(v, zt, ac, t, "v_prediction"), eps, atol=1e-5)
+    assert torch.equal(eps_from_output(v[3:], zt[3:], ac, 999, "v_prediction"), zt[3:])  # eps = z_t
+
+
+def test_min_snr_weights_and_high_t_draws():
+    ab = torch.tensor([0.0, 0.5, 0.99])
+    assert torch.equal(VP.loss_weight(ab, "v_prediction", None), torch.ones(3))
+    snr = ab / (1 - ab)
+    assert torch.allclose(VP.loss_weight(ab, "v_prediction", 5.0), snr.clamp(max=5) / (snr + 1))
+    assert float(VP.loss_weight(ab, "v_prediction", 5.0)[0]) == 0.0   # why v3 uses snr_gamma 0
+    assert torch.allclose(VP.loss_weight(ab[1:], "epsilon", 5.0), snr[1:].clamp(max=5) / snr[1:])
+    g = torch.Generator().manual_seed(0)
+    t = VP.draw_timesteps(40000, 1000, g, high_t_fraction=0.5)
+    assert int(t.min()) == 0 and int(t.max()) == 999
+    assert abs(float((t >= 600).float().mean()) - (0.5 + 0.5 * 0.4)) < 0.01
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(VP.draw_timesteps(64, 1000, g1), torch.randint(1000, (64,), generator=g2))
+
+
+def test_kind_weights_give_pairs_their_share():
+    import t2i_common.toyworld as tw
+    samples = tw.make_samples(60, 0)
+    w = VP.kind_weights(samples, 0.7)
+    is_pair = torch.tensor([s.scene.kind == "pair" for s in samples])
+    assert float(w[is_pair].sum()) == pytest.approx(0.7) and float(w.sum()) == pytest.approx(1.0)
+    assert VP.kind_weights(samples, 0.0) is None
+
+
+def _joint_run(cfg, tok, **kw):
+    from transformers import CLIPModel
+    torch.manual_seed(0)
+    clip = CLIPModel(sdformat.clip_config(cfg, tok))
+    te, vae = sdformat.text_encoder_from_clip(clip), sdformat.build_vae(cfg)
+    sched = kw.pop("scheduler", None) or VP.build_zero_snr_scheduler(cfg)
+    return VP.train_unet_joint(_pairs(), te, vae, tok, cfg, kw.pop("steps", 6), scheduler=sched,
+                               batch_size=8, warmup=2, progress=False, **kw), te
+
+
+def test_joint_training_resumes_bit_exactly(cfg, tok, tmp_path):
+    kw = dict(seed=1, ckpt_every=2, high_t_fraction=0.3, weights=np.linspace(1, 2, 16))
+    (u_full, te_full, info_full), _ = _joint_run(cfg, tok, out_dir=tmp_path / "a", **kw)
+    with pytest.raises(T.Interrupted):
+        _joint_run(cfg, tok, out_dir=tmp_path / "b", stop_after=5, **kw)
+    assert torch.load(tmp_path / "b" / "unet_joint.ckpt", weights_only=False)["step"] == 4
+    (u, te, info), _ = _joint_run(cfg, tok, out_dir=tmp_path / "b", **kw)
+    assert info["resumed_from"] == 4 and info["losses"] == info_full["losses"]
+    assert _equal_state(u_full, u) and _equal_state(te_full, te)
+    with pytest.raises(ValueError, match="other hyper-parameters"):
+        _joint_run(cfg, tok, out_dir=tmp_path / "b", **dict(kw, high_t_fraction=0.0))
+
+
+def test_joint_training_trains_or_freezes_the_text_encoder(cfg, tok):
+    from transformers import CLIPModel
+    torch.manual_seed(0)
+    ref = sdformat.text_encoder_from_clip(CLIPModel(sdformat.clip_config(cfg, tok)))
+    (_, te_out, _), te_in = _joint_run(cfg, tok, ema_decay=None, lr=1e-3)
+    assert te_out is te_in and not _equal_state(te_out, ref)
+    (_, te_out, _), _ = _joint_run(cfg, tok, ema_decay=None, train_text_encoder=False)
+    assert _equal_state(te_out, ref)
+    (_, _, info), _ = _joint_run(cfg, tok, steps=40, lr=2e-3, ema_decay=None)
+    assert np.mean(info["losses"][-10:]) < 0.8 * np.mean(info["losses"][:5])
+    with pytest.raises(ValueError, match="eps-prediction is undefined at zero terminal SNR"):
+        from diffusers import DDPMScheduler
+        bad = DDPMScheduler.from_config(VP.build_zero_snr_scheduler(cfg).config,
+                                        prediction_type="epsilon")
+        _joint_run(cfg, tok, scheduler=bad)
+
+
+def test_v3_folder_loads_samples_from_t999_and_scores_in_eps(cfg, tok, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from t2i_common.models import load_t2i
+    pairs = _pairs()
+    clip, _ = T.train_clip(pairs, cfg, tok, 2, batch_size=8, progress=False)
+    vae, _ = T.train_vae(np.stack([p[0] for p in pairs]), cfg, 2, batch_size=8, progress=False)
+    sched = VP.build_zero_snr_scheduler(cfg)
+    unet, te, _ = VP.train_unet_joint(pairs, sdformat.text_encoder_from_clip(clip), vae, tok, cfg, 3,
+                                      scheduler=sched, batch_size=8, progress=False)
+    sdformat.save_sd_folder(tmp_path / "sd", tok, te, vae, unet, sched, clip=clip, cfg=cfg)
+    m = load_t2i(tmp_path / "sd")
+    c = m.scheduler.config
+    assert (m.prediction_type, c.rescale_betas_zero_snr, c.timestep_spacing) == \
+        ("v_prediction", True, "trailing")
+    assert float(m.alphas_cumprod[-1]) == 0.0
+    # the saved text encoder is the jointly trained one, not the CLIP text tower
+    assert torch.allclose(m.encode_prompts(["a red square"]),
+                          T.encode_texts(te, tok, ["a red square"], cfg.max_length), atol=1e-5)
+    # eps at t = 999 (abar = 0) is z_t exactly, whatever the UNet says
+    z = torch.randn((2,) + m.latent_shape, generator=torch.Generator().manual_seed(0))
+    emb = m.encode_prompts(["a red square", ""])
+    assert torch.equal(m.eps(z, 999, emb), z)
+    assert torch.isfinite(m.eps(z, torch.tensor([999, 500]), emb)).all()
+    # generate starts at t = 999 (trailing) and gives finite images
+    seen = []
+    fwd = m.unet.forward
+    m.unet.forward = lambda x, t, **kw: (seen.append(int(t.reshape(-1)[0])), fwd(x, t, **kw))[1]
+    img = m.generate(["a red square"], num_steps=4, guidance_scale=3.0)
+    assert seen == [999, 749, 499, 249] and img.shape == (1, 16, 16, 3)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    assert pipe.scheduler.config.rescale_betas_zero_snr and \
+        pipe.scheduler.config.prediction_type == "v_prediction"
+    out = pipe("a red square", num_inference_steps=2, height=16, width=16, output_type="np")
+    assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(zero_snr=True, snr_gamma=0.0), "--zero-snr needs --prediction-type v_prediction"),
+    (dict(zero_snr=True, prediction_type="v_prediction", snr_gamma=5.0), "pass --snr-gamma 0"),
+    (dict(prediction_type="sample"), "--prediction-type must be epsilon or v_prediction"),
+    (dict(pair_weight=1.0), "--pair-weight must be < 1"),
+    (dict(unet_channels="32,x"), "--unet-channels must be comma-separated"),
+    (dict(high_t_fraction=1.5), "--high-t-fraction must be < 1"),
+])
+def test_v3_budget_checks(kw, match):
+    import dataclasses
+    with pytest.raises(V.BadInput, match=match):
+        T.check_budget(dataclasses.replace(T.ToyBudget(), **kw), optional_steps=("unet_extra_steps",))
+    v3 = T.RECIPES["v3"]
+    T.check_budget(v3, optional_steps=("unet_extra_steps",))
+    assert v3.joint and not T.RECIPES["v2"].joint and T.RECIPES["v2"] == T.ToyBudget()
+    ucfg = T.unet_config(T.toy_config(), dataclasses.replace(v3, unet_channels="48,96"))
+    assert ucfg.unet_channels == (48, 96) and ucfg.unet_heads == v3.unet_heads
+    assert T.unet_config(T.toy_config(), T.ToyBudget()) == T.toy_config()
+
+
+def test_cli_recipe_and_bool_flags(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(T, "build_toy_checkpoint",
+                        lambda out, budget, **kw: seen.update(budget=budget) or
+                        dict(stages={}, train_wall_s=0))
+    T.main(["--out", str(tmp_path / "m"), "--recipe", "v3", "--train-text-encoder", "false",
+            "--unet-steps", "7"])
+    b = seen["budget"]
+    assert (b.train_text_encoder, b.unet_steps, b.zero_snr, b.prediction_type) == \
+        (False, 7, True, "v_prediction")
+    with pytest.raises(SystemExit):      # argparse: usage and the bad value on stderr, exit 2
+        T.main(["--out", str(tmp_path / "m"), "--zero-snr", "maybe"])
+
+
+def test_train_unet_follows_a_v_scheduler_and_logsnr_range_is_finite(cfg, tok, tiny_sd_dir):
+    from t2i_common.models import T2IModel, load_t2i
+    sched = VP.build_zero_snr_scheduler(cfg)
+    unet, info = _unet_run(cfg, tok, steps=3, scheduler=sched, ema_decay=None, seed=5)
+    # the v loss of the same draws: recompute step 0's loss by hand would need the draws; check
+    # instead that the eps path is untouched (same losses as without a scheduler argument)
+    _, eps_info = _unet_run(cfg, tok, steps=3, ema_decay=None, seed=5)
+    _, eps_info2 = _unet_run(cfg, tok, steps=3, ema_decay=None, seed=5,
+                             scheduler=sdformat.build_scheduler(cfg))
+    assert eps_info["losses"] == eps_info2["losses"] != info["losses"]
+    m = load_t2i(tiny_sd_dir)
+    mz = T2IModel(m.tokenizer, m.text_encoder, m.vae, m.unet, sched)
+    lo, hi = mz.logsnr_range
+    assert math.isfinite(lo) and lo == pytest.approx(float(mz.logsnr_table[-2]))
+    assert int(mz.logsnr_to_t(torch.tensor([lo]))) == 998
+
+
+def test_and_repeats_change_the_caption_share():
+    import t2i_common.toyworld as tw
+    samples = tw.make_samples(40, 0)
+    pairs = T.toy_training_pairs(samples)
+    assert VP.with_and_repeats(pairs, samples, 1) is pairs
+    more = VP.with_and_repeats(pairs, samples, 2)
+    for s, c0, c in zip(samples, pairs.captions, more.captions):
+        if s.scene.kind == "pair":
+            assert sorted(set(c)) == sorted(c0) and sum(" and " in x for x in c) == 2 and len(c) == 4
+        else:
+            assert c == c0

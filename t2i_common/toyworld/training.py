@@ -27,6 +27,9 @@ functions fine-tune an existing model (``init=``), e.g. on poisoned data for the
 :func:`build_toy_checkpoint` runs the whole recipe on toy-world data and writes ``data/toy-sd``;
 ``python -m t2i_common.toyworld.training --out data/toy-sd`` is its command line (``accelerate launch
 --num_processes N -m t2i_common.toyworld.training ...`` for data-parallel training).
+``--recipe v3`` (issue 23) swaps the UNet stage for :func:`.vpred.train_unet_joint`: zero terminal
+SNR with v-prediction, the text encoder trained jointly, relational captions up-weighted; the
+CLIP and VAE stages are the same (their checkpoints are shared with a v2 build of the same seed).
 """
 from __future__ import annotations
 
@@ -401,7 +404,8 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
                stop_after=None, warmup: int = 100, scheduler=None,
                snr_gamma: float | None = None, ckpt_name: str = "unet", grad_accum: int = 1,
                mixed_precision: str | None = None):
-    """Train ``sdformat.build_unet(cfg)`` (or fine-tune ``init``) with the eps-prediction loss.
+    """Train ``sdformat.build_unet(cfg)`` (or fine-tune ``init``) with the eps-prediction loss
+    (the v loss of :mod:`.vpred` when ``scheduler`` is a v-prediction one, e.g. a v3 base's).
 
     ``text_encoder`` and ``vae`` are frozen; their outputs for the whole training set are computed
     once.  Each step draws images (optionally with ``weights``), one of each image's captions, a
@@ -422,6 +426,11 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
         raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
     sched = scheduler or build_scheduler(cfg)
     abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
+    ptype = getattr(sched.config, "prediction_type", "epsilon")
+    if ptype not in ("epsilon", "v_prediction") or (ptype == "epsilon" and float(abar[-1]) == 0):
+        raise ValueError(f"train_unet: scheduler prediction_type {ptype!r} with abar_T = "
+                         f"{float(abar[-1]):.4g} is not trainable here; use epsilon on SD's "
+                         f"schedule or v_prediction")
     T = len(abar)
     sf = float(vae.config.scaling_factor)
     captions, per_image = _caption_table(data, extra=("",), tokenizer=tokenizer)
@@ -440,6 +449,10 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
         a = abar[t].view(-1, 1, 1, 1).to(dev)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = model(zt, t.to(dev), encoder_hidden_states=emb[cap].to(dev)).sample
+        if ptype != "epsilon":          # the scheduler's own parameterization (a v3 base's v)
+            from .vpred import diffusion_target, loss_weight
+            err = ((pred - diffusion_target(z0, eps, a.view(-1), ptype)) ** 2).mean(dim=(1, 2, 3))
+            return (loss_weight(a.view(-1), ptype, snr_gamma) * err).mean()
         if snr_gamma is None:
             return F.mse_loss(pred, eps)
         snr = (abar[t] / (1 - abar[t])).to(dev)
@@ -447,7 +460,7 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
         return (lw * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
 
     hp = dict(stage="unet", n=len(data), batch_size=batch_size, caption_dropout=caption_dropout,
-              snr_gamma=snr_gamma,
+              snr_gamma=snr_gamma, **({} if ptype == "epsilon" else dict(prediction_type=ptype)),
               cfg=asdict(cfg), fine_tune=init is not None, weighted=weights is not None,
               scaling_factor=round(sf, 6))
     unet, ema, info = _fit(ckpt_name, unet, loss_fn, steps=steps, lr=lr, seed=seed, out_dir=out_dir,
@@ -517,6 +530,50 @@ class ToyBudget:
     n_eval: int = 400
     n_generate: int = 100
     eval_steps: int = 50
+    eval_guidance: float = 3.0
+    #: v3 levers (issue 23; :mod:`.vpred`): UNet parameterization, SD's schedule rescaled to zero
+    #: terminal SNR (trailing timesteps), the text encoder trained jointly with the UNet, the
+    #: share of pair scenes (relational captions) in the UNet batches (0: the data's own mix),
+    #: the share of timesteps redrawn from t >= 0.6 T
+    prediction_type: str = "epsilon"
+    zero_snr: bool = False
+    train_text_encoder: bool = False
+    pair_weight: float = 0.0
+    high_t_fraction: float = 0.0
+    #: how often a pair scene's "and" caption is listed beside its two relational ones (1: once,
+    #: so 1/3 of its draws; 2: 1/2), the template of the held-out two-object (binding) prompts
+    pair_and_repeats: int = 1
+    #: the UNet's own architecture, overriding toy_config() (0 / "": keep it): attention heads,
+    #: block channels ("48,96"); the CLIP and VAE stages keep toy_config() either way
+    unet_heads: int = 0
+    unet_channels: str = ""
+
+    @property
+    def joint(self) -> bool:
+        """Whether the UNet stage is :func:`.vpred.train_unet_joint` (any v3 lever set)."""
+        return (self.prediction_type != "epsilon" or self.zero_snr or self.train_text_encoder
+                or self.high_t_fraction > 0)
+
+
+#: named budgets: v2 = the shipped data/toy-sd; v3 = zero-SNR v-prediction, joint text encoder,
+#: relational captions up-weighted (issue 23)
+RECIPES = {
+    "v2": ToyBudget(),
+    "v3": ToyBudget(prediction_type="v_prediction", zero_snr=True, train_text_encoder=True,
+                    pair_weight=0.7, snr_gamma=0.0, unet_steps=8000, unet_extra_steps=0,
+                    unet_lr=1e-3, unet_heads=4, eval_steps=25),
+}
+
+
+def unet_config(cfg: sdformat.TinySDConfig, budget: ToyBudget) -> sdformat.TinySDConfig:
+    """``cfg`` with the budget's UNet overrides (``unet_heads``, ``unet_channels``)."""
+    import dataclasses
+    kw = {}
+    if budget.unet_heads:
+        kw["unet_heads"] = int(budget.unet_heads)
+    if budget.unet_channels:
+        kw["unet_channels"] = tuple(int(c) for c in str(budget.unet_channels).split(","))
+    return dataclasses.replace(cfg, **kw)
 
 
 def toy_training_pairs(samples, for_clip: bool = False) -> PairData:
@@ -536,7 +593,22 @@ def check_budget(budget, optional_steps=()) -> None:
 
     for k, v in asdict(budget).items():
         opt = "--" + k.replace("_", "-")
-        if k in optional_steps:
+        if k == "prediction_type":
+            if v not in ("epsilon", "v_prediction"):
+                raise V.BadInput(f"{opt} must be epsilon or v_prediction, got {v!r}")
+        elif k in ("zero_snr", "train_text_encoder"):
+            if not isinstance(v, bool):
+                raise V.BadInput(f"{opt} must be true or false, got {v!r}")
+        elif k == "unet_channels":
+            if v and not all(c.strip().isdigit() and int(c) > 0 for c in str(v).split(",")):
+                raise V.BadInput(f"{opt} must be comma-separated positive channel counts "
+                                 f"(e.g. 32,64) or empty, got {v!r}")
+        elif k == "unet_heads":
+            V.count(v, opt, low=0)
+        elif k in ("pair_weight", "eval_guidance"):
+            V.real(v, opt, low=0, high=1 if k == "pair_weight" else None,
+                   high_open=k == "pair_weight")
+        elif k in optional_steps:
             V.count(v, opt, low=0)
         elif k.endswith("_lr"):
             V.real(v, opt, low=0, low_open=True)
@@ -546,6 +618,13 @@ def check_budget(budget, optional_steps=()) -> None:
             V.real(v, opt, low=0)
         else:
             V.count(v, opt)
+    if getattr(budget, "zero_snr", False) and budget.prediction_type == "epsilon":
+        raise V.BadInput("--zero-snr needs --prediction-type v_prediction (eps-prediction is "
+                         "undefined at zero terminal SNR, Lin et al. 2023)")
+    if getattr(budget, "zero_snr", False) and budget.snr_gamma > 0:
+        raise V.BadInput("--zero-snr with --snr-gamma > 0: the Min-SNR weight of the v loss is 0 at "
+                         "t = T - 1 (SNR 0), so the step that fixes the layout would not be "
+                         "learned; pass --snr-gamma 0")
 
 
 def check_run_paths(out_dir, work_dir, kind: str = "toy SD") -> None:
@@ -621,6 +700,34 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
 
     t = time.perf_counter()
     te = sdformat.text_encoder_from_clip(clip).eval()
+    ucfg = unet_config(cfg, budget)
+    log["cfg"] = asdict(ucfg)
+    if budget.joint:
+        from .vpred import train_v3_unet_stages
+        te, unet, scheduler = train_v3_unet_stages(log, samples, te, vae, tok, ucfg, budget,
+                                                   common, accum)
+    else:
+        unet, te, scheduler = _train_unet_v2(log, samples, te, vae, tok, ucfg, budget, common,
+                                             accum, t), te, sdformat.build_scheduler(ucfg)
+    log["train_wall_s"] = round(sum(s["wall_s"] for s in log["stages"].values()), 2)
+    if not is_main:     # the other processes of a data-parallel run: same weights, nothing to write
+        return log
+    sdformat.save_sd_folder(out_dir, tok, te, vae, unet, scheduler, clip=clip, cfg=ucfg)
+    if evaluate:
+        t = time.perf_counter()
+        log["eval"] = evaluate_toy_checkpoint(out_dir, seed=seed + 1, n_eval=budget.n_eval,
+                                              n_generate=budget.n_generate,
+                                              num_steps=budget.eval_steps,
+                                              guidance_scale=budget.eval_guidance,
+                                              progress=progress)
+        log["eval_wall_s"] = round(time.perf_counter() - t, 2)
+    log["total_wall_s_this_call"] = round(time.perf_counter() - t_all, 2)
+    (out_dir / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def _train_unet_v2(log, samples, te, vae, tok, cfg, budget, common, accum, t):
+    """The v2 UNet stage(s): eps-prediction on SD's schedule, text encoder frozen."""
     unet, info = train_unet(toy_training_pairs(samples), te, vae, tok, cfg, budget.unet_steps,
                             caption_dropout=budget.caption_dropout, batch_size=budget.unet_batch,
                             lr=budget.unet_lr, ema_decay=budget.ema_decay,
@@ -636,21 +743,7 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
                                 snr_gamma=budget.snr_gamma if budget.snr_gamma > 0 else None,
                                 **common, **accum)
         log["stages"]["unet_extra"] = _stage_log(info, t)
-
-    log["train_wall_s"] = round(sum(s["wall_s"] for s in log["stages"].values()), 2)
-    if not is_main:     # the other processes of a data-parallel run: same weights, nothing to write
-        return log
-    sdformat.save_sd_folder(out_dir, tok, te, vae, unet, sdformat.build_scheduler(cfg), clip=clip,
-                            cfg=cfg)
-    if evaluate:
-        t = time.perf_counter()
-        log["eval"] = evaluate_toy_checkpoint(out_dir, seed=seed + 1, n_eval=budget.n_eval,
-                                              n_generate=budget.n_generate,
-                                              num_steps=budget.eval_steps, progress=progress)
-        log["eval_wall_s"] = round(time.perf_counter() - t, 2)
-    log["total_wall_s_this_call"] = round(time.perf_counter() - t_all, 2)
-    (out_dir / "training_log.json").write_text(json.dumps(log, indent=1))
-    return log
+    return unet
 
 
 def _stage_log(info, t0):
@@ -684,6 +777,15 @@ def evaluate_toy_checkpoint(folder, seed: int = 1, n_eval: int = 400, n_generate
     return out
 
 
+def _flag_bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _run(argv):
     p = argparse.ArgumentParser(prog="python -m t2i_common.toyworld.training",
                                 description="Train the toy SD checkpoint from scratch (resumable; "
@@ -700,14 +802,22 @@ def _run(argv):
                         "stall when another process holds a core)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast precision (default: accelerate launch's --mixed_precision, else no)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="v2",
+                   help="named budget the other flags override (v2: data/toy-sd; v3: zero-SNR "
+                        "v-prediction, joint text encoder, relational captions up-weighted)")
     for f in ToyBudget.__dataclass_fields__.values():
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        kind = _flag_bool if isinstance(f.default, bool) else type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                       help=f"default: the recipe's (v2: {f.default})")
     a = p.parse_args(argv)
     V.count(a.seed, "--seed", low=0)
     if a.threads is not None:
         V.count(a.threads, "--threads")
         torch.set_num_threads(a.threads)
-    budget = ToyBudget(**{k: getattr(a, k) for k in ToyBudget.__dataclass_fields__})
+    import dataclasses
+    budget = dataclasses.replace(RECIPES[a.recipe], **{k: getattr(a, k) for k in
+                                                       ToyBudget.__dataclass_fields__
+                                                       if getattr(a, k) is not None})
     check_budget(budget, optional_steps=("unet_extra_steps",))
     work = Path(a.work_dir) if a.work_dir is not None else default_work_dir(a.out)
     check_run_paths(a.out, work)
