@@ -27,7 +27,7 @@ functions fine-tune an existing model (``init=``), e.g. on poisoned data for the
 :func:`build_toy_checkpoint` runs the whole recipe on toy-world data and writes ``data/toy-sd``;
 ``python -m t2i_common.toyworld.training --out data/toy-sd`` is its command line (``accelerate launch
 --num_processes N -m t2i_common.toyworld.training ...`` for data-parallel training).
-``--recipe v3`` (issue 23) swaps the UNet stage for :func:`.vpred.train_unet_joint`: zero terminal
+``--recipe v3`` swaps the UNet stage for :func:`.vpred.train_unet_joint`: zero terminal
 SNR with v-prediction, the text encoder trained jointly, relational captions up-weighted; the
 CLIP and VAE stages are the same (their checkpoints are shared with a v2 build of the same seed).
 """
@@ -51,6 +51,7 @@ from ..sdformat import build_scheduler, build_unet, build_vae
 from ..trainloop import Interrupted, _fit, atomic_torch_save, lr_at  # noqa: F401
 from ..validate import cli, known_words
 from .fidelity import clip_zero_shot_accuracy, fidelity_prompts, generation_fidelity
+from . import vpred   # vpred imports this module too; each uses the other only at call time
 from .. import validate as V
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -450,9 +451,8 @@ def train_unet(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDConfig, 
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = model(zt, t.to(dev), encoder_hidden_states=emb[cap].to(dev)).sample
         if ptype != "epsilon":          # the scheduler's own parameterization (a v3 base's v)
-            from .vpred import diffusion_target, loss_weight
-            err = ((pred - diffusion_target(z0, eps, a.view(-1), ptype)) ** 2).mean(dim=(1, 2, 3))
-            return (loss_weight(a.view(-1), ptype, snr_gamma) * err).mean()
+            err = ((pred - vpred.diffusion_target(z0, eps, a.view(-1), ptype)) ** 2).mean(dim=(1, 2, 3))
+            return (vpred.loss_weight(a.view(-1), ptype, snr_gamma) * err).mean()
         if snr_gamma is None:
             return F.mse_loss(pred, eps)
         snr = (abar[t] / (1 - abar[t])).to(dev)
@@ -531,7 +531,7 @@ class ToyBudget:
     n_generate: int = 100
     eval_steps: int = 50
     eval_guidance: float = 3.0
-    #: v3 levers (issue 23; :mod:`.vpred`): UNet parameterization, SD's schedule rescaled to zero
+    #: v3 levers (:mod:`.vpred`): UNet parameterization, SD's schedule rescaled to zero
     #: terminal SNR (trailing timesteps), the text encoder trained jointly with the UNet, the
     #: share of pair scenes (relational captions) in the UNet batches (0: the data's own mix),
     #: the share of timesteps redrawn from t >= 0.6 T
@@ -556,7 +556,7 @@ class ToyBudget:
 
 
 #: named budgets: v2 = the shipped data/toy-sd; v3 = zero-SNR v-prediction, joint text encoder,
-#: relational captions up-weighted (issue 23)
+#: relational captions up-weighted
 RECIPES = {
     "v2": ToyBudget(),
     "v3": ToyBudget(prediction_type="v_prediction", zero_snr=True, train_text_encoder=True,
@@ -703,8 +703,7 @@ def build_toy_checkpoint(out_dir, budget: ToyBudget | None = None, seed: int = 0
     ucfg = unet_config(cfg, budget)
     log["cfg"] = asdict(ucfg)
     if budget.joint:
-        from .vpred import train_v3_unet_stages
-        te, unet, scheduler = train_v3_unet_stages(log, samples, te, vae, tok, ucfg, budget,
+        te, unet, scheduler = vpred.train_v3_unet_stages(log, samples, te, vae, tok, ucfg, budget,
                                                    common, accum)
     else:
         unet, te, scheduler = _train_unet_v2(log, samples, te, vae, tok, ucfg, budget, common,

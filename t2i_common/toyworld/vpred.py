@@ -1,6 +1,6 @@
 """The UNet stage of the v3 toy recipe: zero terminal SNR, v-prediction, the text encoder trained jointly.
 
-Why (project issue 23): under SD's scaled-linear schedule abar_T = 0.0047, so on 8x8x4 latents
+Why: under SD's scaled-linear schedule abar_T = 0.0047, so on 8x8x4 latents
 the layout of the clean image is still readable from z_T; a UNet trained with eps-prediction then
 never needs the relation words ("left of", "above"), and it ignores them (denoising-error gap
 true vs relation-flipped caption 0.0000 at every t).  Lin et al. 2023 ("Common Diffusion Noise
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import sdformat
+from . import training
 
 #: the high-noise window of :func:`draw_timesteps` starts at this fraction of the T steps
 HIGH_T_FROM = 0.6
@@ -136,8 +137,10 @@ def train_unet_joint(pairs, text_encoder, vae, tokenizer, cfg: sdformat.TinySDCo
     Returns ``(unet, text_encoder, info)`` (EMA weights of both when ``ema_decay`` is set).
     Resumable bit-exactly (``out_dir/ckpt_name.ckpt``), data parallel: see ``trainloop._fit``.
     """
-    from .training import (_caption_table, _device_of, _draw, _fit, _rows, _tokenize, as_pairs,
-                           draw_captions, encode_latent_posteriors)
+    T_ = training   # imported at the top; training imports this module too (at its top)
+    _caption_table, _device_of, _draw, _fit, _rows, _tokenize, as_pairs = (
+        T_._caption_table, T_._device_of, T_._draw, T_._fit, T_._rows, T_._tokenize, T_.as_pairs)
+    draw_captions, encode_latent_posteriors = T_.draw_captions, T_.encode_latent_posteriors
 
     data = as_pairs(pairs)
     if not 0.0 <= caption_dropout < 1.0:
@@ -213,7 +216,7 @@ def train_v3_unet_stages(log, samples, te, vae, tok, cfg, budget, common, accum)
     continuation; stage summaries go into ``log``.  Returns (text encoder, UNet, scheduler)."""
     import time
 
-    from .training import _stage_log, toy_training_pairs
+    _stage_log, toy_training_pairs = training._stage_log, training.toy_training_pairs
     scheduler = sdformat.build_scheduler(cfg, prediction_type=budget.prediction_type,
                                          zero_snr=budget.zero_snr)
     kw = dict(scheduler=scheduler, train_text_encoder=budget.train_text_encoder,
