@@ -201,9 +201,9 @@ def test_every_notebook_has_device_and_dtype_parameters():
 def test_sd15_attribution_gradient_at_full_size():
     """Paper 2 (attribution, SD 1.x): the SD 1.5 folder through load_attribution_model, one
     training-loss gradient of the cross-attention K/V weights (the unlearning subset) at 64 x 64."""
-    from t2i_common import attribution as A
-    m = A.load_attribution_model(str(fs.ensure("sd1.5")))
-    names = set(A.select_parameters(m.unet, "cross-attn-kv"))
+    from t2i_common.attribution import files, unlearning
+    m = files.load_attribution_model(str(fs.ensure("sd1.5")))
+    names = set(unlearning.select_parameters(m.unet, "cross-attn-kv"))
     assert len(names) == 32  # 16 cross-attention blocks x (K, V)
     emb = m.encode_prompts(["a photo of a cat"]).clone()  # out of inference mode, for backward
     assert tuple(emb.shape) == (1, 77, 768)
